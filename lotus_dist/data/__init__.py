@@ -1,0 +1,40 @@
+"""The data pipeline: tokenizer, training streams and validation blocks for the three ``data.source`` kinds.
+
+    load_tokenizer(path_or_name) -> Tokenizer
+    build_train_stream(data_cfg, tokenizer, *, seq_len, micro_batch_size, rank, world_size, seed) -> stream
+        next(stream) -> LongTensor [micro_batch_size, seq_len + 1]; stream.state_dict() / load_state_dict(d)
+    build_val_blocks(data_cfg, tokenizer, *, seq_len) -> LongTensor [n, seq_len + 1], n = val_tokens // seq_len
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .c4 import TokenStream, build_text_stream, build_text_val_blocks
+from .errors import DataError
+from .tokenizer import Tokenizer, load_tokenizer
+
+__all__ = ["DataError", "Tokenizer", "TokenStream", "load_tokenizer", "build_train_stream", "build_val_blocks"]
+
+
+def build_train_stream(data_cfg, tokenizer, *, seq_len: int, micro_batch_size: int, rank: int, world_size: int,
+                       seed: int):
+    """The endless, resumable training stream of this rank (see c4.py and indexed.py for the semantics)."""
+    if not 0 <= rank < world_size:
+        raise DataError(f"rank {rank} is not in a world of size {world_size}")
+    if data_cfg.source == "indexed":
+        from .indexed import build_indexed_stream  # megatron-core is optional
+
+        return build_indexed_stream(data_cfg, tokenizer, seq_len=seq_len, micro_batch_size=micro_batch_size,
+                                    rank=rank, world_size=world_size, seed=seed)
+    return build_text_stream(data_cfg, tokenizer, seq_len=seq_len, micro_batch_size=micro_batch_size, rank=rank,
+                             world_size=world_size, seed=seed)
+
+
+def build_val_blocks(data_cfg, tokenizer, *, seq_len: int) -> torch.Tensor:
+    """The first data.val_tokens tokens of the validation split, unshuffled, the same on every rank."""
+    if data_cfg.source == "indexed":
+        from .indexed import build_indexed_val_blocks
+
+        return build_indexed_val_blocks(data_cfg, tokenizer, seq_len=seq_len)
+    return build_text_val_blocks(data_cfg, tokenizer, seq_len=seq_len)

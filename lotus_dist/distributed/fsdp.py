@@ -1,0 +1,90 @@
+"""FSDP2 wiring: ``fully_shard`` per transformer block, then the root, with the plan's side-aware placements.
+
+Parameters become DTensors on the mesh: ``Shard(d)`` on a 1-D ``("shard",)`` mesh, ``(Replicate(), Shard(d))``
+on the 2-D HSDP mesh ``("replicate", "shard")``. The optimizer reads the placement back from each parameter
+(``p.placements``); the plan says why it is what it is.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Callable
+
+import torch
+from torch import nn
+from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+from .plan import Plan
+
+log = logging.getLogger(__name__)
+
+
+def mixed_precision(train_dtype: str, device: torch.device | str) -> tuple[torch.dtype | None, torch.dtype | None]:
+    """(param_dtype, reduce_dtype) for FSDP2 from ``train.dtype``.
+
+    bf16 compute with fp32 gradient reduction on CUDA for ``auto``/``bf16``; an explicit ``bf16`` is honoured on
+    CPU too; ``fp32`` (and ``auto`` on CPU) means no casting. Sharded master weights stay in their own dtype.
+    """
+    device_type = torch.device(device).type
+    if train_dtype == "bf16" or (train_dtype == "auto" and device_type == "cuda"):
+        return torch.bfloat16, torch.float32
+    if train_dtype in ("auto", "fp32"):
+        return None, None
+    raise ValueError(f"unknown train.dtype '{train_dtype}' (known: auto, fp32, bf16)")
+
+
+def _check_mesh(mesh: DeviceMesh, plan: Plan) -> None:
+    if mesh.ndim not in (1, 2):
+        raise ValueError(f"expected a 1-D (shard) or 2-D (replicate, shard) mesh, got {mesh.ndim}-D")
+    shard = mesh.size(mesh.ndim - 1)
+    replicate = mesh.size(0) if mesh.ndim == 2 else 1
+    if (mesh.size(), replicate) != (plan.world_size, plan.replicate):
+        raise ValueError(
+            f"plan is for world {plan.world_size} = {plan.replicate} x {plan.shard_size}, "
+            f"mesh is {mesh.size()} = {replicate} x {shard}"
+        )
+
+
+def apply_fsdp(
+    model: nn.Module,
+    mesh: DeviceMesh,
+    plan: Plan,
+    param_dtype: torch.dtype | None = None,
+    reduce_dtype: torch.dtype | None = None,
+    reshard_after_forward: bool = True,
+    log_fn: Callable[[str], None] | None = None,
+) -> nn.Module:
+    """Shard ``model`` (a ``Llama``: blocks in ``model.layers``) in place with FSDP2 and return it.
+
+    Each block is its own FSDP unit (one all-gather / reduce-scatter per block), the root unit holds the
+    embeddings, final norm and lm_head. The root is not resharded after forward: backward starts with lm_head,
+    so resharding it would only buy an immediate re-gather. A 2-D mesh gives HSDP.
+    """
+    _check_mesh(mesh, plan)
+    plan.bind(model)  # before fully_shard replaces the parameters by DTensors
+    mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=reduce_dtype)
+    common = dict(mesh=mesh, shard_placement_fn=plan.shard_placement_fn, mp_policy=mp)
+    for block in model.layers:
+        fully_shard(block, reshard_after_forward=reshard_after_forward, **common)
+    fully_shard(model, reshard_after_forward=False, **common)
+    emit = log_fn or log.info
+    for line in plan.summary():
+        emit(line)
+    return model
+
+
+def check_placements(model: nn.Module, plan: Plan) -> None:
+    """Assert every parameter carries the placement the plan asked for (a cheap start-up self-check)."""
+    from torch.distributed.tensor import DTensor, Shard
+
+    for name, p in model.named_parameters():
+        if not isinstance(p, DTensor):
+            raise AssertionError(f"{name} is not a DTensor: FSDP was not applied to it")
+        want = plan.placement(name)
+        got = p.placements[-1]
+        if not (isinstance(got, Shard) and got.dim == want.dim):
+            raise AssertionError(f"{name}: placement {p.placements}, the plan wants {want}")
+
+
+__all__ = ["apply_fsdp", "mixed_precision", "check_placements"]

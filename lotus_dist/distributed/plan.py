@@ -1,0 +1,252 @@
+"""Per-matrix distribution plan: shard dim, projector side, fallback, owner rank.
+
+A pure function of parameter shapes and the world size (DESIGN.md section 4: recomputed at start-up, never stored
+in checkpoints), so every rank derives the same plan without communicating, and a dry run can plan a 64-rank job
+on one CPU.
+
+Side-aware sharding (ALGORITHMS.md section 7): the low-rank states of a projected matrix live on the side the
+projector does *not* compress, so FSDP2 shards the weight along that side and ``R = project(G)``, the moments and
+the back-projection stay local to each rank:
+
+- right projector ``B`` (r×n), states m×r  -> ``Shard(0)`` (rows);
+- left projector ``A`` (m×r), states r×n   -> ``Shard(1)`` (columns).
+
+FSDP2 (torch 2.13, ``_fsdp_param.py``, ``FSDPParam._init_sharded_param``) pads an uneven ``Shard(0)`` but raises
+``NotImplementedError("FSDP does not support uneven sharding on dim 1")`` when a ``Shard(dim > 0)`` size is not
+divisible by the *shard* mesh size (the inner dim of an HSDP mesh). Such a matrix falls back to ``Shard(0)``: its
+rows are sharded while its states need whole columns, so ``R = Aᵀ G = Σ_i A_iᵀ G_i`` is all-reduced (r×n) every
+step and the r×n states are replicated.
+"""
+
+from __future__ import annotations
+
+import heapq
+from dataclasses import dataclass, field
+from typing import Iterable, Mapping
+
+from torch import nn
+from torch.distributed.tensor import Shard
+
+from lotus_dist.errors import UserError
+
+# nn.Linear weights inside the LLaMA blocks that the low-rank methods project (GaLore's target modules).
+PROJECTED_SUFFIXES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+PROJ_TYPES = ("std", "reverse_std", "left", "right")
+
+
+class DistConfigError(UserError, ValueError):
+    """A distributed setting that cannot work (world size vs replicate, backend vs hardware, ...): one line."""
+
+
+@dataclass(frozen=True)
+class MatrixPlan:
+    """How one projected ``m × n`` matrix is sharded and where its projector sits."""
+
+    name: str
+    shape: tuple[int, int]
+    side: str  # "left" (A, m×r; states r×n) or "right" (B, r×n; states m×r)
+    rank: int  # effective rank: min(rank_r, short side)
+    shard_dim: int  # FSDP2 placement actually used
+    fallback: bool  # True: wanted Shard(1), got Shard(0) + per-step all-reduce of Aᵀ G
+    reason: str  # why a fallback happened ("" otherwise)
+    owner: int  # shard-group rank that runs the exact solver when optim.refresh=owner
+    cost: float  # relative solver cost used for the owner balance
+
+    @property
+    def state_dim(self) -> int:
+        """The dimension the states run along (0: states m×r, 1: states r×n)."""
+        return 0 if self.side == "right" else 1
+
+    @property
+    def projector_shape(self) -> tuple[int, int]:
+        m, n = self.shape
+        return (m, self.rank) if self.side == "left" else (self.rank, n)
+
+    @property
+    def state_shape(self) -> tuple[int, int]:
+        m, n = self.shape
+        return (self.rank, n) if self.side == "left" else (m, self.rank)
+
+
+def projector_side(m: int, n: int, proj_type: str = "std") -> str:
+    """ALGORITHMS.md section 1: ``std`` puts the projector on the short side (m ≥ n -> right B, m < n -> left A)."""
+    if proj_type == "std":
+        return "right" if m >= n else "left"
+    if proj_type == "reverse_std":
+        return "left" if m >= n else "right"
+    if proj_type in ("left", "right"):
+        return proj_type
+    raise DistConfigError(f"unknown optim.proj_type '{proj_type}' (known: {', '.join(PROJ_TYPES)})")
+
+
+def solver_cost(m: int, n: int, rank: int, solver: str, oversample: int = 8, power_iters: int = 2) -> float:
+    """Flop-proportional cost of computing one basis; only ratios matter (owner balancing)."""
+    if solver == "rsvd":
+        k = min(rank + oversample, min(m, n))
+        return float(m * n * k * (2 * power_iters + 2))
+    if solver in ("random", "grasswalk"):
+        return float(max(m, n) * rank * rank)
+    # svd, online_pca (svd-initialised) and anything unknown: a full thin SVD.
+    return float(m * n * min(m, n))
+
+
+def lpt_assign(costs: Mapping[str, float], n_bins: int) -> dict[str, int]:
+    """Longest-processing-time-first: largest job to the least-loaded bin. Makespan ≤ (4/3)·OPT.
+
+    Deterministic: ties go to the lower bin and jobs of equal cost are taken in name order, so every rank
+    computes the same owners.
+    """
+    heap = [(0.0, b) for b in range(n_bins)]
+    owners = {}
+    for name in sorted(costs, key=lambda k: (-costs[k], k)):
+        load, b = heapq.heappop(heap)
+        owners[name] = b
+        heapq.heappush(heap, (load + costs[name], b))
+    return owners
+
+
+@dataclass
+class Plan:
+    world_size: int
+    replicate: int
+    matrices: dict[str, MatrixPlan]
+    unprojected: dict[str, tuple[int, ...]]
+    _by_param: dict[int, str] = field(default_factory=dict, repr=False)
+
+    @property
+    def shard_size(self) -> int:
+        """Ranks a parameter is sharded over (the inner mesh dim under HSDP)."""
+        return self.world_size // self.replicate
+
+    @property
+    def fallbacks(self) -> list[MatrixPlan]:
+        return [p for p in self.matrices.values() if p.fallback]
+
+    def placement(self, name: str) -> Shard:
+        mp = self.matrices.get(name)
+        return Shard(mp.shard_dim) if mp is not None else Shard(0)
+
+    def bind(self, model: nn.Module) -> "Plan":
+        """Remember which parameter object is which FQN, so ``shard_placement_fn`` can take parameters.
+
+        Fails if the model's shapes are not the ones planned (a plan from another model or config).
+        """
+        self._by_param = {}
+        for name, p in model.named_parameters():
+            planned = self.matrices[name].shape if name in self.matrices else self.unprojected.get(name)
+            if planned is None:
+                raise ValueError(f"parameter '{name}' is not in the plan")
+            if tuple(p.shape) != tuple(planned):
+                raise ValueError(f"parameter '{name}' has shape {tuple(p.shape)}, the plan has {tuple(planned)}")
+            self._by_param[id(p)] = name
+        return self
+
+    def shard_placement_fn(self, param_or_name: nn.Parameter | str) -> Shard:
+        """For ``fully_shard(..., shard_placement_fn=plan.shard_placement_fn)``; takes an FQN or a bound parameter."""
+        if isinstance(param_or_name, str):
+            return self.placement(param_or_name)
+        name = self._by_param.get(id(param_or_name))
+        if name is None:
+            raise KeyError("parameter not bound to the plan: call plan.bind(model) before fully_shard")
+        return self.placement(name)
+
+    def summary(self) -> list[str]:
+        """Human-readable lines for the start-up log."""
+        mats = self.matrices.values()
+        n1 = sum(1 for p in mats if p.shard_dim == 1)
+        lines = [
+            f"plan: world {self.world_size} = replicate {self.replicate} x shard {self.shard_size}; "
+            f"{len(self.matrices)} projected matrices ({len(self.matrices) - n1} Shard(0), {n1} Shard(1), "
+            f"{len(self.fallbacks)} fallback), {len(self.unprojected)} other params Shard(0)"
+        ]
+        if self.matrices:
+            loads = [0.0] * self.shard_size
+            for p in mats:
+                loads[p.owner] += p.cost
+            mean = sum(loads) / len(loads)
+            lines.append(f"plan: owner solver load max/mean = {max(loads) / mean:.3f}" if mean else "plan: no solver load")
+        for p in self.fallbacks:
+            lines.append(f"plan: fallback {p.name} {p.shape[0]}x{p.shape[1]}: {p.reason}")
+        return lines
+
+
+def build_plan(
+    shapes: Mapping[str, tuple[int, ...]],
+    projected: Iterable[str],
+    world_size: int,
+    rank_r: int,
+    proj_type: str = "std",
+    solver: str = "rsvd",
+    *,
+    replicate: int = 1,
+) -> Plan:
+    """Plan every parameter of ``shapes`` (FQN -> shape) for ``world_size`` ranks (``replicate`` × shard).
+
+    ``projected`` names the 2-D matrices the optimizer projects; every other parameter is a plain ``Shard(0)``.
+    Owners are shard-group ranks in ``[0, world_size // replicate)``: under HSDP every replica holds the same
+    gradient shards, so each replica group refreshes on its own.
+    """
+    if world_size < 1 or replicate < 1 or world_size % replicate:
+        raise DistConfigError(f"world size {world_size} is not a multiple of dist.replicate {replicate}")
+    if rank_r < 1:
+        raise DistConfigError(f"optim.rank must be positive, got {rank_r}")
+    shard = world_size // replicate
+    projected = set(projected)
+    missing = projected - set(shapes)
+    if missing:
+        raise ValueError(f"projected parameters without a shape: {sorted(missing)}")
+
+    drafts: dict[str, dict] = {}
+    for name in sorted(projected):
+        shape = tuple(shapes[name])
+        if len(shape) != 2:
+            raise ValueError(f"projected parameter '{name}' must be 2-D, got shape {shape}")
+        m, n = shape
+        side = projector_side(m, n, proj_type)
+        want = 0 if side == "right" else 1
+        r = min(rank_r, m, n)
+        dim, fallback, reason = want, False, ""
+        if want == 1 and n % shard:
+            # FSDP2 rejects uneven Shard(dim>0); see the module docstring.
+            dim, fallback = 0, True
+            reason = (
+                f"n={n} not divisible by shard size {shard} (FSDP2 needs even Shard(1)); "
+                f"Shard(0) + per-step all-reduce of A^T G ({r}x{n})"
+            )
+        drafts[name] = dict(name=name, shape=(m, n), side=side, rank=r, shard_dim=dim, fallback=fallback,
+                            reason=reason, cost=solver_cost(m, n, r, solver))
+    owners = lpt_assign({k: d["cost"] for k, d in drafts.items()}, shard)
+    matrices = {k: MatrixPlan(owner=owners[k], **d) for k, d in drafts.items()}
+    unprojected = {k: tuple(v) for k, v in shapes.items() if k not in projected}
+    return Plan(world_size=world_size, replicate=replicate, matrices=matrices, unprojected=unprojected)
+
+
+def default_projected(model: nn.Module) -> set[str]:
+    """LLaMA routing: the seven block projections. ``optim.methods`` may route differently; pass its set instead."""
+    return {
+        name for name, p in model.named_parameters()
+        if p.ndim == 2 and name.rsplit(".", 1)[0].rsplit(".", 1)[-1] in PROJECTED_SUFFIXES
+    }
+
+
+def plan_for_model(
+    model: nn.Module,
+    world_size: int,
+    rank_r: int,
+    proj_type: str = "std",
+    solver: str = "rsvd",
+    *,
+    replicate: int = 1,
+    projected: Iterable[str] | None = None,
+) -> Plan:
+    """``build_plan`` from a (possibly ``meta``) model's parameters, bound to that model."""
+    shapes = {name: tuple(p.shape) for name, p in model.named_parameters()}
+    proj = default_projected(model) if projected is None else set(projected)
+    return build_plan(shapes, proj, world_size, rank_r, proj_type, solver, replicate=replicate).bind(model)
+
+
+__all__ = [
+    "DistConfigError", "MatrixPlan", "Plan", "build_plan", "plan_for_model", "default_projected", "projector_side", "solver_cost",
+    "lpt_assign", "PROJECTED_SUFFIXES",
+]

@@ -1,0 +1,225 @@
+"""Capacity planner: per-rank memory and communication of adamw, galore and lotus for a world size, without GPUs.
+
+The model is built on the ``meta`` device and sharded with the real plan and the real FSDP2 over a *fake*
+process group (rank 0 of ``dist.world_size``), so local shard shapes, uneven padding and the Shard(1) fallbacks
+are exactly those of the real run. Rank 0 holds the largest shards (FSDP pads the tail ranks), so its numbers
+are the per-rank maximum.
+
+Cost model (bytes per rank on the wire, ring collectives over W ranks): all-gather and reduce-scatter of a
+tensor of S bytes move (W-1)/W·S, an all-reduce 2(W-1)/W·S; a gather to an owner moves (W-1)/W·S into the
+owner, a broadcast of S bytes reaches every rank. Activations are not counted.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import time
+from contextlib import contextmanager
+from typing import Callable
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from lotus_dist.model.llama import Llama, count_parameters, llama_config
+
+from .fsdp import apply_fsdp, mixed_precision
+from .plan import DistConfigError, Plan, default_projected, plan_for_model
+
+METHODS = ("adamw", "galore", "lotus")
+STATE_BYTES = 4  # optimizer states and projectors are fp32 (ALGORITHMS.md section 3)
+SWITCH_STATS = 2  # displacement policy: partial sums of |R|^2 and <R, d_init> per matrix
+
+
+@contextmanager
+def fake_process_group(world_size: int):
+    from torch.testing._internal.distributed.fake_pg import FakeStore
+
+    if dist.is_initialized():
+        raise DistConfigError("dry_run plans on a fake process group: run it before (or instead of) init_distributed")
+    dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=world_size)
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()
+
+
+def _model_config(cfg):
+    overrides = {f.name: getattr(cfg.model, f.name) for f in dataclasses.fields(cfg.model) if f.name != "name"}
+    return llama_config(cfg.model.name, **overrides)
+
+
+def _dtype_bytes(dtype: torch.dtype | None, default: int = 4) -> int:
+    return default if dtype is None else torch.finfo(dtype).bits // 8
+
+
+def _ring(world: int) -> float:
+    return (world - 1) / world if world > 1 else 0.0
+
+
+def _sharded(cfg, mcfg, mesh, world: int, replicate: int, method: str) -> tuple[nn.Module, Plan]:
+    with torch.device("meta"):
+        model = Llama(mcfg)
+    projected = set() if method == "adamw" else default_projected(model)
+    plan = plan_for_model(
+        model, world, cfg.optim.rank, cfg.optim.proj_type or "std", "svd" if method == "galore" else "rsvd",
+        replicate=replicate, projected=projected,
+    )
+    apply_fsdp(model, mesh, plan, log_fn=lambda s: None)
+    return model, plan
+
+
+def _method_numbers(cfg, model: nn.Module, plan: Plan, method: str, gather_bytes: int, reduce_bytes: int) -> dict:
+    """Per-rank bytes of memory and communication for one method on one sharded meta model."""
+    w, rep = plan.shard_size, plan.replicate
+    q = cfg.optim.power_iters or 2
+    k_over = cfg.optim.oversample or 8
+    shard_projectors = cfg.optim.projectors == "shard"
+    owner_refresh = method == "galore" or cfg.optim.refresh == "owner"
+
+    params = grads = moments = projectors = 0
+    step_extra = switch = refresh = 0.0
+    owner_in = [0.0] * w
+    for name, p in model.named_parameters():
+        local = p.to_local()
+        params += local.numel() * STATE_BYTES  # sharded fp32 master weights (FSDP casts only the gathered copy)
+        grads += local.numel() * STATE_BYTES  # FSDP2 casts reduced grads back to the master dtype
+        mp = plan.matrices.get(name)
+        if mp is None:
+            moments += 2 * local.numel() * STATE_BYTES
+            continue
+        m, n = mp.shape
+        r = mp.rank
+        short, long_ = min(m, n), max(m, n)
+        if mp.fallback:
+            # Rows sharded but states r×n: R = Σ_i A_iᵀ G_i is all-reduced and the states are replicated.
+            moments += 2 * r * n * STATE_BYTES
+            step_extra += 2 * _ring(w) * r * n * STATE_BYTES
+        else:
+            moments += 2 * local.shape[mp.state_dim] * r * STATE_BYTES
+        proj = mp.projector_shape[0] * mp.projector_shape[1]
+        projectors += (math.ceil(proj / w) if shard_projectors else proj) * STATE_BYTES
+        if method == "lotus":
+            switch += 2 * _ring(w) * SWITCH_STATS * STATE_BYTES
+        k = min(r + k_over, short)
+        if owner_refresh:
+            owner_in[mp.owner] += _ring(w) * m * n * STATE_BYTES  # full G into the owner
+            refresh += proj * STATE_BYTES if not shard_projectors else math.ceil(proj / w) * STATE_BYTES
+        elif mp.fallback:
+            # Sketch on the row-sharded short side: q all-reduces of Gᵀ Q (n×k), one of Qᵀ G (k×n), k×k Grams.
+            refresh += 2 * _ring(w) * ((q + 1) * long_ * k + (q + 1) * k * k) * STATE_BYTES
+        else:
+            # ALGORITHMS.md section 7: (q + 1) all-reduces of short×k sketches, one k×k Gram.
+            refresh += 2 * _ring(w) * ((q + 1) * short * k + k * k) * STATE_BYTES
+    if owner_refresh:
+        refresh += max(owner_in)
+
+    # FSDP per micro-batch: all-gather every unit in forward, blocks again in backward (root is kept gathered),
+    # reduce-scatter all gradients; HSDP adds an all-reduce of the gradient shard across replicas.
+    numel_full = sum(p.numel() for p in model.parameters())
+    root_numel = sum(p.numel() for n, p in model.named_parameters() if not n.startswith("layers."))
+    block_numel = numel_full - root_numel
+    all_gather = _ring(w) * (numel_full + block_numel) * gather_bytes
+    reduce_scatter = _ring(w) * numel_full * reduce_bytes
+    if rep > 1:
+        reduce_scatter += 2 * _ring(rep) * math.ceil(numel_full / w) * reduce_bytes
+    opt = moments + projectors
+    return dict(
+        params=params, grads=grads, moments=moments, projectors=projectors, optimizer=opt,
+        total=params + grads + opt, all_gather=all_gather, reduce_scatter=reduce_scatter,
+        lowrank_step=step_extra, switch_check=switch, refresh=refresh,
+        fallbacks=len(plan.fallbacks), projected=len(plan.matrices),
+    )
+
+
+def _fmt(b: float) -> str:
+    if b == 0:
+        return "0"
+    for unit, size in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if b >= size:
+            return f"{b / size:.2f} {unit}"
+    return f"{b:.0f} B"
+
+
+ROWS = [
+    ("params (fp32 shard)", "params"),
+    ("grads (fp32 shard)", "grads"),
+    ("moments", "moments"),
+    ("projectors", "projectors"),
+    ("optimizer state", "optimizer"),
+    ("TOTAL per rank", "total"),
+    ("FSDP all-gather / micro", "all_gather"),
+    ("FSDP reduce-scatter / micro", "reduce_scatter"),
+    ("low-rank extra / step", "lowrank_step"),
+    ("switch stats / check step", "switch_check"),
+    ("one full refresh", "refresh"),
+]
+
+
+def dry_run(cfg, out: Callable[[str], None] = print) -> dict:
+    """Plan ``cfg`` for ``cfg.dist.world_size`` ranks and print the memory/communication table; return the numbers."""
+    t0 = time.perf_counter()
+    world = cfg.dist.world_size or int(os.environ.get("WORLD_SIZE", 1))
+    replicate = cfg.dist.replicate
+    if world < 1 or replicate < 1 or world % replicate:
+        raise DistConfigError(f"dist.world_size {world} must be a positive multiple of dist.replicate {replicate}")
+    mcfg = _model_config(cfg)
+    # The planner describes the target cluster run, so dtypes are those of a CUDA run of this config.
+    param_dtype, reduce_dtype = mixed_precision(cfg.train.dtype, "cuda")
+    gather_bytes = _dtype_bytes(param_dtype)
+    reduce_bytes = _dtype_bytes(reduce_dtype, default=gather_bytes)
+    micro_global = cfg.train.micro_batch_size * world
+    accum = max(1, math.ceil(cfg.train.batch_size / micro_global))
+
+    from torch.distributed.device_mesh import init_device_mesh
+
+    results, plans = {}, {}
+    with fake_process_group(world):
+        shape = (world,) if replicate == 1 else (replicate, world // replicate)
+        names = ("shard",) if replicate == 1 else ("replicate", "shard")
+        mesh = init_device_mesh("cpu", shape, mesh_dim_names=names)
+        for method in METHODS:
+            model, plan = _sharded(cfg, mcfg, mesh, world, replicate, method)
+            results[method] = _method_numbers(cfg, model, plan, method, gather_bytes, reduce_bytes)
+            plans[method] = plan
+        n_params = count_parameters(model)
+
+    lotus_plan = plans["lotus"]
+    out(
+        f"dry run: {cfg.model.name} ({n_params / 1e6:.1f}M params, vocab {mcfg.vocab_size}), world {world} "
+        f"= replicate {replicate} x shard {world // replicate}, rank r={cfg.optim.rank}, "
+        f"gather {param_dtype or torch.float32} / reduce {reduce_dtype or param_dtype or torch.float32}, "
+        f"projectors={cfg.optim.projectors}, lotus refresh={cfg.optim.refresh}"
+    )
+    out(
+        f"batch: global {cfg.train.batch_size} seqs of {cfg.train.seq_len}, micro {cfg.train.micro_batch_size}/rank"
+        f" -> {accum} micro-batch(es) per step"
+        + ("" if cfg.train.batch_size % micro_global == 0 else " (batch_size is not a multiple of micro x world)")
+    )
+    for line in lotus_plan.summary():
+        out(line)
+    width = 28
+    out("")
+    out(f"{'per rank (rank 0 = largest)':<{width}}" + "".join(f"{m:>14}" for m in METHODS))
+    for label, key in ROWS:
+        out(f"{label:<{width}}" + "".join(f"{_fmt(results[m][key]):>14}" for m in METHODS))
+    per_step = {m: accum * (r["all_gather"] + r["reduce_scatter"]) + r["lowrank_step"] for m, r in results.items()}
+    out(f"{'comm per optimizer step':<{width}}" + "".join(f"{_fmt(per_step[m]):>14}" for m in METHODS))
+    out("")
+    out(
+        "refresh: galore = owner gathers G + broadcasts the projector (exact SVD); lotus = "
+        + ("owner gather (optim.refresh=owner)" if cfg.optim.refresh == "owner" else
+           f"distributed rsvd, (q+1)={(cfg.optim.power_iters or 2) + 1} sketch all-reduces + a k x k Gram")
+        + f"; switch stats are all-reduced every {cfg.optim.verify_gap or 50} steps (lotus)"
+    )
+    out(f"planned in {time.perf_counter() - t0:.1f}s")
+    for m in METHODS:
+        results[m]["comm_per_step"] = per_step[m]
+    results["n_params"] = n_params
+    results["world"] = world
+    return results
+
+
+__all__ = ["dry_run", "fake_process_group", "METHODS"]

@@ -1,0 +1,186 @@
+"""LLaMA as GaLore and Lotus pre-train it: RMSNorm, SwiGLU MLP, rotary embeddings, causal SDPA, untied head.
+
+Built from a dataclass; constructible on the ``meta`` device (``with torch.device("meta"): Llama(cfg)``) so that a
+7B model can be planned without memory, then materialised with ``to_empty`` + ``init_weights``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+@dataclass(frozen=True)
+class LlamaConfig:
+    vocab_size: int = 32000
+    dim: int = 512
+    n_layers: int = 8
+    n_heads: int = 8
+    ffn_dim: int = 1376
+    max_seq_len: int = 1024
+    rope_theta: float = 10000.0
+    norm_eps: float = 1e-6
+    init_std: float = 0.02
+
+    @property
+    def head_dim(self) -> int:
+        return self.dim // self.n_heads
+
+    def __post_init__(self):
+        if self.dim % self.n_heads:
+            raise ValueError(f"model.dim ({self.dim}) must be divisible by model.n_heads ({self.n_heads})")
+        if self.head_dim % 2:
+            raise ValueError(f"head dim {self.head_dim} must be even for rotary embeddings")
+
+
+# The GaLore configs (llama_60m ... llama_7b, vocab 32000) and a tiny model for CPU tests and the default run.
+NAMED_SIZES: dict[str, LlamaConfig] = {
+    "tiny": LlamaConfig(vocab_size=8000, dim=128, n_layers=4, n_heads=4, ffn_dim=344, max_seq_len=512),
+    "llama_60m": LlamaConfig(dim=512, n_layers=8, n_heads=8, ffn_dim=1376),
+    "llama_130m": LlamaConfig(dim=768, n_layers=12, n_heads=12, ffn_dim=2048),
+    "llama_350m": LlamaConfig(dim=1024, n_layers=24, n_heads=16, ffn_dim=2736),
+    "llama_1b": LlamaConfig(dim=2048, n_layers=24, n_heads=32, ffn_dim=5461),
+    "llama_7b": LlamaConfig(dim=4096, n_layers=32, n_heads=32, ffn_dim=11008, max_seq_len=2048),
+}
+
+
+def llama_config(name: str, **overrides) -> LlamaConfig:
+    """The named size with non-None ``overrides`` applied; unknown names fail listing the known ones."""
+    if name not in NAMED_SIZES:
+        raise ValueError(f"unknown model.name '{name}' (known: {', '.join(NAMED_SIZES)})")
+    return dataclasses.replace(NAMED_SIZES[name], **{k: v for k, v in overrides.items() if v is not None})
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Normalise in fp32 (as HF LLaMA does) whatever the activation dtype.
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * xf.to(x.dtype)
+
+    def reset_parameters(self):
+        nn.init.ones_(self.weight)
+
+
+def rotary_cos_sin(seq_len: int, head_dim: int, theta: float, device, dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos/sin tables [seq_len, head_dim] in the HF layout (frequencies repeated over the two halves).
+
+    Computed per forward rather than stored as buffers: no buffer to re-initialise after ``meta`` construction
+    and nothing to shard, at a cost of O(seq_len * head_dim) per step.
+    """
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=device, dtype=torch.float32) / head_dim))
+    t = torch.arange(seq_len, device=device, dtype=torch.float32)
+    freqs = torch.outer(t, inv_freq)
+    emb = torch.cat((freqs, freqs), dim=-1)
+    return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    return x * cos + _rotate_half(x) * sin
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: LlamaConfig):
+        super().__init__()
+        self.n_heads, self.head_dim = cfg.n_heads, cfg.head_dim
+        self.q_proj = nn.Linear(cfg.dim, cfg.dim, bias=False)
+        self.k_proj = nn.Linear(cfg.dim, cfg.dim, bias=False)
+        self.v_proj = nn.Linear(cfg.dim, cfg.dim, bias=False)
+        self.o_proj = nn.Linear(cfg.dim, cfg.dim, bias=False)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        b, t, _ = x.shape
+        q, k, v = (p(x).view(b, t, self.n_heads, self.head_dim).transpose(1, 2) for p in (self.q_proj, self.k_proj, self.v_proj))
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        return self.o_proj(out.transpose(1, 2).reshape(b, t, -1))
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: LlamaConfig):
+        super().__init__()
+        self.gate_proj = nn.Linear(cfg.dim, cfg.ffn_dim, bias=False)
+        self.up_proj = nn.Linear(cfg.dim, cfg.ffn_dim, bias=False)
+        self.down_proj = nn.Linear(cfg.ffn_dim, cfg.dim, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: LlamaConfig):
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.self_attn = Attention(cfg)
+        self.post_attention_layernorm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.mlp = MLP(cfg)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class Llama(nn.Module):
+    def __init__(self, cfg: LlamaConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.dim)
+        self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
+        self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.lm_head = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
+        if self.embed_tokens.weight.device.type != "meta":
+            self.init_weights()
+
+    @torch.no_grad()
+    def init_weights(self) -> None:
+        """HF LLaMA init: every Linear and the embedding ~ N(0, init_std), norms = 1.
+
+        Draws in module order from the default generator, so the same seed gives the same model on any device
+        layout; call after ``to_empty`` when the model was built on ``meta``.
+        """
+        for module in self.modules():
+            if isinstance(module, (nn.Linear, nn.Embedding)):
+                nn.init.normal_(module.weight, mean=0.0, std=self.cfg.init_std)
+            elif isinstance(module, RMSNorm):
+                module.reset_parameters()
+
+    def forward(self, tokens: torch.Tensor, targets: torch.Tensor | None = None):
+        """Logits [b, t, vocab]; with ``targets`` the mean next-token cross-entropy instead."""
+        t = tokens.shape[1]
+        if t > self.cfg.max_seq_len:
+            raise ValueError(f"sequence length {t} exceeds model.max_seq_len {self.cfg.max_seq_len}")
+        h = self.embed_tokens(tokens)
+        cos, sin = rotary_cos_sin(t, self.cfg.head_dim, self.cfg.rope_theta, h.device, h.dtype)
+        for layer in self.layers:
+            h = layer(h, cos, sin)
+        logits = self.lm_head(self.norm(h))
+        if targets is None:
+            return logits
+        return F.cross_entropy(logits.float().view(-1, logits.shape[-1]), targets.reshape(-1))
+
+
+def count_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def flops_per_token(cfg: LlamaConfig, seq_len: int) -> float:
+    """Training FLOPs per token (6N + attention), for throughput/MFU reporting."""
+    n = 2 * cfg.vocab_size * cfg.dim + cfg.n_layers * (4 * cfg.dim**2 + 3 * cfg.dim * cfg.ffn_dim)
+    return 6 * n + 12 * cfg.n_layers * cfg.dim * seq_len
+
+
+__all__ = ["LlamaConfig", "NAMED_SIZES", "llama_config", "Llama", "RMSNorm", "count_parameters", "flops_per_token"]

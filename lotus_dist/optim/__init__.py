@@ -1,0 +1,24 @@
+"""The low-rank gradient-projection optimizer family (ALGORITHMS.md): pure single-process math.
+
+``build_optimizer(model, optim_cfg)`` is the entry point; ``LowRankAdamW`` / ``ProjFactor`` the classes;
+``memory_report`` / ``switch_report`` what the trainer logs. Never imports torch.distributed: the distributed
+layer plugs in through ``subspace.Comm`` (``LowRankAdamW.set_comm``, ``LowRankAdamW.stats_comm``).
+"""
+
+from .lowrank import LOWRANK_DEFAULTS, LowRankAdamW, memory_report, switch_report
+from .methods import METHODS, PROJECTED_MODULES, build_optimizer, route_parameters
+from .projfactor import ProjFactor
+from .subspace import Comm
+
+__all__ = [
+    "LowRankAdamW",
+    "ProjFactor",
+    "build_optimizer",
+    "memory_report",
+    "switch_report",
+    "METHODS",
+    "LOWRANK_DEFAULTS",
+    "PROJECTED_MODULES",
+    "route_parameters",
+    "Comm",
+]

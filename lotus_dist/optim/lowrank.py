@@ -1,0 +1,462 @@
+"""LowRankAdamW: the low-rank gradient-projection AdamW of ALGORITHMS.md section 2, with the parts of sections 3-5.
+
+A param group with a ``rank`` key is projected (one combination of solver, switch policy, moment policy and
+residual, see ``LOWRANK_DEFAULTS``); every other group is plain AdamW with ``torch.optim.AdamW`` semantics.
+
+State per projected matrix (tensors and ints only, so ``torch.load(weights_only=True)`` and DCP work):
+``step``, ``index`` (matrix index, seeds the random draws), ``n_bases`` (bases computed so far; 0 = no projector
+yet), ``exp_avg``/``exp_avg_sq`` (R-shaped: r x n for a left projector, m x r for a right one, i.e. the weight's
+long side), ``projector`` (A m x r or B r x n), plus per part: ``tau``/``d_init`` (displacement), ``pe_*``
+(path_efficiency), ``fira_norm``/``fira_ready`` (Fira), ``pca_*`` (online_pca). The state is allocated in full at
+the first step that sees a gradient, even a zero one, so DCP's zero-gradient initialising step builds the complete
+structure; the projector is only computed from the first non-zero gradient.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Iterable
+
+import torch
+from torch.optim import Optimizer
+
+from .subspace import (
+    IDENTITY,
+    PROJ_TYPES,
+    SOLVERS,
+    Comm,
+    Timer,
+    add_project_back_,
+    columns,
+    compute_projector,
+    derive_seed,
+    lowrank_shape,
+    online_pca_update_,
+    project,
+    project_back,
+    projected_dim,
+    projector_shape,
+    seeded,
+    side_for,
+)
+from .switching import CHECK, POLICIES, STATS_WIDTH, SWITCH
+
+# The Lotus method (ALGORITHMS.md section 6); gamma None = the switch policy's own default.
+LOWRANK_DEFAULTS: dict[str, Any] = dict(
+    scale=0.25,
+    proj_type="std",
+    solver="rsvd",
+    switch="displacement",
+    update_gap=200,
+    gamma=None,
+    verify_gap=50,
+    t_min=50,
+    window=50,
+    moments="keep",
+    residual="none",
+    oversample=8,
+    power_iters=2,
+    geodesic_step=0.1,
+    seed=0,
+)
+MOMENT_POLICIES = ("keep", "reset", "rotate")
+RESIDUALS = ("none", "fira")
+CHOICES: dict[str, tuple[str, ...]] = {
+    "proj_type": PROJ_TYPES,
+    "solver": SOLVERS,
+    "switch": tuple(POLICIES),
+    "moments": MOMENT_POLICIES,
+    "residual": RESIDUALS,
+}
+_POSITIVE_INT = ("rank", "update_gap", "verify_gap", "t_min", "window")
+_NONNEG_INT = ("oversample", "power_iters", "seed")
+_POSITIVE_FLOAT = ("gamma", "geodesic_step")
+FIRA_LIMIT = 1.01  # ζ, Fira's norm-growth limiter
+ONLINE_PCA_WD = 0.01
+SALT_BASIS = 0x42
+
+# memory_report's classes of state tensors
+MOMENT_KEYS = frozenset({"exp_avg", "exp_avg_sq", "v_row", "v_col"})
+PROJECTOR_KEYS = frozenset({"projector"})
+
+
+def check_options(opts: dict, prefix: str = "") -> None:
+    """Raise ValueError naming ``prefix + key`` for a bad low-rank option."""
+    for key, allowed in CHOICES.items():
+        if key in opts and opts[key] not in allowed:
+            raise ValueError(f"{prefix}{key}: {opts[key]!r} is not one of {', '.join(allowed)}")
+    for key in _POSITIVE_INT + _NONNEG_INT:
+        v = opts.get(key)
+        if v is None and key != "rank":
+            continue
+        if key in opts and (not isinstance(v, int) or isinstance(v, bool) or v < (1 if key in _POSITIVE_INT else 0)):
+            kind = "a positive" if key in _POSITIVE_INT else "a non-negative"
+            raise ValueError(f"{prefix}{key}: expected {kind} integer, got {v!r}")
+    for key in _POSITIVE_FLOAT + ("scale",):
+        v = opts.get(key)
+        if v is None:
+            continue
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v <= 0:
+            raise ValueError(f"{prefix}{key}: expected a positive number, got {v!r}")
+
+
+class _Job:
+    """Transient per-step work item of one projected matrix (never stored in the state)."""
+
+    __slots__ = ("group", "p", "state", "side", "r", "R", "action", "row", "switch")
+
+    def __init__(self, group, p, state, side, r):
+        self.group, self.p, self.state, self.side, self.r = group, p, state, side, r
+        self.R = None
+        self.action = None
+        self.row = -1
+        self.switch = False
+
+
+class LowRankAdamW(Optimizer):
+    """AdamW whose ``rank`` groups keep their moments in a low-rank gradient subspace.
+
+    ``lowrank_defaults`` override ``LOWRANK_DEFAULTS`` (the Lotus method) for groups that have a ``rank``.
+    Attributes the distributed layer / trainer may use: ``set_comm(param, comm)``, ``stats_comm`` (a Comm whose
+    ``reduce_stats`` sums the per-step statistics), ``param_names`` (id(param) -> name, for ``switch_report``),
+    ``refresh_seconds`` (wall time in basis solvers), ``init_state()``.
+    """
+
+    def __init__(
+        self,
+        params: Iterable,
+        lr: float = 0.01,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-6,
+        weight_decay: float = 0.0,
+        **lowrank_defaults,
+    ):
+        unknown = sorted(set(lowrank_defaults) - set(LOWRANK_DEFAULTS) - set(self._extra_defaults()))
+        if unknown:
+            raise TypeError(f"unknown low-rank option(s) {unknown}; known: {sorted(LOWRANK_DEFAULTS)}")
+        if lr < 0 or eps < 0 or weight_decay < 0 or not all(0.0 <= b < 1.0 for b in betas):
+            raise ValueError(f"invalid AdamW hyper-parameters lr={lr} betas={betas} eps={eps} wd={weight_decay}")
+        self.lowrank_defaults = {**LOWRANK_DEFAULTS, **self._extra_defaults(), **lowrank_defaults}
+        check_options(self.lowrank_defaults)
+        self.param_names: dict[int, str] = {}
+        self.stats_comm: Comm = IDENTITY
+        self._comms: dict[int, Comm] = {}
+        self._gens: dict[str, torch.Generator] = {}
+        self._indices: dict[int, int] | None = None
+        self._timer = Timer()
+        super().__init__(params, dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay))
+
+    @staticmethod
+    def _extra_defaults() -> dict:
+        return {}
+
+    # ------------------------------------------------------------------------------------------ configuration
+
+    def add_param_group(self, param_group: dict) -> None:
+        if param_group.get("rank") is not None:
+            for key, value in self.lowrank_defaults.items():
+                param_group.setdefault(key, value)
+            check_options(param_group)
+        else:
+            param_group.pop("rank", None)
+        super().add_param_group(param_group)
+        param_group.setdefault("initial_lr", param_group["lr"])  # lr_0 of online_pca's projector lr
+        self._indices = None
+
+    def set_comm(self, param: torch.Tensor, comm: Comm) -> None:
+        """Communication for one projected matrix (the distributed layer); identity by default."""
+        self._comms[id(param)] = comm
+
+    def comm_for(self, param: torch.Tensor) -> Comm:
+        return self._comms.get(id(param), IDENTITY)
+
+    @property
+    def refresh_seconds(self) -> float:
+        return self._timer.seconds
+
+    def _index_of(self, p: torch.Tensor) -> int:
+        if self._indices is None:
+            self._indices = {}
+            for group in self.param_groups:
+                for q in group["params"]:
+                    self._indices.setdefault(id(q), len(self._indices))
+        return self._indices[id(p)]
+
+    def _gen(self, device: torch.device) -> torch.Generator:
+        key = str(device)
+        if key not in self._gens:
+            self._gens[key] = torch.Generator(device=device)
+        return self._gens[key]
+
+    @staticmethod
+    def _geometry(p: torch.Tensor, group: dict) -> tuple[str, int]:
+        if p.dim() != 2:
+            raise ValueError(f"a projected parameter must be 2-D, got shape {tuple(p.shape)}")
+        shape = tuple(p.shape)
+        side = side_for(shape, group["proj_type"])
+        return side, min(group["rank"], projected_dim(shape, side))
+
+    # ------------------------------------------------------------------------------------------------ state
+
+    def _init_adamw_state(self, p: torch.Tensor) -> dict:
+        st = self.state[p]
+        st["step"] = 0
+        st["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        st["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        return st
+
+    def _init_lowrank_state(self, p: torch.Tensor, group: dict) -> dict:
+        side, r = self._geometry(p, group)
+        shape, dtype, device = tuple(p.shape), p.dtype, p.device
+        st = self.state[p]
+        st["step"] = 0
+        st["index"] = self._index_of(p)
+        st["n_bases"] = 0
+        st["exp_avg"] = torch.zeros(lowrank_shape(shape, side, r), dtype=dtype, device=device)
+        st["exp_avg_sq"] = torch.zeros(lowrank_shape(shape, side, r), dtype=dtype, device=device)
+        st["projector"] = torch.zeros(projector_shape(shape, side, r), dtype=dtype, device=device)
+        POLICIES[group["switch"]].allocate(st, shape, side, r, dtype, device)
+        if group["residual"] == "fira":
+            st["fira_norm"] = torch.zeros((), dtype=torch.float32, device=device)
+            st["fira_ready"] = 0
+        if group["solver"] == "online_pca":
+            st["pca_exp_avg"] = torch.zeros_like(st["projector"])
+            st["pca_exp_avg_sq"] = torch.zeros_like(st["projector"])
+            st["pca_step"] = 0
+        return st
+
+    @torch.no_grad()
+    def init_state(self) -> None:
+        """Allocate every parameter's state as its first step would, without stepping (works on ``meta``)."""
+        for group in self.param_groups:
+            for p in group["params"]:
+                if not self.state[p]:
+                    if group.get("rank") is None:
+                        self._init_adamw_state(p)
+                    else:
+                        self._init_lowrank_state(p, group)
+
+    # ------------------------------------------------------------------------------------------------- step
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        jobs = []
+        for group in self.param_groups:
+            if group.get("rank") is None:
+                self._adamw_group(group)
+                continue
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                if p.grad.is_sparse:
+                    raise RuntimeError("LowRankAdamW does not support sparse gradients")
+                st = self.state[p] or self._init_lowrank_state(p, group)
+                jobs.append(_Job(group, p, st, *self._geometry(p, group)))
+        if jobs:
+            self._lowrank_step(jobs)
+        return loss
+
+    def _adamw_group(self, group: dict) -> None:
+        """torch.optim.AdamW (single-tensor semantics): decoupled decay first, bias-corrected denominator."""
+        lr, (beta1, beta2), eps, wd = group["lr"], group["betas"], group["eps"], group["weight_decay"]
+        for p in group["params"]:
+            if p.grad is None:
+                continue
+            g = p.grad
+            st = self.state[p] or self._init_adamw_state(p)
+            st["step"] += 1
+            t = st["step"]
+            p.mul_(1 - lr * wd)
+            st["exp_avg"].lerp_(g, 1 - beta1)
+            st["exp_avg_sq"].mul_(beta2).addcmul_(g, g, value=1 - beta2)
+            bc1 = 1 - beta1**t
+            bc2_sqrt = math.sqrt(1 - beta2**t)
+            denom = (st["exp_avg_sq"].sqrt() / bc2_sqrt).add_(eps)
+            p.addcdiv_(st["exp_avg"], denom, value=-lr / bc1)
+
+    def _lowrank_step(self, jobs: list[_Job]) -> None:
+        # Phase 1: project with the current basis, advance host counters, collect the statistics rows.
+        rows: list[torch.Tensor] = []
+        for job in jobs:
+            st, G = job.state, job.p.grad
+            if st["n_bases"] == 0:
+                job.action = "init"
+                job.row = len(rows)
+                gsq = G.float().square().sum()
+                rows.append(torch.cat([gsq.reshape(1), gsq.new_zeros(STATS_WIDTH - 1)]))
+                continue
+            job.R = project(G, st["projector"], job.side)
+            job.action = POLICIES[job.group["switch"]].advance(st, job.group)
+            if job.action == CHECK:
+                job.row = len(rows)
+                rows.append(POLICIES[job.group["switch"]].statistics(st, job.group, job.R))
+        # Phase 2: the step's only host sync, on the reduced [L, STATS_WIDTH] statistics.
+        stats = self.stats_comm.reduce_stats(torch.stack(rows).float()).tolist() if rows else []
+        # Phase 3: decide, switch, update.
+        for job in jobs:
+            if job.action == "init":
+                if stats[job.row][0] <= 0.0:
+                    continue  # zero gradient (e.g. DCP's initialising step): no projector, no step
+                job.switch = True
+            elif job.action == CHECK:
+                job.switch = POLICIES[job.group["switch"]].decide(job.state, job.group, stats[job.row])
+            else:
+                job.switch = job.action == SWITCH
+            self._update(job)
+
+    def _new_projector(self, job: _Job, G: torch.Tensor) -> None:
+        group, st, side = job.group, job.state, job.side
+        P = st["projector"]
+        first = st["n_bases"] == 0
+        gen = seeded(self._gen(G.device), derive_seed(group["seed"], st["index"], st["n_bases"], SALT_BASIS))
+        with self._timer:
+            new = compute_projector(
+                group["solver"],
+                G,
+                side,
+                job.r,
+                gen=gen,
+                prev=None if first else P,
+                oversample=group["oversample"],
+                power_iters=group["power_iters"],
+                geodesic_step=group["geodesic_step"],
+                comm=self.comm_for(job.p),
+            )
+        if not first:
+            self._apply_moment_policy(group, st, P, new, side)
+        P.copy_(new)
+        st["n_bases"] += 1
+
+    @staticmethod
+    def _apply_moment_policy(group, st, old, new, side) -> None:
+        mode = group["moments"]
+        if mode == "keep":
+            return
+        M, V = st["exp_avg"], st["exp_avg_sq"]
+        if mode == "reset":
+            M.zero_()
+            V.zero_()
+            return
+        # rotate (SubTrack++/LDAdam): C maps old coordinates to new ones.
+        beta2 = group["betas"][1]
+        S_old, S_new = columns(old, side).float(), columns(new, side).float()
+        Mf, Vf = M.float(), V.float()
+        if side == "left":
+            C = S_new.T @ S_old
+            CM = C @ Mf
+            V_new = (C.square() @ (Vf - Mf.square()) + CM.square()).abs_().mul_(1 - beta2)
+        else:
+            C = S_old.T @ S_new
+            CM = Mf @ C
+            V_new = ((Vf - Mf.square()) @ C.square() + CM.square()).abs_().mul_(1 - beta2)
+        M.copy_(CM)
+        V.copy_(V_new)
+
+    def _update(self, job: _Job) -> None:
+        group, st, side, p = job.group, job.state, job.side, job.p
+        G = p.grad
+        policy = POLICIES[group["switch"]]
+        online = group["solver"] == "online_pca" and st["n_bases"] > 0
+        R = job.R
+        if job.switch and not online:
+            self._new_projector(job, G)
+            R = project(G, st["projector"], side)
+            policy.on_switch(st, group, R)
+        P = st["projector"]
+        comm = self.comm_for(p)
+        policy.observe(st, group, R, G, P, side, self._gen(G.device), comm)
+
+        # Low-rank Adam (GaLore's code semantics: eps outside the sqrt, bias correction in the step size).
+        lr, (beta1, beta2), eps, wd = group["lr"], group["betas"], group["eps"], group["weight_decay"]
+        st["step"] += 1
+        t = st["step"]
+        M, V = st["exp_avg"], st["exp_avg_sq"]
+        M.mul_(beta1).add_(R, alpha=1.0 - beta1)
+        V.mul_(beta2).addcmul_(R, R, value=1.0 - beta2)
+        N = M / V.sqrt().add_(eps)
+        step_size = lr * math.sqrt(1.0 - beta2**t) / (1.0 - beta1**t)
+        if group["residual"] == "fira":
+            p.add_(self._fira_residual(st, G, R, N, P, side, comm), alpha=-step_size)
+        add_project_back_(p, N, P, side, alpha=-step_size * group["scale"])
+        if wd > 0.0:
+            p.add_(p, alpha=-lr * wd)
+
+        if job.switch and online:  # Online Subspace Descent: one AdamW step on P after the weight step
+            st["pca_step"] += 1
+            old = P.clone() if group["moments"] != "keep" else None
+            with self._timer:
+                online_pca_update_(
+                    P,
+                    st["pca_exp_avg"],
+                    st["pca_exp_avg_sq"],
+                    G,
+                    side,
+                    st["pca_step"],
+                    lr=lr / group["initial_lr"] / group["update_gap"] if group["initial_lr"] > 0 else 0.0,
+                    betas=group["betas"],
+                    eps=eps,
+                    weight_decay=ONLINE_PCA_WD,
+                    comm=comm,
+                )
+            if old is not None:
+                self._apply_moment_policy(group, st, old, P, side)
+            st["n_bases"] += 1
+
+    @staticmethod
+    def _fira_residual(st, G, R, N, P, side, comm: Comm) -> torch.Tensor:
+        """Λ = φ ⊙ (G − project_back(R)), φ per long-side index = ‖N‖/‖R‖ over the r dim, growth-limited."""
+        dim = 0 if side == "left" else 1
+        phi = N.norm(dim=dim, keepdim=True) / (R.norm(dim=dim, keepdim=True) + 1e-8)
+        lam = (G - project_back(R, P, side)) * phi
+        norm = comm.reduce(lam.float().square().sum()).sqrt()
+        if st["fira_ready"]:
+            limiter = torch.clamp(norm / (st["fira_norm"] + 1e-8), min=FIRA_LIMIT) / FIRA_LIMIT
+            lam = lam / limiter.to(lam.dtype)
+            st["fira_norm"].copy_(norm / limiter)
+        else:
+            st["fira_norm"].copy_(norm)
+            st["fira_ready"] = 1
+        return lam
+
+
+# ------------------------------------------------------------------------------------------------- reports
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    to_local = getattr(t, "to_local", None)  # a DTensor counts its local shard
+    return to_local() if callable(to_local) else t
+
+
+def memory_report(optimizer: Optimizer) -> dict[str, int]:
+    """Bytes of optimizer state held by this process: moments, projectors, other tensors, total."""
+    out = {"moments": 0, "projectors": 0, "other": 0}
+    for st in optimizer.state.values():
+        for key, value in st.items():
+            if not isinstance(value, torch.Tensor):
+                continue
+            t = _local(value)
+            nbytes = t.numel() * t.element_size()
+            cls = "moments" if key in MOMENT_KEYS else "projectors" if key in PROJECTOR_KEYS else "other"
+            out[cls] += nbytes
+    out["total"] = out["moments"] + out["projectors"] + out["other"]
+    return out
+
+
+def switch_report(optimizer: Optimizer) -> dict[str, int]:
+    """Subspace switches (bases computed after the first) per projected matrix, keyed by a stable name."""
+    names = getattr(optimizer, "param_names", {})
+    out: dict[str, int] = {}
+    for gi, group in enumerate(optimizer.param_groups):
+        if group.get("rank") is None:
+            continue
+        for pi, p in enumerate(group["params"]):
+            st = optimizer.state.get(p, {})
+            out[names.get(id(p), f"group{gi}.param{pi}")] = max(int(st.get("n_bases", 0)) - 1, 0)
+    return out
+
+
+__all__ = ["LowRankAdamW", "LOWRANK_DEFAULTS", "check_options", "memory_report", "switch_report"]

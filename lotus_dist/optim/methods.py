@@ -1,0 +1,109 @@
+"""Named methods (ALGORITHMS.md section 6) -> parts, and parameter routing.
+
+A method is a row of ``METHODS``; every part key of ``OptimConfig`` that is not None overrides the row
+(``optim.solver=rsvd optim.switch=fixed`` is the Lotus ablation). Routing: the 2-D weights of the attention and
+MLP projections are projected; embeddings, norms, lm_head (and anything else) get plain AdamW.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+import torch
+from torch import nn
+
+from .lowrank import LOWRANK_DEFAULTS, LowRankAdamW, check_options
+from .projfactor import ProjFactor
+
+PROJECTED_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+# Part keys of OptimConfig that a method fills; None in the config = the method's value.
+PART_KEYS = tuple(LOWRANK_DEFAULTS) + ("granularity",)
+
+_LOWRANK = {k: v for k, v in LOWRANK_DEFAULTS.items() if k != "seed"}
+METHODS: dict[str, dict[str, Any] | None] = {
+    "adamw": None,  # full rank: no projected group
+    "galore": {**_LOWRANK, "solver": "svd", "switch": "fixed", "moments": "keep", "residual": "none"},
+    "lotus": {**_LOWRANK, "solver": "rsvd", "switch": "displacement", "moments": "keep", "residual": "none"},
+    "lotus_rho": {**_LOWRANK, "solver": "rsvd", "switch": "path_efficiency", "moments": "keep", "residual": "none"},
+    "golore": {**_LOWRANK, "solver": "random", "switch": "fixed", "moments": "keep", "residual": "none"},
+    "grassjump": {**_LOWRANK, "solver": "random", "switch": "fixed", "moments": "rotate", "residual": "fira"},
+    "grasswalk": {**_LOWRANK, "solver": "grasswalk", "switch": "fixed", "moments": "rotate", "residual": "fira"},
+    "osd": {**_LOWRANK, "solver": "online_pca", "switch": "every_step", "moments": "keep", "residual": "none"},
+    "fira": {**_LOWRANK, "solver": "svd", "switch": "fixed", "moments": "keep", "residual": "fira"},
+    "projfactor": {"granularity": 1, "update_gap": 200},
+}
+
+
+def is_projected(name: str, p: torch.Tensor) -> bool:
+    """A 2-D weight of an attention/MLP projection; wrapper prefixes (FSDP, compile) do not matter."""
+    parts = name.split(".")
+    return p.dim() == 2 and len(parts) >= 2 and parts[-2] in PROJECTED_MODULES and parts[-1] == "weight"
+
+
+def route_parameters(model: nn.Module) -> tuple[list[tuple[str, nn.Parameter]], list[tuple[str, nn.Parameter]]]:
+    """(projected, plain) lists of (name, parameter) with requires_grad, in model order."""
+    projected, plain = [], []
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            (projected if is_projected(name, p) else plain).append((name, p))
+    return projected, plain
+
+
+def resolve_parts(optim_cfg) -> dict[str, Any] | None:
+    """The method's parts with the config's non-None part keys applied; validated, errors name ``optim.<key>``."""
+    name = optim_cfg.name
+    if name not in METHODS:
+        raise ValueError(f"optim.name: unknown method {name!r} (known: {', '.join(METHODS)})")
+    base = METHODS[name]
+    if base is None:
+        return None
+    parts = dict(base)
+    for key in PART_KEYS:
+        value = getattr(optim_cfg, key, None)
+        if value is not None and key != "seed":
+            parts[key] = value
+    parts["seed"] = getattr(optim_cfg, "seed", 0)
+    check_options({**parts, "rank": optim_cfg.rank}, prefix="optim.")
+    g = parts.get("granularity")
+    if g is not None and (not isinstance(g, int) or isinstance(g, bool) or g < 1):
+        raise ValueError(f"optim.granularity: expected a positive integer, got {g!r}")
+    return parts
+
+
+def build_optimizer(model: nn.Module, optim_cfg, names: Mapping[torch.Tensor, str] | None = None) -> LowRankAdamW:
+    """The optimizer of ``optim_cfg`` (an OptimConfig) for ``model``.
+
+    Returns a LowRankAdamW (a ProjFactor for ``projfactor``) with group 0 = projected matrices (``rank`` set, the
+    method's parts as keys) and group 1 = everything else (plain AdamW); ``adamw`` gives a single plain group.
+    ``names`` maps parameter -> name for ``switch_report`` (default: ``model.named_parameters()`` names).
+    """
+    parts = resolve_parts(optim_cfg)
+    lr, betas, eps, wd = optim_cfg.lr, tuple(optim_cfg.betas), optim_cfg.eps, optim_cfg.weight_decay
+    if len(betas) != 2:
+        raise ValueError(f"optim.betas: expected two numbers, got {list(betas)}")
+    projected, plain = route_parameters(model)
+    if parts is None:
+        groups = [{"params": [p for _, p in projected + plain]}]
+        opt = LowRankAdamW(groups, lr=lr, betas=betas, eps=eps, weight_decay=wd)
+    else:
+        cls = ProjFactor if optim_cfg.name == "projfactor" else LowRankAdamW
+        groups = []
+        if projected:
+            groups.append({"params": [p for _, p in projected], "rank": optim_cfg.rank, **parts})
+        if plain:
+            groups.append({"params": [p for _, p in plain]})
+        if cls is ProjFactor:
+            for name, p in projected:
+                if p.shape[1] % parts["granularity"]:
+                    raise ValueError(
+                        f"optim.granularity: {parts['granularity']} does not divide the input dimension "
+                        f"{p.shape[1]} of {name}"
+                    )
+        opt = cls(groups, lr=lr, betas=betas, eps=eps, weight_decay=wd)
+    given = {id(p): n for p, n in (names or {}).items()}
+    opt.param_names = {id(p): given.get(id(p), n) for n, p in projected + plain}
+    return opt
+
+
+__all__ = ["METHODS", "PROJECTED_MODULES", "PART_KEYS", "build_optimizer", "is_projected", "route_parameters"]

@@ -1,0 +1,289 @@
+"""Side rule, projection and the basis solvers of ALGORITHMS.md sections 1 and 3.
+
+A projector is stored in GaLore's layout: ``A`` (m x r, left) or ``B`` (r x n, right). Solvers work on the
+"oriented" view ``Gs`` (d x l) whose rows are the projected (usually short) side: ``Gs = G`` for left, ``G.T`` for
+right, and return the basis ``S`` (d x r, orthonormal columns); ``to_projector`` turns it into the stored layout.
+
+Everything that would be a sum over shards of the long dimension goes through a ``Comm`` (identity here), so the
+distributed layer can run the same code on a long-side-sharded gradient without rewriting it (section 7).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+
+import torch
+
+SIDES = ("left", "right")
+PROJ_TYPES = ("std", "reverse_std", "left", "right")
+SOLVERS = ("svd", "rsvd", "random", "grasswalk", "online_pca")
+
+_MASK64 = (1 << 64) - 1
+
+
+class Comm:
+    """Communication of one projected matrix. Identity: this process holds the whole matrix.
+
+    The distributed layer subclasses it for a matrix sharded along its long dimension: ``reduce`` all-reduces
+    (sums) a partial result over those shards, ``reduce_stats`` sums the batched switch statistics over all
+    ranks, and ``sketch`` returns this shard's rows of the global long-side Gaussian sketch.
+    """
+
+    def reduce(self, t: torch.Tensor) -> torch.Tensor:
+        return t
+
+    def reduce_stats(self, t: torch.Tensor) -> torch.Tensor:
+        return t
+
+    def sketch(self, gen: torch.Generator, rows: int, cols: int, device) -> torch.Tensor:
+        return torch.randn(rows, cols, generator=gen, device=device, dtype=torch.float32)
+
+
+IDENTITY = Comm()
+
+
+def side_for(shape: tuple[int, int], proj_type: str) -> str:
+    """Which side the projector sits on (section 1): std puts it on the short side."""
+    m, n = shape
+    if proj_type == "std":
+        return "right" if m >= n else "left"
+    if proj_type == "reverse_std":
+        return "left" if m >= n else "right"
+    if proj_type in SIDES:
+        return proj_type
+    raise ValueError(f"proj_type: {proj_type!r} is not one of {', '.join(PROJ_TYPES)}")
+
+
+def projected_dim(shape: tuple[int, int], side: str) -> int:
+    return shape[0] if side == "left" else shape[1]
+
+
+def long_dim(shape: tuple[int, int], side: str) -> int:
+    return shape[1] if side == "left" else shape[0]
+
+
+def lowrank_shape(shape: tuple[int, int], side: str, r: int) -> tuple[int, int]:
+    """Shape of R, M, V: the long side kept, the projected side reduced to r."""
+    return (r, shape[1]) if side == "left" else (shape[0], r)
+
+
+def projector_shape(shape: tuple[int, int], side: str, r: int) -> tuple[int, int]:
+    return (shape[0], r) if side == "left" else (r, shape[1])
+
+
+def oriented(G: torch.Tensor, side: str) -> torch.Tensor:
+    """View whose rows are the projected side (no copy)."""
+    return G if side == "left" else G.T
+
+
+def columns(P: torch.Tensor, side: str) -> torch.Tensor:
+    """The basis S (d x r) of a stored projector; a view."""
+    return P if side == "left" else P.T
+
+
+def to_projector(S: torch.Tensor, side: str) -> torch.Tensor:
+    return S if side == "left" else S.T.contiguous()
+
+
+def project(G: torch.Tensor, P: torch.Tensor, side: str) -> torch.Tensor:
+    """R = Aᵀ G (left) or G Bᵀ (right)."""
+    return P.T @ G if side == "left" else G @ P.T
+
+
+def project_back(N: torch.Tensor, P: torch.Tensor, side: str) -> torch.Tensor:
+    """A N (left) or N B (right)."""
+    return P @ N if side == "left" else N @ P
+
+
+def add_project_back_(W: torch.Tensor, N: torch.Tensor, P: torch.Tensor, side: str, alpha: float) -> None:
+    """W += alpha * project_back(N) in one GEMM: no full-size temporary."""
+    if side == "left":
+        W.addmm_(P, N, alpha=alpha)
+    else:
+        W.addmm_(N, P, alpha=alpha)
+
+
+# ----------------------------------------------------------------------------------------------- randomness
+
+
+def derive_seed(seed: int, index: int, count: int, salt: int = 0) -> int:
+    """A 63-bit seed from (seed, matrix index, switch count, purpose): same draws on every rank and on resume."""
+    x = seed & _MASK64
+    for v in (index, count, salt):
+        x = (x * 6364136223846793005 + (v & _MASK64) + 1442695040888963407) & _MASK64
+        x ^= x >> 29
+    return x & ((1 << 63) - 1)
+
+
+def seeded(gen: torch.Generator, seed: int) -> torch.Generator:
+    gen.manual_seed(seed)
+    return gen
+
+
+# ---------------------------------------------------------------------------------------------------- solvers
+
+
+def svd_projector(G: torch.Tensor, side: str, r: int) -> torch.Tensor:
+    """GaLore: exact top-r singular vectors of G itself (not Gᵀ, so signs match GaLore's code)."""
+    U, _, Vh = torch.linalg.svd(G.float(), full_matrices=False)
+    return U[:, :r].contiguous() if side == "left" else Vh[:r].contiguous()
+
+
+def _orth(Y: torch.Tensor) -> torch.Tensor:
+    return torch.linalg.qr(Y).Q
+
+
+def rsvd_columns(
+    Gs: torch.Tensor, r: int, oversample: int, power_iters: int, gen: torch.Generator, comm: Comm = IDENTITY
+) -> torch.Tensor:
+    """Top-r left singular subspace of Gs (d x l) by subspace iteration in sketch form (section 7).
+
+    Every product that sums over the long side l goes through ``comm.reduce``; the d x k orthonormalisations are
+    local (identical on every rank). The half-step Gsᵀ Q lives on the (sharded) long side and is not
+    orthonormalised: Q is, after every full step. The final small SVD comes from the k x k Gram of Qᵀ Gs,
+    diagonalised in float64.
+    """
+    Gs = Gs.float()
+    d, l = Gs.shape
+    k = min(r + oversample, d)
+    omega = comm.sketch(gen, l, k, Gs.device)
+    Q = _orth(comm.reduce(Gs @ omega))
+    for _ in range(power_iters):
+        Q = _orth(comm.reduce(Gs @ (Gs.T @ Q)))
+    Z = Gs.T @ Q  # = (Qᵀ Gs)ᵀ, l x k
+    gram = comm.reduce(Z.T @ Z)
+    evals, evecs = torch.linalg.eigh(gram.double())
+    top = torch.argsort(evals, descending=True)[:r]
+    return Q @ evecs[:, top].to(Q.dtype)
+
+
+def random_columns(d: int, r: int, gen: torch.Generator, device) -> torch.Tensor:
+    """Uniformly random orthonormal basis (GoLore): Q of a Gaussian d x r."""
+    Z = torch.randn(d, r, generator=gen, device=device, dtype=torch.float32)
+    return _orth(Z)
+
+
+def grasswalk_columns(S: torch.Tensor, eta: float, gen: torch.Generator) -> torch.Tensor:
+    """One geodesic step of length eta on the Grassmannian from span(S) in a random tangent direction."""
+    S = S.float()
+    Z = torch.randn(S.shape, generator=gen, device=S.device, dtype=torch.float32)
+    H = Z - S @ (S.T @ Z)
+    H = H / H.norm()
+    U_h, sig, Vh_h = torch.linalg.svd(H, full_matrices=False)
+    V_h = Vh_h.T
+    new = (S @ V_h) * torch.cos(eta * sig) @ Vh_h + (U_h * torch.sin(eta * sig)) @ Vh_h
+    return new + S - (S @ V_h) @ Vh_h  # S (I - V_h V_hᵀ): zero for a full-rank H, kept for rank-deficient H
+
+
+def online_pca_grad(S: torch.Tensor, Gs: torch.Tensor, comm: Comm = IDENTITY) -> torch.Tensor:
+    """Gradient in S of ‖S Sᵀ g - g‖²_F, g = Gs/‖Gs‖: 2 (E gᵀ S + g Eᵀ S) with E = S (Sᵀ g) - g; no d x d matrix."""
+    g = Gs.float()
+    g = g / comm.reduce(g.square().sum()).sqrt().clamp_min(1e-30)
+    E = S @ (S.T @ g) - g
+    return 2.0 * comm.reduce(E @ (g.T @ S) + g @ (E.T @ S))
+
+
+def online_pca_update_(
+    P: torch.Tensor,
+    exp_avg: torch.Tensor,
+    exp_avg_sq: torch.Tensor,
+    G: torch.Tensor,
+    side: str,
+    step: int,
+    lr: float,
+    betas: tuple[float, float],
+    eps: float,
+    weight_decay: float = 0.01,
+    comm: Comm = IDENTITY,
+) -> None:
+    """One AdamW step (torch.optim.AdamW semantics) on the projector P, in place; never re-orthonormalised."""
+    S = columns(P, side)
+    grad = online_pca_grad(S.float(), oriented(G, side), comm).to(P.dtype)
+    grad = grad if side == "left" else grad.T
+    beta1, beta2 = betas
+    P.mul_(1 - lr * weight_decay)
+    exp_avg.lerp_(grad, 1 - beta1)
+    exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+    bc1 = 1 - beta1**step
+    bc2_sqrt = math.sqrt(1 - beta2**step)
+    P.addcdiv_(exp_avg, (exp_avg_sq.sqrt() / bc2_sqrt).add_(eps), value=-lr / bc1)
+
+
+def compute_projector(
+    solver: str,
+    G: torch.Tensor,
+    side: str,
+    r: int,
+    *,
+    gen: torch.Generator,
+    prev: torch.Tensor | None = None,
+    oversample: int = 8,
+    power_iters: int = 2,
+    geodesic_step: float = 0.1,
+    comm: Comm = IDENTITY,
+) -> torch.Tensor:
+    """A new projector (stored layout, G's dtype) from the current gradient G and the previous projector.
+
+    online_pca's first basis is the svd one (its later updates are ``online_pca_update_``); grasswalk starts from
+    a random basis and then walks.
+    """
+    d = projected_dim(tuple(G.shape), side)
+    if solver in ("svd", "online_pca"):
+        P = svd_projector(G, side, r)
+    elif solver == "rsvd":
+        P = to_projector(rsvd_columns(oriented(G, side), r, oversample, power_iters, gen, comm), side)
+    elif solver == "random":
+        P = to_projector(random_columns(d, r, gen, G.device), side)
+    elif solver == "grasswalk":
+        if prev is None:
+            P = to_projector(random_columns(d, r, gen, G.device), side)
+        else:
+            P = to_projector(grasswalk_columns(columns(prev, side), geodesic_step, gen), side)
+    else:
+        raise ValueError(f"solver: {solver!r} is not one of {', '.join(SOLVERS)}")
+    return P.to(G.dtype)
+
+
+class Timer:
+    """Accumulates wall seconds spent in basis solvers (host time; on CUDA it excludes queued kernels)."""
+
+    def __init__(self):
+        self.seconds = 0.0
+
+    def __enter__(self):
+        self._t0 = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc):
+        self.seconds += time.perf_counter() - self._t0
+        return False
+
+
+__all__ = [
+    "Comm",
+    "IDENTITY",
+    "SIDES",
+    "PROJ_TYPES",
+    "SOLVERS",
+    "side_for",
+    "projected_dim",
+    "long_dim",
+    "lowrank_shape",
+    "projector_shape",
+    "oriented",
+    "columns",
+    "to_projector",
+    "project",
+    "project_back",
+    "add_project_back_",
+    "derive_seed",
+    "seeded",
+    "svd_projector",
+    "rsvd_columns",
+    "random_columns",
+    "grasswalk_columns",
+    "online_pca_grad",
+    "online_pca_update_",
+    "compute_projector",
+]

@@ -1,0 +1,206 @@
+"""Switch policies of ALGORITHMS.md section 4: when a projected matrix recomputes its basis.
+
+A policy is a stateless singleton; everything it remembers lives in the parameter's optimizer state as tensors and
+ints. Each step runs in two halves so that the whole optimizer needs at most one host sync:
+
+1. ``advance`` (host counters only) says STAY, SWITCH, or CHECK. On CHECK the policy returns ``statistics``: a
+   row of ``STATS_WIDTH`` fp32 partial sums (sums of squares / dot products over the matrix's elements, so that a
+   sharded matrix only needs the rows summed across ranks).
+2. The optimizer stacks every row into one [L, STATS_WIDTH] tensor, passes it through ``reduce_stats`` and syncs
+   once; ``decide`` turns a reduced row into the decision on the host.
+After a switch, ``on_switch`` re-initialises the policy state from R in the new basis; ``observe`` runs every step
+after the decision (path_efficiency's accumulators).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .subspace import IDENTITY, Comm, derive_seed, lowrank_shape, projected_dim, seeded
+
+STAY, CHECK, SWITCH = "stay", "check", "switch"
+STATS_WIDTH = 3
+PE_SKETCH_ROWS = 32  # rows of path_efficiency's short-side sketch of the out-of-subspace residual
+SALT_PE = 0x5045
+
+
+class Policy:
+    name = ""
+    default_gamma: float | None = None
+
+    def allocate(self, state: dict, shape, side: str, r: int, dtype, device) -> None:
+        pass
+
+    def advance(self, state: dict, group: dict) -> str:
+        raise NotImplementedError
+
+    def statistics(self, state: dict, group: dict, R: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def decide(self, state: dict, group: dict, row: list[float]) -> bool:
+        raise NotImplementedError
+
+    def on_switch(self, state: dict, group: dict, R: torch.Tensor) -> None:
+        pass
+
+    def observe(self, state, group, R, G, P, side, gen, comm: Comm = IDENTITY) -> None:
+        pass
+
+    def gamma(self, group: dict) -> float:
+        g = group.get("gamma")
+        return self.default_gamma if g is None else g
+
+
+class Fixed(Policy):
+    """GaLore: recompute when the matrix's step count (0-based, before this step) is a multiple of T."""
+
+    name = "fixed"
+
+    def advance(self, state, group):
+        return SWITCH if state["step"] % group["update_gap"] == 0 else STAY
+
+
+class EveryStep(Policy):
+    name = "every_step"
+
+    def advance(self, state, group):
+        return SWITCH
+
+
+class Displacement(Policy):
+    """Lotus Algorithm 1: switch when ‖d_cur − d_init‖_F / τ < γ, checked when τ % η == 0.
+
+    ``d_init`` stores R of the switch step unnormalised (normalising needs the global norm, i.e. a collective);
+    the statistics row [‖R‖², ⟨R, D⟩, ‖D‖²] gives ‖R/‖R‖ − D/‖D‖‖² = 2 − 2⟨R, D⟩ / (‖R‖ ‖D‖) after reduction.
+    """
+
+    name = "displacement"
+    default_gamma = 0.01
+
+    def allocate(self, state, shape, side, r, dtype, device):
+        state["tau"] = 0
+        state["d_init"] = torch.zeros(lowrank_shape(shape, side, r), dtype=dtype, device=device)
+
+    def advance(self, state, group):
+        state["tau"] += 1
+        return CHECK if state["tau"] % group["verify_gap"] == 0 else STAY
+
+    def statistics(self, state, group, R):
+        D = state["d_init"]
+        Rf, Df = R.float(), D.float()
+        return torch.stack([Rf.square().sum(), (Rf * Df).sum(), Df.square().sum()])
+
+    @staticmethod
+    def distance(row: list[float]) -> float | None:
+        rr, rd, dd = row[0], row[1], row[2]
+        if rr <= 0.0 or dd <= 0.0:
+            return None  # a zero gradient has no direction: never switch on it
+        return math.sqrt(max(2.0 - 2.0 * rd / math.sqrt(rr * dd), 0.0))
+
+    def decide(self, state, group, row):
+        dist = self.distance(row)
+        return dist is not None and dist / state["tau"] < self.gamma(group)
+
+    def on_switch(self, state, group, R):
+        state["d_init"].copy_(R)
+        state["tau"] = 1
+
+
+class PathEfficiency(Policy):
+    """Lotus Eq. 1-3 over tumbling windows of w unit gradients ĝ_i = G_i / ‖G_i‖.
+
+    ρ = ‖Σ P Pᵀ ĝ_i‖ / ‖Σ ĝ_i‖. With an orthonormal basis the numerator is ‖Σ R_i/‖G_i‖‖, accumulated exactly in
+    a low-rank buffer ``pe_acc``. The denominator splits as ‖Σĝ‖² = num² + ‖(I − P Pᵀ) Σĝ‖²; the second term is
+    estimated by a Gaussian sketch Ψ (s x d, entries N(0, 1/s), s = 32, the same Ψ for a whole window) applied on
+    the projected side: E‖Ψ X‖² = ‖X‖², relative std ≤ sqrt(2/s). So ρ_est ∈ [0, 1] and is exact when the
+    gradients stay in the subspace. Default γ_ρ = 0.5, w = 50, T_min = 50 are uncalibrated (the paper gives none).
+    """
+
+    name = "path_efficiency"
+    default_gamma = 0.5
+
+    @staticmethod
+    def sketch_rows(shape, side):
+        return min(PE_SKETCH_ROWS, projected_dim(shape, side))
+
+    def allocate(self, state, shape, side, r, dtype, device):
+        s = self.sketch_rows(shape, side)
+        state["pe_acc"] = torch.zeros(lowrank_shape(shape, side, r), dtype=torch.float32, device=device)
+        state["pe_sketch"] = torch.zeros(lowrank_shape(shape, side, s), dtype=torch.float32, device=device)
+        state["pe_count"] = 0
+        state["pe_window"] = 0
+        state["pe_last_switch"] = 0
+        state["pe_rho"] = 1.0
+
+    def advance(self, state, group):
+        return CHECK if state["pe_count"] >= group["window"] else STAY
+
+    def statistics(self, state, group, R):
+        zero = torch.zeros((), dtype=torch.float32, device=R.device)
+        return torch.stack([state["pe_acc"].square().sum(), state["pe_sketch"].square().sum(), zero])
+
+    @staticmethod
+    def rho(row: list[float]) -> float:
+        num, res = row[0], row[1]
+        return 1.0 if num + res <= 0.0 else math.sqrt(num / (num + res))
+
+    def decide(self, state, group, row):
+        rho = self.rho(row)
+        state["pe_rho"] = rho
+        switch = rho < self.gamma(group) and state["step"] - state["pe_last_switch"] >= group["t_min"]
+        if not switch:
+            self._reset_window(state)
+        return switch
+
+    def _reset_window(self, state):
+        state["pe_acc"].zero_()
+        state["pe_sketch"].zero_()
+        state["pe_count"] = 0
+        state["pe_window"] += 1
+
+    def on_switch(self, state, group, R):
+        self._reset_window(state)
+        state["pe_last_switch"] = state["step"]
+
+    def observe(self, state, group, R, G, P, side, gen, comm=IDENTITY):
+        Gf, Rf, Pf = G.float(), R.float(), P.float()
+        inv = comm.reduce(Gf.square().sum()).rsqrt()
+        s = state["pe_sketch"].shape[0 if side == "left" else 1]
+        d = projected_dim(tuple(G.shape), side)
+        seeded(gen, derive_seed(group["seed"], state["index"], state["n_bases"], SALT_PE + state["pe_window"]))
+        psi = torch.randn(s, d, generator=gen, device=G.device, dtype=torch.float32) / math.sqrt(s)
+        if side == "left":  # Ψ (I − A Aᵀ) G = Ψ G − (Ψ A) R
+            sk = psi @ Gf - (psi @ Pf) @ Rf
+        else:  # G (I − Bᵀ B) Ψᵀ = G Ψᵀ − R (B Ψᵀ)
+            sk = Gf @ psi.T - Rf @ (Pf @ psi.T)
+        state["pe_acc"].add_(Rf * inv)
+        state["pe_sketch"].add_(sk * inv)
+        state["pe_count"] += 1
+
+
+POLICIES: dict[str, Policy] = {p.name: p for p in (Fixed(), Displacement(), PathEfficiency(), EveryStep())}
+
+
+def exact_path_efficiency(grads: list[torch.Tensor], P: torch.Tensor, side: str) -> float:
+    """ρ from full matrices (tests and diagnostics only): ‖Σ P Pᵀ ĝ_i‖ / ‖Σ ĝ_i‖."""
+    total = sum(g.double() / g.double().norm() for g in grads)
+    Pd = P.double()
+    inside = Pd @ (Pd.T @ total) if side == "left" else (total @ Pd.T) @ Pd
+    return float(inside.norm() / total.norm())
+
+
+__all__ = [
+    "STAY",
+    "CHECK",
+    "SWITCH",
+    "STATS_WIDTH",
+    "Policy",
+    "Fixed",
+    "EveryStep",
+    "Displacement",
+    "PathEfficiency",
+    "POLICIES",
+    "exact_path_efficiency",
+]

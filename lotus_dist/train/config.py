@@ -1,0 +1,308 @@
+"""Run configuration: nested dataclasses loaded from YAML plus ``section.key=value`` overrides.
+
+Every key has a type; an unknown key or a value of the wrong type fails at start-up with the key named
+(``ConfigError``), before any process group, model or data is touched.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import yaml
+
+from lotus_dist.errors import UserError
+
+
+class ConfigError(UserError, ValueError):
+    """A bad config file, key or value. The message is one line and names the culprit."""
+
+
+@dataclass
+class ModelConfig:
+    # A named size (lotus_dist.model.llama.NAMED_SIZES); any field below set to non-null overrides it.
+    name: str = "tiny"
+    vocab_size: Optional[int] = None  # null: the tokenizer's vocabulary size
+    dim: Optional[int] = None
+    n_layers: Optional[int] = None
+    n_heads: Optional[int] = None
+    ffn_dim: Optional[int] = None
+    max_seq_len: Optional[int] = None
+    rope_theta: Optional[float] = None
+    norm_eps: Optional[float] = None
+    init_std: Optional[float] = None
+
+
+@dataclass
+class OptimConfig:
+    # A method of ALGORITHMS.md section 6: adamw, galore, lotus, lotus_rho, golore, grassjump, grasswalk,
+    # osd, fira, projfactor. The keys below that default to null take the method's value when null.
+    name: str = "lotus"
+    lr: float = 0.01
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    eps: float = 1e-6
+    weight_decay: float = 0.0
+    rank: int = 128
+    scale: Optional[float] = None  # alpha; GaLore recipe 0.25
+    proj_type: Optional[str] = None  # std | reverse_std | left | right
+    solver: Optional[str] = None  # svd | rsvd | random | grasswalk | online_pca
+    switch: Optional[str] = None  # fixed | displacement | path_efficiency | every_step
+    update_gap: Optional[int] = None  # T of the fixed policy
+    gamma: Optional[float] = None  # threshold of displacement / path_efficiency
+    verify_gap: Optional[int] = None  # eta of the displacement policy
+    t_min: Optional[int] = None  # minimum interval of path_efficiency
+    window: Optional[int] = None  # w of path_efficiency
+    moments: Optional[str] = None  # keep | reset | rotate
+    residual: Optional[str] = None  # none | fira
+    oversample: Optional[int] = None  # p of rsvd
+    power_iters: Optional[int] = None  # q of rsvd
+    geodesic_step: Optional[float] = None  # eta_g of grasswalk
+    granularity: Optional[int] = None  # c of projfactor
+    seed: int = 0  # seed of every random basis (with matrix index and switch count)
+    per_layer: bool = False  # optimizer step inside backward (post-accumulate-grad hooks)
+    projectors: str = "replicate"  # fsdp: replicate | shard
+    refresh: str = "distributed"  # fsdp: distributed (sketch rsvd) | owner (exact solver on one rank)
+
+
+@dataclass
+class DataConfig:
+    # embedded: the offline Shakespeare corpus in C4 format; c4: allenai/c4 from the hub or a local mirror
+    # (data.path); indexed: Megatron .bin/.idx prefixes (data.path, or data.blend for weighted blends).
+    source: str = "embedded"
+    path: Optional[str] = None
+    tokenizer: str = "tokenizer/embedded.model"
+    hub_name: str = "allenai/c4"
+    hub_config: str = "en"
+    shuffle_buffer: int = 1000
+    val_tokens: int = 32768  # validation perplexity is measured on exactly this many tokens
+    blend: Optional[list] = None  # indexed: [weight, prefix, weight, prefix, ...]
+    cache_dir: Optional[str] = None  # embedded corpus / indexed-dataset caches; null: ~/.cache/lotus_dist
+    # node: each rank reads its own shards/examples (split_dataset_by_node); global: every rank reads the whole
+    # stream and takes its slice of each global batch (world-size-invariant batches, exact resume at any size).
+    split: str = "node"
+    val_path: Optional[str] = None  # indexed: validation .bin/.idx prefix; null: the '*validation*' sibling
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 200
+    batch_size: int = 16  # global, in sequences, per optimizer step
+    micro_batch_size: int = 8  # per rank, per forward/backward
+    seq_len: int = 128
+    grad_clip: float = 1.0  # global-norm clipping; 0 = off
+    warmup_ratio: float = 0.1
+    min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio
+    eval_every: int = 50
+    dtype: str = "auto"  # auto (bf16 autocast on CUDA, fp32 on CPU) | fp32 | bf16
+    on_nonfinite: str = "stop"  # stop | skip
+    stop_at: Optional[int] = None  # save and exit after this step (a job's time slice); the schedule follows steps
+
+
+@dataclass
+class DistConfig:
+    mode: str = "auto"  # auto (single alone, fsdp under torchrun) | single | fsdp | ddp | deepspeed
+    world_size: Optional[int] = None  # dry runs only: the world size to plan for
+    replicate: int = 1  # HSDP: replicas (outer mesh dim); 1 = plain FSDP
+    backend: str = "auto"  # auto (nccl on CUDA, gloo on CPU) | nccl | gloo
+    deepspeed_config: Optional[str] = None  # a DeepSpeed JSON file; null: generated from this config
+
+
+@dataclass
+class CheckpointConfig:
+    every: int = 100  # steps; 0 = only at the end
+    keep: int = 2
+    resume: bool = True  # false: refuse to start on a run directory that holds a checkpoint
+    async_save: bool = False
+
+
+@dataclass
+class LogConfig:
+    every: int = 10
+    tensorboard: bool = True
+    progress: bool = True
+
+
+@dataclass
+class RunConfig:
+    dir: str = "runs/tiny"
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    dist: DistConfig = field(default_factory=DistConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+    seed: int = 0
+
+
+# Values a key may take, checked at load time so that a typo fails before the run starts.
+CHOICES: dict[str, tuple[str, ...]] = {
+    "optim.proj_type": ("std", "reverse_std", "left", "right"),
+    "optim.solver": ("svd", "rsvd", "random", "grasswalk", "online_pca"),
+    "optim.switch": ("fixed", "displacement", "path_efficiency", "every_step"),
+    "optim.moments": ("keep", "reset", "rotate"),
+    "optim.residual": ("none", "fira"),
+    "optim.projectors": ("replicate", "shard"),
+    "optim.refresh": ("distributed", "owner"),
+    "data.source": ("embedded", "c4", "indexed"),
+    "data.split": ("node", "global"),
+    "train.dtype": ("auto", "fp32", "bf16"),
+    "train.on_nonfinite": ("stop", "skip"),
+    "dist.mode": ("auto", "single", "fsdp", "ddp", "deepspeed"),
+    "dist.backend": ("auto", "nccl", "gloo"),
+}
+
+
+def _check_type(key: str, value: Any, annotation: Any) -> Any:
+    """Return ``value`` converted to ``annotation`` or raise ConfigError naming ``key``."""
+    origin = typing.get_origin(annotation)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(annotation)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _check_type(key, value, arg)
+            except ConfigError as e:
+                errors.append(e)
+        raise errors[0]
+    if annotation is Any:
+        return value
+    if origin is list or annotation is list:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"config key '{key}': expected a list, got {value!r}")
+        (item_type,) = typing.get_args(annotation) or (Any,)
+        return [_check_type(f"{key}[{i}]", v, item_type) for i, v in enumerate(value)]
+    if annotation is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"config key '{key}': expected true/false, got {value!r}")
+    if annotation is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise ConfigError(f"config key '{key}': expected an integer, got {value!r}")
+    if annotation is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):  # YAML 1.1 reads 3e-4 (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise ConfigError(f"config key '{key}': expected a number, got {value!r}")
+    if annotation is str:
+        if isinstance(value, str):
+            return value
+        raise ConfigError(f"config key '{key}': expected a string, got {value!r}")
+    raise ConfigError(f"config key '{key}': unsupported type {annotation}")
+
+
+def _apply(obj: Any, prefix: str, mapping: dict) -> None:
+    hints = typing.get_type_hints(type(obj))
+    names = {f.name for f in dataclasses.fields(obj)}
+    for key, value in mapping.items():
+        full = f"{prefix}{key}"
+        if key not in names:
+            known = ", ".join(sorted(names))
+            raise ConfigError(f"unknown config key '{full}' (known keys here: {known})")
+        current = getattr(obj, key)
+        if dataclasses.is_dataclass(current):
+            if not isinstance(value, dict):
+                raise ConfigError(f"config key '{full}': expected a section (mapping), got {value!r}")
+            _apply(current, f"{full}.", value)
+            continue
+        value = _check_type(full, value, hints[key])
+        if full in CHOICES and value is not None and value not in CHOICES[full]:
+            raise ConfigError(f"config key '{full}': {value!r} is not one of {', '.join(CHOICES[full])}")
+        setattr(obj, key, value)
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """``optim.lr=3e-4`` -> (['optim', 'lr'], 0.0003). Values are parsed as YAML scalars."""
+    if "=" not in text:
+        raise ConfigError(f"override '{text}' is not of the form section.key=value")
+    key, raw = text.split("=", 1)
+    key = key.strip().lstrip("-")
+    if not key:
+        raise ConfigError(f"override '{text}' has an empty key")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw  # an unparsable scalar is taken as a string; the type check decides
+    return key.split("."), value
+
+
+def _nest(path: list[str], value: Any) -> dict:
+    out: Any = value
+    for part in reversed(path):
+        out = {part: out}
+    return out
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Load ``path`` (YAML) into a Config, then apply ``section.key=value`` overrides in order."""
+    cfg = Config()
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file '{path}' does not exist")
+        try:
+            data = yaml.safe_load(path.read_text())
+        except yaml.YAMLError as e:
+            mark = getattr(e, "problem_mark", None)
+            where = f" line {mark.line + 1}" if mark is not None else ""
+            problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+            raise ConfigError(f"config file '{path}'{where}: invalid YAML ({problem})") from None
+        if data is None:
+            data = {}
+        if not isinstance(data, dict):
+            raise ConfigError(f"config file '{path}': top level must be a mapping of sections")
+        _apply(cfg, "", data)
+    for text in overrides:
+        key_path, value = parse_override(text)
+        _apply(cfg, "", _nest(key_path, value))
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg: Config) -> None:
+    """Cross-field checks that a single key's type cannot express."""
+    t = cfg.train
+    for key in ("steps", "batch_size", "micro_batch_size", "seq_len"):
+        if getattr(t, key) <= 0:
+            raise ConfigError(f"config key 'train.{key}' must be positive, got {getattr(t, key)}")
+    if t.batch_size % t.micro_batch_size:
+        raise ConfigError(
+            f"config key 'train.batch_size' ({t.batch_size}) must be a multiple of "
+            f"'train.micro_batch_size' ({t.micro_batch_size})"
+        )
+    if t.grad_clip < 0:
+        raise ConfigError(f"config key 'train.grad_clip' must be >= 0, got {t.grad_clip}")
+    if not 0 <= t.warmup_ratio < 1:
+        raise ConfigError(f"config key 'train.warmup_ratio' must be in [0, 1), got {t.warmup_ratio}")
+    if len(cfg.optim.betas) != 2:
+        raise ConfigError(f"config key 'optim.betas' must hold two numbers, got {cfg.optim.betas}")
+    if cfg.optim.rank <= 0:
+        raise ConfigError(f"config key 'optim.rank' must be positive, got {cfg.optim.rank}")
+    if cfg.checkpoint.keep < 1:
+        raise ConfigError(f"config key 'checkpoint.keep' must be >= 1, got {cfg.checkpoint.keep}")
+
+
+def to_dict(cfg: Config) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def dump_config(cfg: Config, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))

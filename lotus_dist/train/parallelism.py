@@ -1,0 +1,103 @@
+"""How the trainer runs across processes: one object per ``dist.mode`` with the same small interface.
+
+The trainer only calls ``wrap_model``, ``build_optimizer``, ``no_sync``, ``all_reduce_mean``, ``all_reduce_sum``,
+``any_rank``, ``barrier``, ``close`` and reads ``rank``, ``world_size``, ``device``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+import torch.distributed as dist
+
+from lotus_dist.distributed.runtime import Runtime, build_mesh, init_distributed
+from lotus_dist.errors import UserError
+
+
+class SingleProcess:
+    """``dist.mode=single``: one process, the reference semantics every other mode must reproduce."""
+
+    def __init__(self, runtime: Runtime):
+        self.runtime = runtime
+        self.rank, self.world_size, self.device = runtime.rank, runtime.world_size, runtime.device
+
+    def wrap_model(self, model, cfg):
+        return model
+
+    def build_optimizer(self, model, optim_cfg):
+        from lotus_dist.optim import build_optimizer
+
+        return build_optimizer(model, optim_cfg)
+
+    def no_sync(self, model, last: bool):
+        return contextlib.nullcontext()
+
+    def all_reduce_mean(self, tensor):
+        return tensor
+
+    def all_reduce_sum(self, tensor):
+        return tensor
+
+    def any_rank(self, flag: bool) -> bool:
+        return flag
+
+    def barrier(self) -> None:
+        pass
+
+    def close(self) -> None:
+        self.runtime.destroy()
+
+
+class Collective(SingleProcess):
+    """Collectives over the default process group, shared by every multi-process mode."""
+
+    def all_reduce_mean(self, tensor):
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+        return tensor / self.world_size
+
+    def all_reduce_sum(self, tensor):
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+        return tensor
+
+    def any_rank(self, flag: bool) -> bool:
+        t = torch.tensor([1.0 if flag else 0.0], device=self.device)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return bool(t.item())
+
+    def barrier(self) -> None:
+        dist.barrier()
+
+
+class FullyShardedDataParallel(Collective):
+    """``dist.mode=fsdp``: FSDP2 per block with the side-aware plan (HSDP when ``dist.replicate > 1``)."""
+
+    def wrap_model(self, model, cfg):
+        from lotus_dist.distributed.fsdp import apply_fsdp, mixed_precision
+        from lotus_dist.distributed.plan import plan_for_model
+
+        mesh = build_mesh(self.runtime, cfg.dist.replicate)
+        optim = cfg.optim
+        plan = plan_for_model(model, self.world_size, optim.rank, optim.proj_type or "std", optim.solver or "rsvd",
+                              replicate=cfg.dist.replicate)
+        param_dtype, reduce_dtype = mixed_precision(cfg.train.dtype, self.device)
+        log = print if self.rank == 0 else (lambda line: None)
+        self.plan = plan
+        return apply_fsdp(model, mesh, plan, param_dtype=param_dtype, reduce_dtype=reduce_dtype, log_fn=log)
+
+
+MODES = {"single": SingleProcess, "fsdp": FullyShardedDataParallel}
+
+
+def build_parallelism(cfg):
+    runtime = init_distributed(cfg.dist)
+    mode = cfg.dist.mode
+    if mode == "auto":
+        mode = "fsdp" if runtime.world_size > 1 else "single"
+    if mode not in MODES:
+        runtime.destroy()
+        raise UserError(f"dist.mode={mode} is not available yet (available: {', '.join(MODES)})")
+    if mode != "single" and not runtime.is_distributed:
+        raise UserError(f"dist.mode={mode} needs a torchrun launch (torchrun --nproc_per_node=N pretrain.py ...); "
+                        "use dist.mode=auto or single for one process")
+    return MODES[mode](runtime)

@@ -1,0 +1,210 @@
+"""The training loop: build everything from a Config, then step, log, evaluate and checkpoint.
+
+Read top to bottom: ``Trainer.__init__`` builds the parts, ``fit`` is the loop, ``train_step`` is one optimizer
+step over ``grad_accum`` micro-batches.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import math
+import signal
+import time
+from pathlib import Path
+
+import torch
+
+from lotus_dist.errors import UserError
+from lotus_dist.model.llama import Llama, llama_config
+from lotus_dist.train.checkpoint import Checkpointer, check_compatible
+from lotus_dist.train.config import Config, dump_config
+from lotus_dist.train.evaluate import evaluate
+from lotus_dist.train.metrics import MetricsLogger, truncate_metrics
+from lotus_dist.train.schedule import lr_multiplier
+
+
+class NonFiniteError(UserError):
+    """A non-finite loss or gradient with ``train.on_nonfinite=stop``."""
+
+
+def resolve_autocast(dtype: str, device: torch.device):
+    """bf16 autocast on CUDA ("auto" or "bf16"); fp32 on CPU unless bf16 is asked for explicitly."""
+    use_bf16 = dtype == "bf16" or (dtype == "auto" and device.type == "cuda")
+    if not use_bf16:
+        return contextlib.nullcontext
+    return lambda: torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+
+
+def model_fingerprint(cfg: Config, vocab_size: int) -> dict:
+    fields = {k: v for k, v in dataclasses.asdict(cfg.model).items() if k != "name"}
+    model_cfg = llama_config(cfg.model.name, **{**fields, "vocab_size": cfg.model.vocab_size or vocab_size})
+    return dataclasses.asdict(model_cfg)
+
+
+class Trainer:
+    def __init__(self, cfg: Config, runtime):
+        self.cfg = cfg
+        self.rt = runtime
+        self.device = runtime.device
+        self.is_main = runtime.rank == 0
+        self.run_dir = Path(cfg.run.dir)
+        t = cfg.train
+
+        per_step = t.micro_batch_size * runtime.world_size
+        if t.batch_size % per_step:
+            raise UserError(f"config key 'train.batch_size' ({t.batch_size}) must be a multiple of "
+                            f"train.micro_batch_size x world size ({t.micro_batch_size} x {runtime.world_size})")
+        self.grad_accum = t.batch_size // per_step
+
+        from lotus_dist.data import build_train_stream, build_val_blocks, load_tokenizer
+
+        self.tokenizer = load_tokenizer(cfg.data.tokenizer)
+        self.fingerprint = {"model": model_fingerprint(cfg, self.tokenizer.vocab_size), "optim_method": cfg.optim.name}
+        model_cfg = llama_config(**{"name": cfg.model.name, **self.fingerprint["model"]})
+        if t.seq_len > model_cfg.max_seq_len:
+            raise UserError(f"config key 'train.seq_len' ({t.seq_len}) exceeds the model's max_seq_len "
+                            f"({model_cfg.max_seq_len}); raise model.max_seq_len")
+
+        torch.manual_seed(cfg.seed)  # the same initial weights on every rank and in every mode
+        self.model = Llama(model_cfg).to(self.device)
+        self.model = runtime.wrap_model(self.model, cfg)
+        self.optimizer = runtime.build_optimizer(self.model, cfg.optim)
+        self.autocast = resolve_autocast(t.dtype, self.device)
+
+        self.stream = build_train_stream(cfg.data, self.tokenizer, seq_len=t.seq_len, micro_batch_size=t.micro_batch_size,
+                                         rank=runtime.rank, world_size=runtime.world_size, seed=cfg.seed)
+        self.val_blocks = build_val_blocks(cfg.data, self.tokenizer, seq_len=t.seq_len) if t.eval_every else None
+        self.checkpointer = Checkpointer(self.run_dir, keep=cfg.checkpoint.keep, rank=runtime.rank,
+                                         world_size=runtime.world_size, barrier=runtime.barrier)
+        self.step = 0
+        self.tokens = 0
+        self.stop_requested = False
+
+    # ---- resume ----------------------------------------------------------------------------------------------
+    def resume_if_possible(self) -> None:
+        self.checkpointer.remove_partial()
+        latest = self.checkpointer.latest()
+        if latest is None:
+            return
+        if not self.cfg.checkpoint.resume:
+            raise UserError(f"run directory {self.run_dir} holds checkpoint {latest.name} and checkpoint.resume=false; "
+                            f"choose another run.dir or remove {self.checkpointer.root}")
+        check_compatible(self.checkpointer.read_train_state(latest), self.fingerprint, latest)
+        train_state, data_state = self.checkpointer.load(latest, self.model, self.optimizer)
+        self.step, self.tokens = train_state["step"], train_state["tokens"]
+        if data_state is None:
+            raise UserError(f"checkpoint {latest} was written by {train_state['world_size']} ranks; this run has "
+                            f"{self.rt.world_size} and per-rank data positions do not carry over (use data.split=global)")
+        self.stream.load_state_dict(data_state)
+        if self.is_main:
+            truncate_metrics(self.run_dir, self.step)
+            print(f"resumed from {latest} at step {self.step}", flush=True)
+
+    def save(self) -> None:
+        train_state = {"step": self.step, "tokens": self.tokens, **self.fingerprint}
+        path = self.checkpointer.save(self.step, self.model, self.optimizer, train_state=train_state,
+                                      data_state=self.stream.state_dict())
+        self.logger.message(f"saved checkpoint {path}")
+
+    # ---- one optimizer step -------------------------------------------------------------------------------------
+    def set_lr(self) -> float:
+        t = self.cfg.train
+        lr = self.cfg.optim.lr * lr_multiplier(self.step, t.steps, t.warmup_ratio, t.min_lr_ratio)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        return lr
+
+    def train_step(self) -> dict:
+        lr = self.set_lr()
+        loss_sum = torch.zeros((), device=self.device)
+        for micro in range(self.grad_accum):
+            batch = next(self.stream).to(self.device, non_blocking=True)
+            with self.rt.no_sync(self.model, last=micro == self.grad_accum - 1), self.autocast():
+                loss = self.model(batch[:, :-1], batch[:, 1:]) / self.grad_accum
+                loss.backward()
+            loss_sum += loss.detach()
+        loss_sum = self.rt.all_reduce_mean(loss_sum)
+        grad_norm = None
+        if self.cfg.train.grad_clip > 0:
+            grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.train.grad_clip)
+            if hasattr(grad_norm, "full_tensor"):  # a DTensor under FSDP2
+                grad_norm = grad_norm.full_tensor()
+        # The one host sync of the step: loss (for logging and the non-finite check) and grad norm together.
+        synced = torch.stack([loss_sum.float(), (grad_norm if grad_norm is not None else loss_sum).float()]).tolist()
+        loss_value, norm_value = synced
+        if not (math.isfinite(loss_value) and math.isfinite(norm_value)):
+            self.optimizer.zero_grad(set_to_none=True)
+            if self.cfg.train.on_nonfinite == "stop":
+                raise NonFiniteError(f"non-finite loss ({loss_value}) or gradient norm ({norm_value}) at step "
+                                     f"{self.step + 1}; train.on_nonfinite=skip would skip such steps")
+            self.step += 1
+            self.tokens += self.cfg.train.batch_size * self.cfg.train.seq_len
+            return {"loss": loss_value, "lr": lr, "skipped": 1}
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.step += 1
+        self.tokens += self.cfg.train.batch_size * self.cfg.train.seq_len
+        record = {"loss": loss_value, "lr": lr}
+        if grad_norm is not None:
+            record["grad_norm"] = norm_value
+        return record
+
+    # ---- the loop --------------------------------------------------------------------------------------------
+    def _on_sigterm(self, signum, frame):
+        self.stop_requested = True
+
+    def fit(self) -> dict:
+        cfg, t = self.cfg, self.cfg.train
+        self.resume_if_possible()
+        if self.is_main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            dump_config(cfg, self.run_dir / "config.yaml")
+        self.logger = MetricsLogger(self.run_dir, enabled=self.is_main, tensorboard=cfg.log.tensorboard,
+                                    progress=cfg.log.progress, total_steps=t.steps, start_step=self.step)
+        previous = signal.signal(signal.SIGTERM, self._on_sigterm) if self._is_main_thread() else None
+        last_eval = {}
+        try:
+            from lotus_dist.optim import memory_report, switch_report
+
+            self.model.train()
+            clock, clock_tokens = time.perf_counter(), self.tokens
+            end = min(t.steps, t.stop_at) if t.stop_at else t.steps
+            while self.step < end:
+                record = self.train_step()
+                self.logger.advance()
+                evaluate_now = t.eval_every and (self.step % t.eval_every == 0 or self.step == t.steps)
+                if evaluate_now:
+                    last_eval = self.evaluate()
+                    record.update(last_eval)
+                if self.step % cfg.log.every == 0 or evaluate_now or self.step == end or record.get("skipped"):
+                    now = time.perf_counter()
+                    record["tokens"] = self.tokens
+                    record["tokens_per_s"] = (self.tokens - clock_tokens) / max(now - clock, 1e-9)
+                    record["optimizer_state_bytes"] = memory_report(self.optimizer)["total"]
+                    record["switches"] = sum(switch_report(self.optimizer).values())
+                    self.logger.log({"step": self.step, **record})
+                    clock, clock_tokens = time.perf_counter(), self.tokens
+                stop = self.rt.any_rank(self.stop_requested)
+                every = cfg.checkpoint.every
+                if (every and self.step % every == 0) or self.step == end or stop:
+                    self.save()
+                if stop:
+                    self.logger.message(f"SIGTERM received: saved step {self.step}, exiting")
+                    break
+        finally:
+            if previous is not None:
+                signal.signal(signal.SIGTERM, previous)
+            self.logger.close()
+        return {"step": self.step, "tokens": self.tokens, **last_eval}
+
+    def evaluate(self) -> dict:
+        return evaluate(self.model, self.val_blocks, micro_batch_size=self.cfg.train.micro_batch_size, device=self.device,
+                        autocast=self.autocast, rank=self.rt.rank, world_size=self.rt.world_size,
+                        all_reduce=self.rt.all_reduce_sum if self.rt.world_size > 1 else None)
+
+    @staticmethod
+    def _is_main_thread() -> bool:
+        import threading
+
+        return threading.current_thread() is threading.main_thread()

@@ -1,0 +1,185 @@
+#!/usr/bin/env python
+"""Benchmarks of the optimizer family, measured side by side in one run.
+
+1. basis: svd vs rsvd (r=128, p=8, q=2) time and residual ‖G − proj(G)‖/‖G‖ on LLaMA-shaped fp32 matrices.
+   Test matrices: a gradient surrogate with a power-law spectrum, G = Σ_{i<K} (i+1)^-1 · x_i y_iᵀ / (‖x_i‖‖y_i‖)
+   (K = 512 random Gaussian rank-1 terms) + an isotropic noise floor of 2% of ‖G‖_F — LLM weight gradients are
+   dominated by a few directions with a slowly decaying tail.
+2. memory: optimizer-state bytes of adamw / galore / lotus for llama_60m ... llama_7b, from state tensors really
+   allocated (on the meta device) by ``init_state``, against the formula Σ(2·long·r + short·r)·4 + 2·(unprojected)·4.
+3. step: optimizer step time on llama_60m with random gradients (fp32, CPU). Steady-state steps (no switch) are
+   timed directly; the cost of one full refresh (every matrix's basis) is timed on the first step; the amortised
+   time per training step is steady + refresh / interval (galore: T = 200; lotus: the interval is adaptive, >= η =
+   50 and <= ~2/γ = 200, so it is shown for 50, 100 and 200).
+
+    python scripts/bench_optim.py --quick            # small shapes, 2 sizes, few steps
+    python scripts/bench_optim.py --shapes 512x1376,2048x5461
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from lotus_dist.model.llama import NAMED_SIZES, Llama, llama_config  # noqa: E402
+from lotus_dist.optim import build_optimizer, memory_report  # noqa: E402
+from lotus_dist.optim import subspace as ss  # noqa: E402
+from lotus_dist.optim.methods import is_projected  # noqa: E402
+from lotus_dist.train.config import OptimConfig  # noqa: E402
+
+RANKS = {"llama_60m": 128, "llama_130m": 256, "llama_350m": 256, "llama_1b": 512, "llama_7b": 1024}
+
+
+def gradient_surrogate(m: int, n: int, terms: int = 512, noise: float = 0.02, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    k = min(terms, m, n)
+    X = torch.randn(m, k, generator=g)
+    Y = torch.randn(n, k, generator=g)
+    w = 1.0 / torch.arange(1, k + 1, dtype=torch.float32)
+    X = X * (w / X.norm(dim=0) / Y.norm(dim=0))
+    G = X @ Y.T
+    N = torch.randn(m, n, generator=g)
+    return G + noise * G.norm() / N.norm() * N
+
+
+def _residual(G, P, side):
+    return float((G - ss.project_back(ss.project(G, P, side), P, side)).norm() / G.norm())
+
+
+def bench_basis(shapes, reps, r=128, p=8, q=2):
+    print(f"\n## basis: svd vs rsvd (r={r}, p={p}, q={q}), fp32, {torch.get_num_threads()} threads, median of reps")
+    print(f"{'shape':>12} {'svd s':>9} {'rsvd s':>9} {'speedup':>8} {'svd resid':>10} {'rsvd resid':>10} {'reps':>5}")
+    for m, n in shapes:
+        G = gradient_surrogate(m, n)
+        side = ss.side_for((m, n), "std")
+        n_svd = 1 if m * n > 20_000_000 else reps  # the 4096x11008 svd runs once
+        t_svd, t_rsvd = [], []
+        for _ in range(n_svd):
+            t0 = time.perf_counter()
+            P_svd = ss.svd_projector(G, side, r)
+            t_svd.append(time.perf_counter() - t0)
+        for i in range(reps):
+            gen = torch.Generator().manual_seed(i)
+            t0 = time.perf_counter()
+            P_rsvd = ss.compute_projector("rsvd", G, side, r, gen=gen, oversample=p, power_iters=q)
+            t_rsvd.append(time.perf_counter() - t0)
+        a, b = statistics.median(t_svd), statistics.median(t_rsvd)
+        print(
+            f"{m}x{n:>6} {a:9.3f} {b:9.3f} {a / b:7.1f}x {_residual(G, P_svd, side):10.4f} "
+            f"{_residual(G, P_rsvd, side):10.4f} {n_svd}/{reps}"
+        )
+
+
+def _formula(model, r):
+    total = 0
+    for name, prm in model.named_parameters():
+        if is_projected(name, prm):
+            long, short = max(prm.shape), min(prm.shape)
+            total += (2 * long * r + short * r) * 4
+        else:
+            total += 2 * prm.numel() * 4
+    return total
+
+
+def bench_memory(sizes):
+    print("\n## optimizer-state memory (fp32 states, allocated on meta by init_state), GiB")
+    print(f"{'model':>11} {'rank':>5} {'adamw':>8} {'galore':>8} {'formula':>8} {'=?':>3} {'lotus':>8} "
+          f"{'lotus-d_init':>12} {'galore/adamw':>12}")
+    for size in sizes:
+        with torch.device("meta"):
+            model = Llama(llama_config(size))
+        r = RANKS[size]
+        out = {}
+        for name in ("adamw", "galore", "lotus"):
+            opt = build_optimizer(model, OptimConfig(name=name, rank=r))
+            opt.init_state()
+            out[name] = memory_report(opt)
+        formula = _formula(model, r)
+        gib = 2.0**30
+        ok = out["galore"]["total"] == formula and out["lotus"]["moments"] + out["lotus"]["projectors"] == formula
+        print(
+            f"{size:>11} {r:>5} {out['adamw']['total'] / gib:8.3f} {out['galore']['total'] / gib:8.3f} "
+            f"{formula / gib:8.3f} {'yes' if ok else 'NO':>3} {out['lotus']['total'] / gib:8.3f} "
+            f"{(out['lotus']['total'] - out['lotus']['other']) / gib:12.3f} "
+            f"{out['galore']['total'] / out['adamw']['total']:12.3f}"
+        )
+    print("lotus = galore's formula + the displacement policy's d_init (long x r per matrix, in 'other');"
+          " 'lotus-d_init' = moments + projectors, equal to the formula.")
+
+
+def bench_step(steps, size="llama_60m"):
+    print(f"\n## optimizer step on {size} (random fp32 gradients, CPU, {torch.get_num_threads()} threads)")
+    torch.manual_seed(0)
+    model = Llama(llama_config(size))
+    params = [p for p in model.parameters()]
+    grads = [torch.randn_like(p) for p in params]
+    r = RANKS[size]
+    rows = {}
+    for name in ("adamw", "galore", "lotus"):
+        opt = build_optimizer(model, OptimConfig(name=name, rank=r))
+        for p, g in zip(params, grads):
+            p.grad = g
+        t0 = time.perf_counter()
+        opt.step()  # allocates the state and computes every basis
+        first = time.perf_counter() - t0
+        refresh = opt.refresh_seconds
+        times = []
+        for _ in range(steps):
+            t0 = time.perf_counter()
+            opt.step()
+            times.append(time.perf_counter() - t0)
+        rows[name] = (statistics.median(times), refresh, first)
+    base = rows["adamw"][0]
+    print(f"{'method':>8} {'steady ms':>10} {'refresh s':>10} {'amortised ms (interval)':>40}")
+    for name, (steady, refresh, first) in rows.items():
+        if name == "adamw":
+            amort = f"{steady * 1e3:.1f}"
+        elif name == "galore":
+            amort = f"{(steady + refresh / 200) * 1e3:.1f} (T=200)"
+        else:
+            amort = ", ".join(f"{(steady + refresh / T) * 1e3:.1f} ({T})" for T in (50, 100, 200))
+        print(f"{name:>8} {steady * 1e3:10.1f} {refresh:10.3f} {amort:>40}")
+    g, l_ = rows["galore"], rows["lotus"]
+    print(f"refresh (all {sum(1 for n, p in model.named_parameters() if is_projected(n, p))} matrices): "
+          f"svd {g[1]:.2f} s vs rsvd {l_[1]:.2f} s = {g[1] / l_[1]:.1f}x; steady step lotus/galore "
+          f"{l_[0] / g[0]:.2f}, galore/adamw {g[0] / base:.2f}")
+    print(f"amortised lotus (interval 200) / galore (T=200): {(l_[0] + l_[1] / 200) / (g[0] + g[1] / 200):.2f}; "
+          f"lotus (interval 50) / galore: {(l_[0] + l_[1] / 50) / (g[0] + g[1] / 200):.2f}")
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="small shapes, two model sizes, few steps")
+    ap.add_argument("--shapes", default=None, help="comma-separated MxN list (default: 512x1376,2048x5461,4096x11008)")
+    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--sizes", default=None, help="comma-separated model sizes for the memory table")
+    ap.add_argument("--only", default="basis,memory,step", help="which parts to run")
+    ap.add_argument("--threads", type=int, default=None)
+    args = ap.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    shapes = args.shapes or ("512x1376" if args.quick else "512x1376,2048x5461,4096x11008")
+    shapes = [tuple(int(x) for x in s.lower().split("x")) for s in shapes.split(",")]
+    sizes = args.sizes.split(",") if args.sizes else (["llama_60m", "llama_1b"] if args.quick else list(RANKS))
+    for s in sizes:
+        if s not in NAMED_SIZES or s not in RANKS:
+            ap.error(f"unknown size {s} (known: {', '.join(RANKS)})")
+    parts = set(args.only.split(","))
+    if "basis" in parts:
+        bench_basis(shapes, 2 if args.quick else args.reps)
+    if "memory" in parts:
+        bench_memory(sizes)
+    if "step" in parts:
+        bench_step(5 if args.quick else args.steps)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,56 @@
+"""Builders of small C4-format mirrors and configs for the data tests."""
+
+import gzip
+import json
+from pathlib import Path
+
+from lotus_dist.train.config import DataConfig
+
+SHARED_C4 = Path(__file__).resolve().parents[3] / "shared" / "data" / "c4"
+WORDS = "the of and to in a is that for it as was with be by on not he this are or his from at which".split()
+
+
+def synthetic_text(i: int, n_words: int) -> str:
+    return f"doc {i}: " + " ".join(WORDS[(i * 7 + j * 3) % len(WORDS)] for j in range(n_words))
+
+
+def write_shard(path: Path, records: list, raw_lines: list[bytes] = ()) -> Path:
+    """A C4-format shard: one JSON object a line (gzip when the name ends with .gz), then ``raw_lines`` as is."""
+    data = b"".join(json.dumps(r).encode() + b"\n" for r in records) + b"".join(raw_lines)
+    path.write_bytes(gzip.compress(data, mtime=0) if path.name.endswith(".gz") else data)
+    return path
+
+
+def make_mirror(root: Path, n_train_shards: int = 4, docs_per_shard: int = 6, n_val: int = 5) -> Path:
+    """A small synthetic mirror in both schemas: C4's {text,url,timestamp} and Dolma's {text,id,added,...}."""
+    root.mkdir(parents=True, exist_ok=True)
+    k = 0
+    for s in range(n_train_shards):
+        records = []
+        for _ in range(docs_per_shard):
+            text = synthetic_text(k, 20 + (k * 13) % 60)
+            if k % 2:
+                records.append({"text": text, "url": f"https://example.com/{k}", "timestamp": "2019-04-25T10:18:53Z"})
+            else:
+                records.append({"text": text, "id": f"id-{k}", "added": "2023-04-01", "source": "c4", "tokens": 3})
+            k += 1
+        write_shard(root / f"c4-train.{s:05d}-of-{n_train_shards:05d}.json.gz", records)
+    val = [{"text": synthetic_text(1000 + i, 80), "url": "u", "timestamp": "t"} for i in range(n_val)]
+    write_shard(root / "c4-validation.00000-of-00001.json.gz", val)
+    return root
+
+
+def mirror_docs(root: Path, split: str = "train") -> list[str]:
+    docs = []
+    for f in sorted(root.glob(f"*{split}*")):
+        with gzip.open(f, "rt") as fh:
+            docs.extend(json.loads(line)["text"] for line in fh if line.strip())
+    return docs
+
+
+
+def data_cfg(**kw) -> DataConfig:
+    cfg = DataConfig()
+    for k, v in kw.items():
+        setattr(cfg, k, v)
+    return cfg

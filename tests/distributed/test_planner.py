@@ -1,0 +1,49 @@
+"""Capacity planner: meta model + fake process group, no real processes."""
+
+from __future__ import annotations
+
+import time
+
+import torch.distributed as dist
+
+from lotus_dist.distributed.planner import METHODS, dry_run
+from lotus_dist.train.config import load_config
+
+
+def run(*overrides):
+    lines: list[str] = []
+    res = dry_run(load_config(None, list(overrides)), out=lines.append)
+    assert not dist.is_initialized()  # the fake group is gone again
+    return res, lines
+
+
+def test_tiny_world4_param_bytes_add_up():
+    res, lines = run("model.name=tiny", "dist.world_size=4", "optim.rank=16")
+    total_param_bytes = res["n_params"] * 4
+    for m in METHODS:
+        # Rank 0 holds the largest (padded) shards, so x world is a slight over-estimate.
+        assert total_param_bytes <= res[m]["params"] * 4 <= 1.01 * total_param_bytes
+        assert res[m]["grads"] == res[m]["params"]
+    assert res["lotus"]["moments"] < res["adamw"]["moments"]
+    assert res["adamw"]["projectors"] == 0 and res["lotus"]["projectors"] > 0
+    assert res["lotus"]["switch_check"] > 0 and res["galore"]["switch_check"] == 0
+    assert res["lotus"]["fallbacks"] == 0 and res["lotus"]["lowrank_step"] == 0
+    assert any(line.startswith("TOTAL per rank") for line in lines)
+
+
+def test_fallback_and_hsdp_and_sharded_projectors():
+    # tiny's down_proj is 128 x 344; 344 does not split over 3 shards: all-reduce of A^T G every step.
+    res, lines = run("model.name=tiny", "dist.world_size=6", "dist.replicate=2", "optim.rank=16")
+    assert res["lotus"]["fallbacks"] == 4 and res["lotus"]["lowrank_step"] > 0
+    assert any("fallback layers.0.mlp.down_proj.weight" in line for line in lines)
+    replicated, _ = run("model.name=tiny", "dist.world_size=4", "optim.rank=16")
+    sharded, _ = run("model.name=tiny", "dist.world_size=4", "optim.rank=16", "optim.projectors=shard")
+    assert abs(sharded["lotus"]["projectors"] * 4 - replicated["lotus"]["projectors"]) < 64 * 4 * 4
+
+
+def test_llama_7b_at_64_ranks_is_fast():
+    t0 = time.perf_counter()
+    res, _ = run("model.name=llama_7b", "dist.world_size=64", "optim.rank=1024", "train.batch_size=512")
+    assert time.perf_counter() - t0 < 60
+    assert res["lotus"]["fallbacks"] == 0
+    assert res["lotus"]["moments"] < res["adamw"]["moments"] / 3
