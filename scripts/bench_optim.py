@@ -72,7 +72,7 @@ def bench_basis(shapes, reps, r=128, p=8, q=2):
             t_rsvd.append(time.perf_counter() - t0)
         a, b = statistics.median(t_svd), statistics.median(t_rsvd)
         print(
-            f"{m}x{n:>6} {a:9.3f} {b:9.3f} {a / b:7.1f}x {_residual(G, P_svd, side):10.4f} "
+            f"{f'{m}x{n}':>12} {a:9.3f} {b:9.3f} {a / b:7.1f}x {_residual(G, P_svd, side):10.4f} "
             f"{_residual(G, P_rsvd, side):10.4f} {n_svd}/{reps}"
         )
 
@@ -115,43 +115,48 @@ def bench_memory(sizes):
 
 
 def bench_step(steps, size="llama_60m"):
+    """Steady steps are interleaved round-robin across the methods so that they share the same machine load."""
     print(f"\n## optimizer step on {size} (random fp32 gradients, CPU, {torch.get_num_threads()} threads)")
-    torch.manual_seed(0)
-    model = Llama(llama_config(size))
-    params = [p for p in model.parameters()]
-    grads = [torch.randn_like(p) for p in params]
+    methods = ("adamw", "galore", "lotus")
     r = RANKS[size]
-    rows = {}
-    for name in ("adamw", "galore", "lotus"):
-        opt = build_optimizer(model, OptimConfig(name=name, rank=r))
+    torch.manual_seed(0)
+    grads = None
+    opts, refresh, first = {}, {}, {}
+    for name in methods:
+        torch.manual_seed(0)
+        model = Llama(llama_config(size))
+        params = list(model.parameters())
+        if grads is None:
+            grads = [torch.randn_like(p) for p in params]
+            n_proj = sum(1 for n, p in model.named_parameters() if is_projected(n, p))
         for p, g in zip(params, grads):
-            p.grad = g
+            p.grad = g  # shared, read-only
+        opts[name] = build_optimizer(model, OptimConfig(name=name, rank=r))
         t0 = time.perf_counter()
-        opt.step()  # allocates the state and computes every basis
-        first = time.perf_counter() - t0
-        refresh = opt.refresh_seconds
-        times = []
-        for _ in range(steps):
+        opts[name].step()  # allocates the state and computes every basis
+        first[name] = time.perf_counter() - t0
+        refresh[name] = opts[name].refresh_seconds
+    times = {name: [] for name in methods}
+    for _ in range(steps):
+        for name in methods:
             t0 = time.perf_counter()
-            opt.step()
-            times.append(time.perf_counter() - t0)
-        rows[name] = (statistics.median(times), refresh, first)
-    base = rows["adamw"][0]
-    print(f"{'method':>8} {'steady ms':>10} {'refresh s':>10} {'amortised ms (interval)':>40}")
-    for name, (steady, refresh, first) in rows.items():
+            opts[name].step()
+            times[name].append(time.perf_counter() - t0)
+    steady = {name: statistics.median(ts) for name, ts in times.items()}
+    print(f"{'method':>8} {'steady ms':>10} {'refresh s':>10} {'amortised ms/step (switch interval)':>45}")
+    for name in methods:
         if name == "adamw":
-            amort = f"{steady * 1e3:.1f}"
+            amort = f"{steady[name] * 1e3:.1f}"
         elif name == "galore":
-            amort = f"{(steady + refresh / 200) * 1e3:.1f} (T=200)"
+            amort = f"{(steady[name] + refresh[name] / 200) * 1e3:.1f} (T=200)"
         else:
-            amort = ", ".join(f"{(steady + refresh / T) * 1e3:.1f} ({T})" for T in (50, 100, 200))
-        print(f"{name:>8} {steady * 1e3:10.1f} {refresh:10.3f} {amort:>40}")
-    g, l_ = rows["galore"], rows["lotus"]
-    print(f"refresh (all {sum(1 for n, p in model.named_parameters() if is_projected(n, p))} matrices): "
-          f"svd {g[1]:.2f} s vs rsvd {l_[1]:.2f} s = {g[1] / l_[1]:.1f}x; steady step lotus/galore "
-          f"{l_[0] / g[0]:.2f}, galore/adamw {g[0] / base:.2f}")
-    print(f"amortised lotus (interval 200) / galore (T=200): {(l_[0] + l_[1] / 200) / (g[0] + g[1] / 200):.2f}; "
-          f"lotus (interval 50) / galore: {(l_[0] + l_[1] / 50) / (g[0] + g[1] / 200):.2f}")
+            amort = ", ".join(f"{(steady[name] + refresh[name] / T) * 1e3:.1f} ({T})" for T in (50, 100, 200))
+        print(f"{name:>8} {steady[name] * 1e3:10.1f} {refresh[name]:10.3f} {amort:>45}")
+    g, lo, a = (steady["galore"], refresh["galore"]), (steady["lotus"], refresh["lotus"]), steady["adamw"]
+    print(f"refresh of all {n_proj} matrices: svd {g[1]:.2f} s vs rsvd {lo[1]:.2f} s = {g[1] / lo[1]:.1f}x; "
+          f"steady step lotus/galore {lo[0] / g[0]:.2f}, galore/adamw {g[0] / a:.2f}")
+    print(f"amortised lotus / galore(T=200): interval 200 -> {(lo[0] + lo[1] / 200) / (g[0] + g[1] / 200):.2f}, "
+          f"interval 50 -> {(lo[0] + lo[1] / 50) / (g[0] + g[1] / 200):.2f}")
 
 
 def main(argv=None):
@@ -162,10 +167,9 @@ def main(argv=None):
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--sizes", default=None, help="comma-separated model sizes for the memory table")
     ap.add_argument("--only", default="basis,memory,step", help="which parts to run")
-    ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--threads", type=int, default=1, help="intra-op threads (default 1: stable on a shared CPU)")
     args = ap.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    torch.set_num_threads(args.threads)
     shapes = args.shapes or ("512x1376" if args.quick else "512x1376,2048x5461,4096x11008")
     shapes = [tuple(int(x) for x in s.lower().split("x")) for s in shapes.split(",")]
     sizes = args.sizes.split(",") if args.sizes else (["llama_60m", "llama_1b"] if args.quick else list(RANKS))

@@ -23,6 +23,7 @@ from tqdm import tqdm  # noqa: E402
 
 from lotus_dist.data.c4 import LocalShardSource, find_shards  # noqa: E402
 from lotus_dist.data.corpus import ensure_embedded_corpus  # noqa: E402
+from lotus_dist.data.errors import DataError  # noqa: E402
 
 MAX_SENTENCE_BYTES = 4192  # sentencepiece's max_sentence_length default; longer lines are cut
 
@@ -92,9 +93,13 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, default=None)
     args = p.parse_args(argv)
     start = time.time()
-    out = train(args.source, args.output, vocab_size=args.vocab_size, num_docs=args.num_docs,
-                model_type=args.model_type, character_coverage=args.character_coverage, cache_dir=args.cache_dir,
-                threads=args.threads)
+    try:
+        out = train(args.source, args.output, vocab_size=args.vocab_size, num_docs=args.num_docs,
+                    model_type=args.model_type, character_coverage=args.character_coverage, cache_dir=args.cache_dir,
+                    threads=args.threads)
+    except DataError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     sp = spm.SentencePieceProcessor(model_file=str(out))
     print(f"wrote {out}: vocab {sp.GetPieceSize()}, eos {sp.eos_id()}, {time.time() - start:.0f}s")
     return 0

@@ -58,10 +58,11 @@ def find_shards(root: str | Path, split: str, key: str = "data.path") -> list[Pa
     """Sorted ``*{split}*`` JSON-lines shards (``.json.gz``, ``.jsonl.gz``, ``.json``, ``.jsonl``) in ``root``
     or ``root/en`` (the layout of the allenai/c4 repository)."""
     root = Path(root).expanduser()
+    what = f"option '{key}'" if key.startswith("--") else f"config key '{key}'"  # scripts name their options
     if not root.exists():
-        raise DataError(f"config key '{key}': data directory '{root}' does not exist")
+        raise DataError(f"{what}: data directory '{root}' does not exist")
     if not root.is_dir():
-        raise DataError(f"config key '{key}': '{root}' is not a directory")
+        raise DataError(f"{what}: '{root}' is not a directory")
     dirs = [root, root / "en"] if (root / "en").is_dir() else [root]
     pattern = _split_pattern(split)
     files = sorted(
@@ -71,7 +72,7 @@ def find_shards(root: str | Path, split: str, key: str = "data.path") -> list[Pa
         if p.name.endswith(SHARD_SUFFIXES) and pattern.search(p.name.split(".json")[0] + ".")
     )
     if not files:
-        raise DataError(f"config key '{key}': no {split} shards (*{split}*.json[l][.gz]) in '{root}'")
+        raise DataError(f"{what}: no {split} shards (*{split}*.json[l][.gz]) in '{root}'")
     _warn_incomplete_mirror(files, split)
     return files
 
@@ -325,7 +326,9 @@ class ShuffledDocs:
                 return self.buffer.pop()
             if self.docs_in_epoch == 0:  # never loop forever over an empty epoch
                 raise DataError(f"{self._where()}: no usable documents for this rank in epoch {self.epoch}")
-            log.info("%s: epoch %d done (%d documents)", self._where(), self.epoch, self.docs_in_epoch)
+            skipped = {k: n for k, n in self.source.report.counts.items() if n}
+            log.log(logging.WARNING if skipped else logging.INFO, "%s: epoch %d done, %d documents%s", self._where(),
+                    self.epoch, self.docs_in_epoch, f"; skipped so far: {skipped}" if skipped else "")
             self._set_epoch(self.epoch + 1)
             self.source.start_epoch(self.epoch)
             self.exhausted = False

@@ -6,7 +6,7 @@ layer plugs in through ``subspace.Comm`` (``LowRankAdamW.set_comm``, ``LowRankAd
 """
 
 from .lowrank import LOWRANK_DEFAULTS, LowRankAdamW, memory_report, switch_report
-from .methods import METHODS, PROJECTED_MODULES, build_optimizer, route_parameters
+from .methods import METHODS, PROJECTED_MODULES, build_optimizer, per_parameter_optimizers, route_parameters
 from .projfactor import ProjFactor
 from .subspace import Comm
 
@@ -20,5 +20,6 @@ __all__ = [
     "LOWRANK_DEFAULTS",
     "PROJECTED_MODULES",
     "route_parameters",
+    "per_parameter_optimizers",
     "Comm",
 ]

@@ -26,6 +26,7 @@ import torch
 
 from lotus_dist.distributed.dcp_util import load_sharded, save_sharded
 from lotus_dist.errors import UserError
+from lotus_dist.train.faults import maybe_crash
 
 # DCP warns on every save/load without a process group; a single-process run is exactly that case.
 warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
@@ -110,6 +111,7 @@ class Checkpointer:
         torch.save(rng_state(), tmp / f"rank_{self.rank:05d}_rng.pt")
         if self.rank == 0:
             (tmp / TRAIN_STATE).write_text(json.dumps({**train_state, "world_size": self.world_size}, indent=1))
+        maybe_crash("in_save", self.rank, step)
         self.barrier()
         if self.rank == 0:
             (tmp / COMPLETE_MARKER).write_text(f"step {step}\n")
@@ -128,17 +130,18 @@ class Checkpointer:
     def load(self, path: Path, model, optimizer) -> tuple[dict, dict | None]:
         """Restore model, optimizer and this rank's RNG; return (train_state, this rank's data state or None).
 
-        The data state is None when the checkpoint was written at another world size: the per-rank stream
-        positions do not carry over and the caller decides what to do.
+        At another world size the RNG states are not restored, and the data state is None unless the stream is
+        the world-size-invariant ``data.split=global`` one.
         """
         train_state = self.read_train_state(path)
         load_sharded(str(path), model, optimizer)
-        data_state = None
         if train_state.get("world_size") == self.world_size:
-            data_file = path / f"rank_{self.rank:05d}.json"
-            data_state = json.loads(data_file.read_text())
             set_rng_state(torch.load(path / f"rank_{self.rank:05d}_rng.pt", weights_only=True))
-        return train_state, data_state
+            return train_state, json.loads((path / f"rank_{self.rank:05d}.json").read_text())
+        # Another world size: a position in the one global stream (data.split=global) is the same on every rank,
+        # so rank 0's carries over; per-rank positions (split=node) do not.
+        first = json.loads((path / "rank_00000.json").read_text())
+        return train_state, (first if first.get("split") == "global" else None)
 
 
 def check_compatible(saved: dict, expected: dict, path: Path) -> None:

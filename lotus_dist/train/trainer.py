@@ -20,6 +20,7 @@ from lotus_dist.model.llama import Llama, llama_config
 from lotus_dist.train.checkpoint import Checkpointer, check_compatible
 from lotus_dist.train.config import Config, dump_config
 from lotus_dist.train.evaluate import evaluate
+from lotus_dist.train.faults import maybe_crash
 from lotus_dist.train.metrics import MetricsLogger, truncate_metrics
 from lotus_dist.train.schedule import lr_multiplier
 
@@ -95,7 +96,8 @@ class Trainer:
         self.step, self.tokens = train_state["step"], train_state["tokens"]
         if data_state is None:
             raise UserError(f"checkpoint {latest} was written by {train_state['world_size']} ranks; this run has "
-                            f"{self.rt.world_size} and per-rank data positions do not carry over (use data.split=global)")
+                            f"{self.rt.world_size}, and per-rank data positions (data.split=node) do not carry over; "
+                            f"start runs with data.split=global to change the world size on resume")
         self.stream.load_state_dict(data_state)
         if self.is_main:
             truncate_metrics(self.run_dir, self.step)
@@ -172,6 +174,7 @@ class Trainer:
             end = min(t.steps, t.stop_at) if t.stop_at else t.steps
             while self.step < end:
                 record = self.train_step()
+                maybe_crash("after_step", self.rt.rank, self.step)
                 self.logger.advance()
                 evaluate_now = t.eval_every and (self.step % t.eval_every == 0 or self.step == t.steps)
                 if evaluate_now:

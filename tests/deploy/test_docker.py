@@ -153,7 +153,7 @@ def test_dockerfile_structure(runner):
     assert {"FROM ${CUDA_IMAGE} AS base-cuda", "FROM ${CPU_IMAGE} AS base-cpu", "FROM base-${VARIANT} AS image"} <= set(lines)
     assert "https://download.pytorch.org/whl/cpu" in text
     assert re.search(r"PIP_CONSTRAINT=/app/constraints\.txt", text)
-    assert "RUN python /app/pretrain.py --help >/dev/null" in lines
+    assert "RUN /app/docker/entrypoint.sh --help >/dev/null" in lines
     assert any(line.startswith("HEALTHCHECK") for line in lines)
     # The last USER is unprivileged, and it comes before the entry point.
     users = [line.split()[1] for line in lines if line.startswith("USER ")]
@@ -174,3 +174,13 @@ def test_dockerignore_keeps_what_the_image_needs(runner):
     assert ".venv" in ignored and ".git" in ignored
     for needed in ("pretrain.py", "configs", "tokenizer", "constraints.txt", "pyproject.toml", "lotus_dist", "docker", "scripts"):
         assert not any(pattern.strip("/") == needed for pattern in ignored), needed
+
+
+def test_cluster_doc_names_files_and_targets_that_exist(runner):
+    text = (runner.repo / "docs" / "cluster.md").read_text()
+    assert text.startswith("## Running on a cluster")
+    for path in sorted(set(re.findall(r"\b((?:scripts|docker|configs)/[\w./-]+\.(?:sh|sbatch|yaml|mk))\b", text))):
+        assert (runner.repo / path).is_file(), path
+    targets = set(re.findall(r"^([\w-]+):", (runner.repo / "docker" / "docker.mk").read_text(), re.M))
+    for target in set(re.findall(r"make (docker-\w+)", text)):
+        assert target in targets, target

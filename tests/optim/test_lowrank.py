@@ -14,7 +14,11 @@ from lotus_dist.optim.subspace import Comm
 BETAS, EPS = (0.9, 0.999), 1e-6
 
 
-def test_plain_groups_match_torch_adamw():
+@pytest.mark.parametrize("fused", [True, False])
+def test_plain_groups_match_torch_adamw(fused, monkeypatch):
+    import lotus_dist.optim.lowrank as lowrank
+
+    monkeypatch.setattr(lowrank, "_FUSED_ADAMW", fused and lowrank._FUSED_ADAMW)
     torch.manual_seed(0)
     shapes = [(7, 5), (11,), (3, 4, 2)]
     ours = [torch.nn.Parameter(torch.randn(s)) for s in shapes]
@@ -136,7 +140,7 @@ def _steps(params, opt, start, stop):
     for t in range(start, stop):
         gen = torch.Generator().manual_seed(1000 + t)
         for p in params:
-            p.grad = torch.randn(p.shape, generator=gen)
+            p.grad = torch.randn(p.shape, generator=gen).to(p.dtype)
         opt.step()
 
 
@@ -263,3 +267,26 @@ def test_bad_options_name_the_key():
         LowRankAdamW([w], colour="red")
     # a deep copy (e.g. for EMA / checkpoint helpers) keeps working
     copy.deepcopy(LowRankAdamW([{"params": [w], "rank": 4}]))
+
+
+def test_bf16_resume_keeps_fp32_statistics():
+    def make():
+        torch.manual_seed(0)
+        ps = [torch.nn.Parameter(torch.randn(s, dtype=torch.bfloat16)) for s in ((24, 10), (10, 24))]
+        group = {"params": ps, "rank": 4, **ROUND_TRIP["lotus_rho"], "residual": "fira"}
+        return ps, LowRankAdamW([group])
+
+    ps, opt = make()
+    _steps(ps, opt, 0, 12)
+    ps2, opt2 = make()
+    _steps(ps2, opt2, 0, 5)
+    buf = io.BytesIO()
+    torch.save(opt2.state_dict(), buf)
+    buf.seek(0)
+    opt2.load_state_dict(torch.load(buf, weights_only=True))
+    assert opt2.state[ps2[0]]["pe_acc"].dtype == torch.float32
+    assert opt2.state[ps2[0]]["fira_norm"].dtype == torch.float32
+    assert opt2.state[ps2[0]]["exp_avg"].dtype == torch.bfloat16
+    _steps(ps2, opt2, 5, 12)
+    for p, q in zip(ps, ps2):
+        assert torch.equal(p, q)

@@ -1,0 +1,47 @@
+"""Run ``pretrain.py`` the way users do: alone, or under ``torchrun`` on gloo, as a real subprocess."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from dist_spawn import free_port
+
+REPO = Path(__file__).resolve().parents[2]
+
+# Small enough for a 2-core CPU; every launch of the tests shares it.
+SMALL = ["model.dim=64", "model.n_layers=2", "model.n_heads=4", "model.ffn_dim=172", "train.seq_len=32",
+         "train.batch_size=8", "train.micro_batch_size=2", "data.val_tokens=2048", "log.every=1",
+         "log.tensorboard=false", "log.progress=false", "optim.rank=8", "data.split=global"]
+
+
+def env_for(extra: dict | None = None) -> dict:
+    env = dict(os.environ, OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="", PYTHONUNBUFFERED="1")
+    env.pop("LOTUS_FAULT", None)
+    env.update(extra or {})
+    return env
+
+
+def command(nproc: int, args: list[str], max_restarts: int = 0) -> list[str]:
+    script = [str(REPO / "pretrain.py"), "--config", str(REPO / "configs/tiny.yaml"), *args]
+    if nproc == 0:  # a plain process, no torchrun
+        return [sys.executable, *script]
+    return [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", f"--max-restarts={max_restarts}",
+            "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{free_port()}", "--monitor-interval=0.2", *script]
+
+
+def launch(nproc: int, args: list[str], *, env: dict | None = None, max_restarts: int = 0, timeout: float = 240,
+           check: bool = True) -> subprocess.CompletedProcess:
+    proc = subprocess.run(command(nproc, args, max_restarts), cwd=REPO, env=env_for(env), capture_output=True,
+                          text=True, timeout=timeout)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"exit {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
+    return proc
+
+
+def start(nproc: int, args: list[str], *, env: dict | None = None) -> subprocess.Popen:
+    """Start without waiting, in its own session so a signal can reach the whole job as a scheduler's would."""
+    return subprocess.Popen(command(nproc, args), cwd=REPO, env=env_for(env), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
