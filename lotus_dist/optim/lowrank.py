@@ -307,13 +307,14 @@ class LowRankAdamW(Optimizer):
             else:
                 loop.append(p)
         for (device, _, t), ps in buckets.items():
+            step_t = torch.full((), float(t), dtype=torch.float32, device=device)  # read-only in the kernel
             torch._fused_adamw_(
                 ps,
                 [p.grad for p in ps],
                 [self.state[p]["exp_avg"] for p in ps],
                 [self.state[p]["exp_avg_sq"] for p in ps],
                 [],
-                [torch.full((), float(t), dtype=torch.float32, device=device) for _ in ps],
+                [step_t] * len(ps),
                 lr=lr,
                 beta1=beta1,
                 beta2=beta2,
@@ -461,6 +462,8 @@ class LowRankAdamW(Optimizer):
             if old is not None:
                 self._apply_moment_policy(group, st, old, P, side)
             st["n_bases"] += 1
+            if group["switch"] in ("displacement", "path_efficiency"):  # their reference point is the new basis
+                policy.on_switch(st, group, project(G, P, side))
 
     @staticmethod
     def _fira_residual(st, G, R, N, P, side, comm: Comm) -> torch.Tensor:

@@ -38,7 +38,7 @@ def main(argv=None) -> int:
 
             dry_run(cfg)
             return 0
-        from lotus_dist.train.parallelism import build_parallelism
+        from lotus_dist.distributed.modes import build_parallelism
         from lotus_dist.train.trainer import Trainer
 
         parallel = build_parallelism(cfg)

@@ -290,3 +290,59 @@ def test_bf16_resume_keeps_fp32_statistics():
     _steps(ps2, opt2, 5, 12)
     for p, q in zip(ps, ps2):
         assert torch.equal(p, q)
+
+
+@pytest.mark.parametrize("shape", [(12, 30), (30, 12)])
+def test_online_pca_projector_takes_one_adamw_step_per_step(shape):
+    side = ss.side_for(shape, "std")
+    T, lr = 50, 0.02
+    w = torch.nn.Parameter(torch.randn(shape))
+    opt = LowRankAdamW([{"params": [w], "rank": 3, "solver": "online_pca", "switch": "every_step",
+                         "update_gap": T}], lr=lr)
+    gen = torch.Generator().manual_seed(9)
+    G1, G2 = torch.randn(shape, generator=gen), torch.randn(shape, generator=gen)
+    w.grad = G1
+    opt.step()
+    P1 = opt.state[w]["projector"].clone()
+    assert torch.equal(P1, ss.svd_projector(G1, side, 3))  # first basis: svd, no online step yet
+    # reference: torch AdamW (lr = lr_t / lr_0 / T, wd 0.01) on L(P) = ‖P Pᵀ g − g‖² (left) / ‖g Pᵀ P − g‖² (right)
+    P = torch.nn.Parameter(P1.clone())
+    ref = torch.optim.AdamW([P], lr=1.0 / T, betas=BETAS, eps=EPS, weight_decay=0.01)
+    g = G2 / G2.norm()
+    loss = (P @ (P.T @ g) - g).square().sum() if side == "left" else ((g @ P.T) @ P - g).square().sum()
+    loss.backward()
+    ref.step()
+    w.grad = G2
+    opt.step()
+    assert torch.allclose(opt.state[w]["projector"], P.detach(), atol=1e-6)
+    assert switch_report(opt) == {"group0.param0": 1}
+
+
+def test_projfactor_step_matches_formula():
+    from lotus_dist.optim import ProjFactor
+    from lotus_dist.optim.projfactor import SALT_PROJFACTOR
+
+    m, n, c, r, lr = 6, 16, 2, 3, 0.01
+    w = torch.nn.Parameter(torch.randn(m, n))
+    opt = ProjFactor([{"params": [w], "rank": r, "granularity": c, "update_gap": 5, "seed": 3}], lr=lr)
+    gen = torch.Generator().manual_seed(4)
+    mt = torch.zeros(m * c, r, dtype=torch.float64)
+    vr, vc = torch.zeros(m * c, dtype=torch.float64), torch.zeros(n // c, dtype=torch.float64)
+    W = w.detach().double().clone()
+    for t in range(1, 8):
+        G = torch.randn(m, n, generator=gen)
+        draw = (t - 1) // 5 + 1  # P̃ regenerated every T = 5 steps, from (seed, matrix index, draw count)
+        Pt = torch.randn(n // c, r, generator=torch.Generator().manual_seed(
+            ss.derive_seed(3, 0, draw, SALT_PROJFACTOR))).div(math.sqrt(r)).double()
+        Gt = G.double().reshape(m * c, n // c) @ Pt
+        mt = 0.9 * mt + 0.1 * Gt
+        Gh = Gt @ Pt.T
+        vr = 0.999 * vr + 0.001 * (Gh * Gh).sum(1)
+        vc = 0.999 * vc + 0.001 * (Gh * Gh).sum(0)
+        vhat = torch.outer(vr, vc) / vr.sum()
+        delta = ((mt @ Pt.T) / (vhat + EPS).sqrt()).reshape(m, n)
+        W = W - lr * math.sqrt(1 - 0.999**t) / (1 - 0.9**t) * delta
+        w.grad = G
+        opt.step()
+        assert torch.allclose(w.detach().double(), W, atol=1e-5), t
+    assert opt.state[w]["n_bases"] == 2

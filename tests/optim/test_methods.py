@@ -137,3 +137,26 @@ def test_per_parameter_optimizers_follow_the_joint_one():
             split[q].step()
     for p, q in zip(m1.parameters(), m2.parameters()):
         assert torch.equal(p, q)
+
+
+def test_works_with_torch_lr_scheduler_and_zero_grad_init():
+    model = _small_model()
+    opt = build_optimizer(model, OptimConfig(name="osd", rank=4))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 ** s)
+    for _ in range(3):
+        for p in model.parameters():
+            p.grad = torch.randn_like(p)
+        opt.step()
+        sched.step()
+    assert opt.param_groups[0]["initial_lr"] == 0.01 and opt.param_groups[0]["lr"] == 0.01 * 0.125
+    # DCP-style initialisation: zero gradients with lr 0 allocate every state key, compute no projector
+    fresh = build_optimizer(_small_model(), OptimConfig(name="lotus", rank=4))
+    for g in fresh.param_groups:
+        g["lr"] = 0.0
+    for p in [q for g in fresh.param_groups for q in g["params"]]:
+        p.grad = torch.zeros_like(p)
+    fresh.step()
+    keys = {k for st in fresh.state.values() for k in st}
+    assert {"exp_avg", "exp_avg_sq", "projector", "d_init", "step", "n_bases"} <= keys
+    assert sum(switch_report(fresh).values()) == 0
+    assert all(st["n_bases"] == 0 for st in fresh.state.values() if "n_bases" in st)
