@@ -30,6 +30,12 @@ test: install
 	@echo ">>> running the test suite"
 	$(PY) -m pytest -q $(ARGS)
 
+bench: install
+	@echo ">>> optimizer benchmarks: svd vs rsvd, state bytes vs formula, step time (several minutes on a CPU)"
+	$(PY) scripts/bench_optim.py $(ARGS)
+	@echo ">>> capacity planner: llama_7b on 64 ranks"
+	$(PY) pretrain.py --config configs/llama_7b.yaml --dry-run dist.world_size=64
+
 clean:
 	rm -rf $(VENV) runs .pytest_cache build *.egg-info
 	find . -name __pycache__ -type d -prune -exec rm -rf {} +

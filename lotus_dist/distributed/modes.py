@@ -85,6 +85,11 @@ class FullyShardedDataParallel(Collective):
         self.plan = plan
         return apply_fsdp(model, mesh, plan, param_dtype=param_dtype, reduce_dtype=reduce_dtype, log_fn=log)
 
+    def build_optimizer(self, model, optim_cfg):
+        from lotus_dist.distributed.sharded import build_sharded_optimizer, mesh_of
+
+        return build_sharded_optimizer(model, optim_cfg, self.plan, mesh_of(model))
+
 
 MODES = {"single": SingleProcess, "fsdp": FullyShardedDataParallel}
 

@@ -113,11 +113,12 @@ def _local(t: torch.Tensor) -> torch.Tensor:
 class _Job:
     """Transient per-step work item of one projected matrix (never stored in the state)."""
 
-    __slots__ = ("group", "p", "state", "side", "r", "R", "action", "row", "switch")
+    __slots__ = ("group", "p", "state", "side", "r", "R", "P", "action", "row", "switch")
 
     def __init__(self, group, p, state, side, r):
         self.group, self.p, self.state, self.side, self.r = group, p, state, side, r
         self.R = None
+        self.P = None  # the full projector for this step (all-gathered when stored sharded), dropped after
         self.action = None
         self.row = -1
         self.switch = False
@@ -225,7 +226,10 @@ class LowRankAdamW(Optimizer):
         st["n_bases"] = 0
         st["exp_avg"] = torch.zeros(lowrank_shape(shape, side, r), dtype=dtype, device=device)
         st["exp_avg_sq"] = torch.zeros(lowrank_shape(shape, side, r), dtype=dtype, device=device)
-        st["projector"] = torch.zeros(projector_shape(shape, side, r), dtype=dtype, device=device)
+        # the projector follows the global matrix (p.shape is global for a DTensor); the Comm decides what part
+        # of it this rank stores (all of it, or a 1/W slice)
+        stored = self.comm_for(p).projector_storage(projector_shape(tuple(p.shape), side, r))
+        st["projector"] = torch.zeros(stored, dtype=dtype, device=device)
         POLICIES[group["switch"]].allocate(st, shape, side, r, dtype, device)
         if group["residual"] == "fira":
             st["fira_norm"] = torch.zeros((), dtype=torch.float32, device=device)
@@ -240,6 +244,10 @@ class LowRankAdamW(Optimizer):
         """torch's load, except that the fp32 statistic buffers are not cast to the parameter dtype (torch casts
         every floating state tensor to it, which would make a bf16-parameter resume lossy)."""
         state = dict(state_dict["state"])
+        params = [p for group in self.param_groups for p in group["params"]]
+        projected = {i for i, p in enumerate(params) if id(p) in self._projected_ids()}
+        # a sharded checkpoint hands projected-matrix state over as DTensors: the step runs on local tensors
+        state = {k: ({kk: _local(v) for kk, v in st.items()} if k in projected else st) for k, st in state.items()}
         kept = {}
         for key, st in state.items():
             extra = {k: v for k, v in st.items() if k in FP32_KEYS} if isinstance(key, int) else {}
@@ -247,11 +255,13 @@ class LowRankAdamW(Optimizer):
                 kept[key] = extra
                 state[key] = {k: v for k, v in st.items() if k not in extra}
         super().load_state_dict({**state_dict, "state": state})
-        params = [p for group in self.param_groups for p in group["params"]]
         for key, extra in kept.items():
             p = params[key]
             for k, v in extra.items():
                 self.state[p][k] = v.to(device=p.device, dtype=torch.float32)
+
+    def _projected_ids(self) -> set[int]:
+        return {id(p) for group in self.param_groups if group.get("rank") is not None for p in group["params"]}
 
     @torch.no_grad()
     def init_state(self) -> None:
@@ -292,7 +302,8 @@ class LowRankAdamW(Optimizer):
         """torch.optim.AdamW semantics: decoupled decay first, bias-corrected denominator.
 
         Uses torch's fused AdamW kernel (one pass over memory, ~8x faster than the op-by-op form on CPU) for
-        plain tensors of one device/dtype/step; anything else (e.g. DTensors) takes the op-by-op loop.
+        tensors of one device/dtype/step, DTensors through their local shards; anything else takes the op-by-op
+        loop.
         """
         lr, (beta1, beta2), eps, wd = group["lr"], group["betas"], group["eps"], group["weight_decay"]
         buckets: dict[tuple, list[torch.Tensor]] = {}
@@ -302,17 +313,18 @@ class LowRankAdamW(Optimizer):
                 continue
             st = self.state[p] or self._init_adamw_state(p)
             st["step"] += 1
-            if _FUSED_ADAMW and type(p) in (torch.Tensor, torch.nn.Parameter) and p.device.type in ("cpu", "cuda"):
+            if _FUSED_ADAMW and type(_local(p)) in (torch.Tensor, torch.nn.Parameter) and p.device.type in ("cpu", "cuda"):
                 buckets.setdefault((p.device, p.dtype, st["step"]), []).append(p)
             else:
                 loop.append(p)
         for (device, _, t), ps in buckets.items():
             step_t = torch.full((), float(t), dtype=torch.float32, device=device)  # read-only in the kernel
+            # DTensors (FSDP2 shards) step on their local shards: elementwise, so no communication
             torch._fused_adamw_(
-                ps,
-                [p.grad for p in ps],
-                [self.state[p]["exp_avg"] for p in ps],
-                [self.state[p]["exp_avg_sq"] for p in ps],
+                [_local(p) for p in ps],
+                [_local(p.grad) for p in ps],
+                [_local(self.state[p]["exp_avg"]) for p in ps],
+                [_local(self.state[p]["exp_avg_sq"]) for p in ps],
                 [],
                 [step_t] * len(ps),
                 lr=lr,
@@ -346,7 +358,9 @@ class LowRankAdamW(Optimizer):
                 gsq = G.float().square().sum()
                 rows.append(torch.cat([gsq.reshape(1), gsq.new_zeros(STATS_WIDTH - 1)]))
                 continue
-            job.R = project(G, st["projector"], job.side)
+            comm = self.comm_for(job.p)
+            job.P = comm.use_projector(st["projector"])
+            job.R = comm.reduce_projected(project(G, comm.local_projector(job.P, job.side), job.side))
             job.action = POLICIES[job.group["switch"]].advance(st, job.group)
             if job.action == CHECK:
                 job.row = len(rows)
@@ -364,10 +378,11 @@ class LowRankAdamW(Optimizer):
             else:
                 job.switch = job.action == SWITCH
             self._update(job)
+            job.P = job.R = None
 
     def _new_projector(self, job: _Job, G: torch.Tensor) -> None:
         group, st, side = job.group, job.state, job.side
-        P = st["projector"]
+        P, comm = job.P, self.comm_for(job.p)
         first = st["n_bases"] == 0
         gen = seeded(self._gen(G.device), derive_seed(group["seed"], st["index"], st["n_bases"], SALT_BASIS))
         with self._timer:
@@ -381,11 +396,11 @@ class LowRankAdamW(Optimizer):
                 oversample=group["oversample"],
                 power_iters=group["power_iters"],
                 geodesic_step=group["geodesic_step"],
-                comm=self.comm_for(job.p),
+                comm=comm,
             )
         if not first:
             self._apply_moment_policy(group, st, P, new, side)
-        P.copy_(new)
+        job.P = comm.store_projector(st["projector"], new)
         st["n_bases"] += 1
 
     @staticmethod
@@ -419,12 +434,13 @@ class LowRankAdamW(Optimizer):
         policy = POLICIES[group["switch"]]
         online = group["solver"] == "online_pca" and st["n_bases"] > 0
         R = job.R
+        comm = self.comm_for(job.p)
         if job.switch and not online:
             self._new_projector(job, G)
-            R = project(G, st["projector"], side)
+            R = comm.reduce_projected(project(G, comm.local_projector(job.P, side), side))
             policy.on_switch(st, group, R)
-        P = st["projector"]
-        comm = self.comm_for(job.p)
+        P = job.P  # full projector; P_local multiplies this rank's piece of G
+        P_local = comm.local_projector(P, side)
         policy.observe(st, group, R, G, P, side, self._gen(G.device), comm)
 
         # Low-rank Adam (GaLore's code semantics: eps outside the sqrt, bias correction in the step size).
@@ -437,8 +453,8 @@ class LowRankAdamW(Optimizer):
         N = M / V.sqrt().add_(eps)
         step_size = lr * math.sqrt(1.0 - beta2**t) / (1.0 - beta1**t)
         if group["residual"] == "fira":
-            W.add_(self._fira_residual(st, G, R, N, P, side, comm), alpha=-step_size)
-        add_project_back_(W, N, P, side, alpha=-step_size * group["scale"])
+            W.add_(self._fira_residual(st, G, R, N, P_local, side, comm), alpha=-step_size)
+        add_project_back_(W, N, P_local, side, alpha=-step_size * group["scale"])
         if wd > 0.0:
             W.add_(W, alpha=-lr * wd)
 
@@ -463,7 +479,7 @@ class LowRankAdamW(Optimizer):
                 self._apply_moment_policy(group, st, old, P, side)
             st["n_bases"] += 1
             if group["switch"] in ("displacement", "path_efficiency"):  # their reference point is the new basis
-                policy.on_switch(st, group, project(G, P, side))
+                policy.on_switch(st, group, comm.reduce_projected(project(G, comm.local_projector(P, side), side)))
 
     @staticmethod
     def _fira_residual(st, G, R, N, P, side, comm: Comm) -> torch.Tensor:

@@ -25,9 +25,11 @@ _MASK64 = (1 << 64) - 1
 class Comm:
     """Communication of one projected matrix. Identity: this process holds the whole matrix.
 
-    The distributed layer subclasses it for a matrix sharded along its long dimension: ``reduce`` all-reduces
-    (sums) a partial result over those shards, ``reduce_stats`` sums the batched switch statistics over all
-    ranks, and ``sketch`` returns this shard's rows of the global long-side Gaussian sketch.
+    The distributed layer subclasses it. ``reduce`` sums a partial result over every rank that holds a piece of
+    G (element sums, products over the long side); ``reduce_stats`` sums the batched switch statistics;
+    ``sketch`` returns this shard's rows of the global long-side Gaussian sketch. The remaining hooks let the same
+    code run on a matrix sharded along its *short* (projected) side (the FSDP fallback) and with projectors
+    stored sharded; their identity forms are what a single process does.
     """
 
     def reduce(self, t: torch.Tensor) -> torch.Tensor:
@@ -38,6 +40,52 @@ class Comm:
 
     def sketch(self, gen: torch.Generator, rows: int, cols: int, device) -> torch.Tensor:
         return torch.randn(rows, cols, generator=gen, device=device, dtype=torch.float32)
+
+    # -- solver hooks (rsvd_columns / compute_projector)
+    def reduce_long(self, t: torch.Tensor) -> torch.Tensor:
+        """Sum of a product over the long side (sharded in the normal case)."""
+        return self.reduce(t)
+
+    def reduce_short(self, t: torch.Tensor) -> torch.Tensor:
+        """Sum of a product over the projected side (sharded only in the fallback)."""
+        return t
+
+    def orth(self, Y: torch.Tensor) -> torch.Tensor:
+        """Orthonormal basis of Y's columns (rows of Y possibly sharded)."""
+        return _orth(Y)
+
+    def short_size(self, d: int) -> int:
+        """Global size of the projected side given this rank's d."""
+        return d
+
+    def gather_short(self, S: torch.Tensor) -> torch.Tensor:
+        """The full d x r basis from this rank's rows of it."""
+        return S
+
+    def svd(self, G: torch.Tensor, side: str, r: int) -> torch.Tensor:
+        """The exact svd projector (full, stored layout) of the global G from this rank's piece."""
+        return svd_projector(G, side, r)
+
+    # -- projector hooks (LowRankAdamW)
+    def projector_storage(self, shape: tuple[int, int]) -> tuple[int, int]:
+        """Shape this rank stores for a full projector of ``shape``."""
+        return shape
+
+    def use_projector(self, stored: torch.Tensor) -> torch.Tensor:
+        """The full projector from the stored one (the same tensor when nothing is sharded)."""
+        return stored
+
+    def store_projector(self, stored: torch.Tensor, full: torch.Tensor) -> torch.Tensor:
+        """Keep a new full projector; returns the full projector to use for the rest of the step."""
+        return stored.copy_(full)
+
+    def local_projector(self, P: torch.Tensor, side: str) -> torch.Tensor:
+        """The part of the full projector that multiplies this rank's piece of G."""
+        return P
+
+    def reduce_projected(self, R: torch.Tensor) -> torch.Tensor:
+        """R from this rank's partial projection (a sum only when the projected side is sharded)."""
+        return R
 
 
 IDENTITY = Comm()
@@ -131,7 +179,18 @@ def svd_projector(G: torch.Tensor, side: str, r: int) -> torch.Tensor:
 
 
 def _orth(Y: torch.Tensor) -> torch.Tensor:
-    return torch.linalg.qr(Y).Q
+    """Householder QR in float64 with the sign convention diag(R) > 0: the unique Q that Cholesky-QR (the form a
+    row-sharded Y needs, see the distributed layer) also produces, so both paths give the same basis."""
+    Q, R = torch.linalg.qr(Y.double())
+    sign = torch.where(torch.diagonal(R) < 0, -1.0, 1.0).to(Q.dtype)
+    return (Q * sign).to(Y.dtype)
+
+
+def _fix_signs(E: torch.Tensor) -> torch.Tensor:
+    """Each column's largest-|entry| made positive: eigh's sign choice is arbitrary, the basis must not be."""
+    idx = E.abs().argmax(dim=0, keepdim=True)
+    sign = torch.where(torch.gather(E, 0, idx) < 0, -1.0, 1.0).to(E.dtype)
+    return E * sign
 
 
 def rsvd_columns(
@@ -139,23 +198,24 @@ def rsvd_columns(
 ) -> torch.Tensor:
     """Top-r left singular subspace of Gs (d x l) by subspace iteration in sketch form (section 7).
 
-    Every product that sums over the long side l goes through ``comm.reduce``; the d x k orthonormalisations are
-    local (identical on every rank). The half-step Gsᵀ Q lives on the (sharded) long side and is not
-    orthonormalised: Q is, after every full step. The final small SVD comes from the k x k Gram of Qᵀ Gs,
-    diagonalised in float64.
+    Every product that sums over the long side l goes through ``comm.reduce_long``, over the projected side d
+    through ``comm.reduce_short``; the d x k orthonormalisations go through ``comm.orth`` (local Householder
+    unless d is sharded). The half-step Gsᵀ Q lives on the long side and is not orthonormalised: Q is, after
+    every full step. The final small SVD comes from the k x k Gram of Qᵀ Gs, diagonalised in float64, with
+    deterministic eigenvector signs.
     """
     Gs = Gs.float()
     d, l = Gs.shape
-    k = min(r + oversample, d)
+    k = min(r + oversample, comm.short_size(d))
     omega = comm.sketch(gen, l, k, Gs.device)
-    Q = _orth(comm.reduce(Gs @ omega))
+    Q = comm.orth(comm.reduce_long(Gs @ omega))
     for _ in range(power_iters):
-        Q = _orth(comm.reduce(Gs @ (Gs.T @ Q)))
-    Z = Gs.T @ Q  # = (Qᵀ Gs)ᵀ, l x k
-    gram = comm.reduce(Z.T @ Z)
+        Q = comm.orth(comm.reduce_long(Gs @ comm.reduce_short(Gs.T @ Q)))
+    Z = comm.reduce_short(Gs.T @ Q)  # = (Qᵀ Gs)ᵀ, l x k
+    gram = comm.reduce_long(Z.T @ Z)
     evals, evecs = torch.linalg.eigh(gram.double())
     top = torch.argsort(evals, descending=True)[:r]
-    return Q @ evecs[:, top].to(Q.dtype)
+    return comm.gather_short(Q @ _fix_signs(evecs[:, top]).to(Q.dtype))
 
 
 def random_columns(d: int, r: int, gen: torch.Generator, device) -> torch.Tensor:
@@ -228,9 +288,9 @@ def compute_projector(
     online_pca's first basis is the svd one (its later updates are ``online_pca_update_``); grasswalk starts from
     a random basis and then walks.
     """
-    d = projected_dim(tuple(G.shape), side)
+    d = comm.short_size(projected_dim(tuple(G.shape), side))
     if solver in ("svd", "online_pca"):
-        P = svd_projector(G, side, r)
+        P = comm.svd(G, side, r)
     elif solver == "rsvd":
         P = to_projector(rsvd_columns(oriented(G, side), r, oversample, power_iters, gen, comm), side)
     elif solver == "random":

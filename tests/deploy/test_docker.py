@@ -177,8 +177,9 @@ def test_dockerignore_keeps_what_the_image_needs(runner):
 
 
 def test_cluster_doc_names_files_and_targets_that_exist(runner):
-    text = (runner.repo / "docs" / "cluster.md").read_text()
-    assert text.startswith("## Running on a cluster")
+    readme = (runner.repo / "README.md").read_text()
+    assert "## Running on a cluster" in readme
+    text = readme.split("## Running on a cluster", 1)[1]
     for path in sorted(set(re.findall(r"\b((?:scripts|docker|configs)/[\w./-]+\.(?:sh|sbatch|yaml|mk))\b", text))):
         assert (runner.repo / path).is_file(), path
     targets = set(re.findall(r"^([\w-]+):", (runner.repo / "docker" / "docker.mk").read_text(), re.M))

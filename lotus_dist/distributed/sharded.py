@@ -1,0 +1,137 @@
+"""The low-rank optimizer on FSDP2 DTensor parameters (DESIGN.md section 3, ALGORITHMS.md section 7).
+
+``build_sharded_optimizer`` builds the ordinary ``LowRankAdamW`` and plugs the distributed parts in:
+
+- a ``MatrixComm`` per projected matrix (collectives.py) from the plan's side / shard dim / fallback / owner;
+- a ``StatsComm``: the step's one batched all-reduce of switch statistics, on check steps only;
+- state-dict hooks: the step keeps the low-rank state as plain local tensors, but ``state_dict()`` hands them out
+  as DTensors with their global shape (moments sharded like the weight, fallback moments and replicated
+  projectors ``Replicate()``, sharded projectors ``Shard(0)``), so DCP stores per-rank-distinct tensors (plain
+  tensors with one key are deduplicated!) and reshards them across world sizes; ``load_state_dict`` turns them
+  back into local tensors. Scalars (step, tau, n_bases, index, ...) stay primitives.
+
+Plain parameters are AdamW on their local shards (the fused kernel, no communication).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.tensor import DTensor, Replicate, Shard
+
+from lotus_dist.errors import UserError
+from lotus_dist.optim import LowRankAdamW, ProjFactor, build_optimizer
+
+from .collectives import MatrixComm, StatsComm
+from .plan import Plan
+
+# Low-rank state tensors shaped like R (the long side kept) and like the projector.
+MOMENT_LIKE = frozenset({"exp_avg", "exp_avg_sq", "d_init", "pe_acc", "pe_sketch"})
+PROJECTOR_LIKE = frozenset({"projector", "pca_exp_avg", "pca_exp_avg_sq"})
+
+
+@dataclass(frozen=True)
+class _Layout:
+    """How one projected matrix's local state tensors become DTensors in ``state_dict()``."""
+
+    mesh: DeviceMesh
+    moment_placements: tuple
+    state_dim: int
+    long_size: int | None  # global size of the sharded state dim; None: moments replicated (fallback)
+    projector_placements: tuple
+    projector_shape: tuple[int, int]
+
+    def to_dtensor(self, key: str, t):
+        if not isinstance(t, torch.Tensor) or t.dim() != 2 or isinstance(t, DTensor):
+            return t
+        if key in MOMENT_LIKE:
+            shape = list(t.shape)
+            if self.long_size is not None:
+                shape[self.state_dim] = self.long_size
+            placements = self.moment_placements
+        elif key in PROJECTOR_LIKE:
+            shape, placements = list(self.projector_shape), self.projector_placements
+        else:
+            return t
+        size = torch.Size(shape)
+        stride = (size[1], 1)
+        return DTensor.from_local(t, self.mesh, placements, run_check=False, shape=size, stride=stride)
+
+
+def _check_supported(group: dict, fallback: bool, projectors: str, name: str) -> None:
+    if fallback and (group["switch"] == "path_efficiency" or group["solver"] == "online_pca"):
+        raise UserError(f"optim.switch={group['switch']} / optim.solver={group['solver']} are not supported for the "
+                        f"fallback matrix {name} (Shard(0) with a left projector) under dist.mode=fsdp; use a world "
+                        f"size that divides its columns, or dist.mode=single")
+    if projectors == "shard" and group["solver"] == "online_pca":
+        raise UserError("optim.solver=online_pca trains its projector in place: use optim.projectors=replicate")
+
+
+def build_sharded_optimizer(model: nn.Module, optim_cfg, plan: Plan, mesh: DeviceMesh) -> torch.optim.Optimizer:
+    """The optimizer of ``optim_cfg`` for a model sharded by ``apply_fsdp(model, mesh, plan)``.
+
+    Collective and deterministic: every rank of ``mesh`` must call it with the same model and config.
+    """
+    projectors = getattr(optim_cfg, "projectors", "replicate")
+    if projectors not in ("replicate", "shard"):
+        raise UserError(f"optim.projectors: {projectors!r} is not one of replicate, shard")
+    opt = build_optimizer(model, optim_cfg)
+    if isinstance(opt, ProjFactor):
+        raise UserError("optim.name=projfactor is not supported under dist.mode=fsdp yet (use dist.mode=single)")
+    group = mesh.get_group(mesh.ndim - 1)  # the shard group; under HSDP each replica group works alone
+    opt.stats_comm = StatsComm(group)
+    names = {id(p): n for n, p in model.named_parameters()}
+    layouts: dict[int, _Layout] = {}
+    replicated = tuple(Replicate() for _ in range(mesh.ndim))
+    for g in opt.param_groups:
+        if g.get("rank") is None:
+            continue
+        for p in g["params"]:
+            name = names[id(p)]
+            mp = plan.matrices.get(name)
+            if mp is None or not isinstance(p, DTensor):
+                raise ValueError(f"projected parameter {name} is not a planned FSDP2 DTensor")
+            side, r = LowRankAdamW._geometry(p, g)
+            last = p.placements[-1]
+            if side != mp.side or not (isinstance(last, Shard) and last.dim == mp.shard_dim):
+                raise ValueError(f"{name}: optimizer side {side} / placement {p.placements} disagree with the plan "
+                                 f"(side {mp.side}, Shard({mp.shard_dim}))")
+            _check_supported(g, mp.fallback, projectors, name)
+            comm = MatrixComm(group, mp.shape, side, r, mp.shard_dim, mp.fallback, mp.owner, projectors)
+            opt.set_comm(p, comm)
+            proj_pl = replicated if projectors == "replicate" else replicated[:-1] + (Shard(0),)
+            layouts[id(p)] = _Layout(
+                mesh=p.device_mesh,
+                moment_placements=replicated if mp.fallback else tuple(p.placements),
+                state_dim=mp.state_dim,
+                long_size=None if mp.fallback else mp.shape[mp.state_dim],
+                projector_placements=proj_pl,
+                projector_shape=comm.full_projector,
+            )
+
+    params = [p for g in opt.param_groups for p in g["params"]]
+
+    def to_dtensors(optimizer, state_dict):
+        # Optimizer.state_dict() shares the live per-parameter dicts: build new ones, never mutate.
+        state = {}
+        for key, st in state_dict["state"].items():
+            layout = layouts.get(id(params[key])) if isinstance(key, int) else None
+            state[key] = {k: layout.to_dtensor(k, v) for k, v in st.items()} if layout else st
+        return {**state_dict, "state": state}
+
+    opt.register_state_dict_post_hook(to_dtensors)
+    return opt
+
+
+def mesh_of(model: nn.Module) -> DeviceMesh:
+    """The device mesh FSDP2 put the model's parameters on."""
+    p = next(model.parameters())
+    if not isinstance(p, DTensor):
+        raise ValueError("the model is not sharded: apply_fsdp first")
+    return p.device_mesh
+
+
+__all__ = ["build_sharded_optimizer", "mesh_of", "MOMENT_LIKE", "PROJECTOR_LIKE"]
