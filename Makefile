@@ -36,6 +36,10 @@ bench: install
 	@echo ">>> capacity planner: llama_7b on 64 ranks"
 	$(PY) pretrain.py --config configs/llama_7b.yaml --dry-run dist.world_size=64
 
+compare: install
+	@echo ">>> method comparison on the embedded corpus (all methods and the Lotus ablation, < 30 min on 2 cores)"
+	$(PY) scripts/compare.py $(ARGS)
+
 clean:
 	rm -rf $(VENV) runs .pytest_cache build *.egg-info
 	find . -name __pycache__ -type d -prune -exec rm -rf {} +

@@ -81,6 +81,7 @@ class Trainer:
         self.step = 0
         self.tokens = 0
         self.stop_requested = False
+        self.train_seconds = 0.0  # wall time in train steps since this process started (not evaluation, not saving)
 
     # ---- resume ----------------------------------------------------------------------------------------------
     def resume_if_possible(self) -> None:
@@ -173,7 +174,9 @@ class Trainer:
             clock, clock_tokens = time.perf_counter(), self.tokens
             end = min(t.steps, t.stop_at) if t.stop_at else t.steps
             while self.step < end:
+                started = time.perf_counter()
                 record = self.train_step()
+                self.train_seconds += time.perf_counter() - started
                 maybe_crash("after_step", self.rt.rank, self.step)
                 self.logger.advance()
                 evaluate_now = t.eval_every and (self.step % t.eval_every == 0 or self.step == t.steps)
@@ -186,6 +189,8 @@ class Trainer:
                     record["tokens_per_s"] = (self.tokens - clock_tokens) / max(now - clock, 1e-9)
                     record["optimizer_state_bytes"] = memory_report(self.optimizer)["total"]
                     record["switches"] = sum(switch_report(self.optimizer).values())
+                    record["refresh_s"] = float(getattr(self.optimizer, "refresh_seconds", 0.0))
+                    record["train_s"] = self.train_seconds
                     self.logger.log({"step": self.step, **record})
                     clock, clock_tokens = time.perf_counter(), self.tokens
                 stop = self.rt.any_rank(self.stop_requested)

@@ -100,9 +100,21 @@ def check_equivalence(model, rank: int, world: int) -> dict:
 
 def main() -> None:
     options, workdir = json.loads(sys.argv[1]), Path(sys.argv[2])
+    if options.get("entry"):  # another worker module beside this one (e.g. owner_workers): its main(options, workdir)
+        import importlib
+
+        importlib.import_module(options["entry"]).main(options, workdir)
+        return
     torch.set_num_threads(1)
     rt = init_distributed(DistConfig(backend="gloo"))
     assert rt.is_distributed and rt.backend == "gloo" and rt.device.type == "cpu"
+    if options.get("suite") == "sharded_optim":  # test_sharded_optim.py: the sharded low-rank optimizer
+        from sharded_workers import main as sharded_main
+
+        sharded_main(options, workdir, rt)
+        dist.barrier()
+        destroy()
+        return
     replicate = options.get("replicate", 1)
     mesh = build_mesh(rt, replicate)
     result: dict = {"world": rt.world_size, "mesh": list(mesh.mesh_dim_names)}

@@ -1,0 +1,218 @@
+"""One rank of the sharded-optimizer checks (test_sharded_optim.py); reached through ``dist_workers.py`` with
+``{"suite": "sharded_optim", ...}``. Rank 0 writes ``<tag>.result.json`` and ``<tag>.params.pt``.
+
+Per launch: the training runs of ``options["runs"]`` (each: FSDP2 model + ``build_sharded_optimizer``, 30 steps
+of the global batch, with a per-step log of switch counts and of the collectives ``optimizer.step()`` issued),
+optionally a DCP save at the middle step / a resume from one, and the distributed-rsvd comparison.
+"""
+
+from __future__ import annotations
+
+import json
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from torch.distributed.tensor import DTensor
+
+from lotus_dist.distributed.collectives import MatrixComm, chunk_sizes
+from lotus_dist.distributed.dcp_util import load_sharded, save_sharded, sharded_state
+from lotus_dist.distributed.fsdp import apply_fsdp
+from lotus_dist.distributed.plan import plan_for_model
+from lotus_dist.distributed.runtime import build_mesh
+from lotus_dist.distributed.sharded import build_sharded_optimizer
+from lotus_dist.model.llama import Llama, llama_config
+from lotus_dist.optim import build_optimizer
+from lotus_dist.optim.subspace import rsvd_columns
+from lotus_dist.train.config import OptimConfig
+
+CFG = llama_config("tiny", vocab_size=256, dim=64, n_layers=2, n_heads=4, ffn_dim=172, max_seq_len=32)
+GLOBAL_BATCH, SEQ, RANK_R, STEPS, SAVE_AT = 12, 16, 8, 30, 15
+# Small update_gap / verify_gap and a large gamma so that bases switch several times within 30 steps.
+OPTIM = dict(lr=0.01, rank=RANK_R, weight_decay=0.01, update_gap=10, verify_gap=3, gamma=0.5, power_iters=2)
+COLLECTIVES = ("all_reduce", "all_gather", "broadcast", "gather", "reduce_scatter", "all_gather_into_tensor",
+               "reduce_scatter_tensor", "all_to_all", "reduce", "scatter")
+
+
+def optim_cfg(method: str, **extra) -> OptimConfig:
+    return OptimConfig(name=method, **{**OPTIM, **extra})
+
+
+def batch(step: int) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(1000 + step)
+    toks = torch.randint(0, CFG.vocab_size, (GLOBAL_BATCH, SEQ + 1), generator=g)
+    return toks[:, :-1], toks[:, 1:]
+
+
+def full(t):
+    return t.full_tensor() if isinstance(t, DTensor) else t
+
+
+def projected(opt):
+    return [p for g in opt.param_groups if g.get("rank") is not None for p in g["params"]]
+
+
+def reference_run(method: str, steps: int = STEPS, **extra) -> tuple[dict, list]:
+    """Single process: final parameters and the per-step switch counts (used by the test process)."""
+    torch.manual_seed(0)
+    model = Llama(CFG)
+    opt = build_optimizer(model, optim_cfg(method, **extra))
+    log = []
+    for step in range(steps):
+        x, y = batch(step)
+        model(x, y).backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        log.append([opt.state[p].get("n_bases", 0) for p in projected(opt)])
+    return {n: p.detach().clone() for n, p in model.named_parameters()}, log
+
+
+def sharded_model(mesh, method: str, **extra):
+    torch.manual_seed(0)
+    model = Llama(CFG)
+    cfg = optim_cfg(method, **extra)
+    plan = plan_for_model(model, dist.get_world_size(), RANK_R, solver=cfg.solver or "rsvd")
+    apply_fsdp(model, mesh, plan, log_fn=lambda s: None)
+    return model, build_sharded_optimizer(model, cfg, plan, mesh), plan
+
+
+@contextmanager
+def counting(ops: list):
+    """Record (collective, shape) of every torch.distributed collective issued inside the block."""
+    saved = {}
+    for name in COLLECTIVES:
+        fn = getattr(dist, name, None)
+        if fn is None:
+            continue
+        saved[name] = fn
+
+        def wrapper(*args, _fn=fn, _name=name, **kwargs):
+            t = args[0] if args else None
+            shape = list(t.shape) if isinstance(t, torch.Tensor) else (list(args[1].shape) if len(args) > 1 and isinstance(args[1], torch.Tensor) else [])
+            ops.append([_name, shape])
+            return _fn(*args, **kwargs)
+
+        setattr(dist, name, wrapper)
+    try:
+        yield
+    finally:
+        for name, fn in saved.items():
+            setattr(dist, name, fn)
+
+
+def step_facts(opt, plan, names) -> dict:
+    """What the budget depends on, read from the state before a step."""
+    facts = {"rows": 0, "fallback_live": 0, "live": 0}
+    for g in opt.param_groups:
+        if g.get("rank") is None:
+            continue
+        for p in g["params"]:
+            st = opt.state.get(p, {})
+            n_bases = st.get("n_bases", 0)
+            fb = plan.matrices[names[id(p)]].fallback
+            if n_bases == 0:
+                facts["rows"] += 1  # init row (the first basis waits for a non-zero gradient)
+            elif g["switch"] == "displacement" and (st["tau"] + 1) % g["verify_gap"] == 0:
+                facts["rows"] += 1
+            facts["live"] += n_bases > 0
+            facts["fallback_live"] += fb and n_bases > 0
+    return facts
+
+
+def train(model, opt, plan, steps: range, rank: int, world: int, record: list | None = None) -> list:
+    names = {id(p): n for n, p in model.named_parameters()}
+    per = GLOBAL_BATCH // world
+    log = []
+    for step in steps:
+        x, y = batch(step)
+        model(x[rank * per:(rank + 1) * per], y[rank * per:(rank + 1) * per]).backward()
+        facts = step_facts(opt, plan, names)
+        before = [opt.state.get(p, {}).get("n_bases", 0) for p in projected(opt)]
+        ops: list = []
+        with counting(ops):
+            opt.step()
+        opt.zero_grad(set_to_none=True)
+        after = [opt.state[p].get("n_bases", 0) for p in projected(opt)]
+        log.append(after)
+        if record is not None:
+            fb = [plan.matrices[names[id(p)]].fallback for p in projected(opt)]
+            facts["switched"] = sum(1 for b, a, f in zip(before, after, fb) if a > b and not f)
+            facts["switched_fallback"] = sum(1 for b, a, f in zip(before, after, fb) if a > b and f)
+            record.append({"step": step, "ops": ops, **facts})
+    return log
+
+
+def params_of(model) -> dict:
+    return {n: full(p.detach()).clone() for n, p in model.named_parameters()}
+
+
+def state_kinds(opt, model) -> dict:
+    """Which state_dict() entries are DTensors (and their placements), for the DCP layout check."""
+    sd = sharded_state(model, opt)["optim"]["state"]
+    out = {}
+    for fqn in ("layers.0.mlp.gate_proj.weight", "layers.0.mlp.down_proj.weight", "embed_tokens.weight"):
+        out[fqn] = {k: (repr(v.placements) if isinstance(v, DTensor) else type(v).__name__) for k, v in sd[fqn].items()}
+    return out
+
+
+def rsvd_check(rank: int, world: int) -> dict:
+    """Distributed rsvd (normal rows-sharded, normal columns-sharded, fallback rows-sharded) vs one process."""
+    group = dist.group.WORLD
+    out = {}
+    for tag, shape, side, dim, fallback in (("right_rows", (172, 64), "right", 0, False),
+                                            ("left_cols", (64, 172), "left", 1, False),
+                                            ("left_rows_fallback", (64, 172), "left", 0, True)):
+        g = torch.Generator().manual_seed(11)
+        m, n = shape
+        G = (torch.randn(m, 12, generator=g) * torch.logspace(0, -2, 12)) @ torch.randn(12, n, generator=g)
+        G = G + 1e-3 * torch.randn(m, n, generator=g)
+        Gs = G if side == "left" else G.T
+        ref = rsvd_columns(Gs, RANK_R, 8, 2, torch.Generator().manual_seed(5))
+        sizes = chunk_sizes(shape[dim], world)
+        off = sum(sizes[:rank])
+        local = G.narrow(dim, off, sizes[rank])
+        comm = MatrixComm(group, shape, side, RANK_R, dim, fallback, owner=0)
+        got = rsvd_columns(local if side == "left" else local.T, RANK_R, 8, 2, torch.Generator().manual_seed(5), comm)
+        gathered = [torch.empty_like(got) for _ in range(world)]
+        dist.all_gather(gathered, got.contiguous())
+        out[tag] = {"diff": (got - ref).abs().max().item(), "same_on_ranks": all(torch.equal(gathered[0], t) for t in gathered)}
+    return out
+
+
+def main(options: dict, workdir: Path, rt) -> None:
+    rank, world = rt.rank, rt.world_size
+    mesh = build_mesh(rt, 1)
+    result: dict = {"world": world}
+    params: dict = {}
+    for run in options.get("runs", []):
+        key, method, extra = run["key"], run["method"], run.get("extra", {})
+        model, opt, plan = sharded_model(mesh, method, **extra)
+        result.setdefault("fallbacks", sorted(p.name for p in plan.fallbacks))
+        record: list = []
+        if run.get("resume"):
+            load_sharded(run["resume"], model, opt)
+            log = train(model, opt, plan, range(SAVE_AT, STEPS), rank, world, record)
+        else:
+            log = train(model, opt, plan, range(0, SAVE_AT if run.get("save") else STEPS), rank, world, record)
+            if run.get("save"):
+                result[f"{key}.state_kinds"] = state_kinds(opt, model)
+                save_sharded(run["save"], model, opt)
+                log += train(model, opt, plan, range(SAVE_AT, STEPS), rank, world, record)
+        logs = [None] * world
+        dist.all_gather_object(logs, log)
+        result[f"{key}.decisions_agree"] = all(l == logs[0] for l in logs)
+        result[f"{key}.decisions"] = log
+        result[f"{key}.budget"] = record if rank == 0 else None
+        params[key] = params_of(model)
+        if run.get("same_world_resume"):  # a fresh model + optimizer loads the mid-run checkpoint in this launch
+            model2, opt2, plan2 = sharded_model(mesh, method, **extra)
+            load_sharded(run["save"], model2, opt2)
+            train(model2, opt2, plan2, range(SAVE_AT, STEPS), rank, world)
+            params[f"{key}.resumed"] = params_of(model2)
+    if options.get("rsvd"):
+        result["rsvd"] = rsvd_check(rank, world)
+    if rank == 0:
+        tag = options.get("tag", "run")
+        torch.save(params, workdir / f"{tag}.params.pt")
+        (workdir / f"{tag}.result.json").write_text(json.dumps(result))
