@@ -8,7 +8,7 @@ under HSDP every replica group holds the same gradient shards and works on its o
   takes its rows (uneven shards included);
 - fallback (a left projector on a ``Shard(0)`` matrix: the projected side is sharded): ``R = Σ_i A_iᵀ G_i`` is
   all-reduced every step, the states are replicated, and rsvd orthonormalises the row-sharded sketch by
-  Cholesky-QR (one k x k all-reduce) before all-gathering the new basis;
+  CholeskyQR2 (two k x k all-reduces) before all-gathering the new basis;
 - the exact ``svd`` solver gathers G on the plan's owner rank, which solves and broadcasts the projector;
 - ``projectors="shard"``: each rank stores a 1/W row slice of the projector, all-gathered before use.
 
@@ -106,15 +106,17 @@ class MatrixComm(Comm):
     def orth(self, Y: torch.Tensor) -> torch.Tensor:
         if not self.fallback:
             return super().orth(Y)
-        # Cholesky-QR of the row-sharded Y in float64: Q = Y L⁻ᵀ with L Lᵀ = Σ_i Y_iᵀ Y_i. Its R = Lᵀ has a
-        # positive diagonal, the convention of the single-process Householder orth, so both give the same Q.
-        Yd = Y.double()
-        gram = self.reduce(Yd.T @ Yd)
-        L, info = torch.linalg.cholesky_ex(gram)
-        if int(info):  # rank-deficient sketch: a tiny shift (the same on every rank) keeps it factorisable
-            shift = 1e-12 * gram.diagonal().sum().clamp_min(1e-300)
-            L = torch.linalg.cholesky(gram + shift * torch.eye(gram.shape[0], dtype=gram.dtype, device=gram.device))
-        Q = torch.linalg.solve_triangular(L, Yd.T, upper=False).T
+        # CholeskyQR2 of the row-sharded Y in float64: Q = Y L⁻ᵀ with L Lᵀ = Σ_i Y_iᵀ Y_i (one k x k all-reduce),
+        # twice: one pass loses orthogonality as κ(Y)²·eps, the second restores it. R = (L₂ᵀ L₁ᵀ) has a positive
+        # diagonal, the convention of the single-process Householder orth, so both give the same Q. Should the
+        # Gram not be positive definite (κ(Y) ≳ 1e8), gather Y and use the single-process Householder.
+        Q = Y.double()
+        for _ in range(2):
+            L, info = torch.linalg.cholesky_ex(self.reduce(Q.T @ Q))
+            if int(info):  # identical Gram on every rank: every rank takes this branch together
+                full = all_gather_rows(Y.contiguous(), self.sizes, self.group)
+                return super().orth(full)[self.offset : self.offset + Y.shape[0]]
+            Q = torch.linalg.solve_triangular(L, Q.T, upper=False).T
         return Q.to(Y.dtype)
 
     def gather_short(self, S: torch.Tensor) -> torch.Tensor:

@@ -44,6 +44,18 @@ def save_sharded(checkpoint_dir: str, model: nn.Module, optimizers=None, extra: 
     dcp.save(state, checkpoint_id=checkpoint_dir)
 
 
+def async_save_sharded(checkpoint_dir: str, model: nn.Module, optimizers=None, process_group=None):
+    """Like ``save_sharded`` but returns once the state is staged (copied to CPU memory); the files are written
+    by a background thread. Returns a future; wait on it before treating the directory as complete.
+
+    ``process_group`` should be a group of its own (``dist.new_group(backend="gloo")``): the writer thread's
+    collectives must not interleave with the training loop's on the default group.
+    """
+    state = sharded_state(model, optimizers)
+    return dcp.async_save(state, checkpoint_id=checkpoint_dir, process_group=process_group,
+                          no_dist=not (torch.distributed.is_available() and torch.distributed.is_initialized()))
+
+
 def load_sharded(
     checkpoint_dir: str, model: nn.Module, optimizers=None, extra: Mapping[str, Any] | None = None
 ) -> dict[str, Any]:
@@ -67,4 +79,4 @@ def load_sharded(
     return state.get("extra", {})
 
 
-__all__ = ["sharded_state", "save_sharded", "load_sharded"]
+__all__ = ["sharded_state", "save_sharded", "async_save_sharded", "load_sharded"]

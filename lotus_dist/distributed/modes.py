@@ -106,3 +106,7 @@ def build_parallelism(cfg):
         raise UserError(f"dist.mode={mode} needs a torchrun launch (torchrun --nproc_per_node=N pretrain.py ...); "
                         "use dist.mode=auto or single for one process")
     return MODES[mode](runtime)
+
+
+MODES["ddp"] = lambda rt: __import__("lotus_dist.distributed.owner", fromlist=["_"]).OwnerDataParallel(rt)
+MODES["deepspeed"] = lambda rt: __import__("lotus_dist.distributed.deepspeed", fromlist=["_"]).DeepSpeedMode(rt)

@@ -244,13 +244,17 @@ class LowRankAdamW(Optimizer):
         """torch's load, except that the fp32 statistic buffers are not cast to the parameter dtype (torch casts
         every floating state tensor to it, which would make a bf16-parameter resume lossy)."""
         state = dict(state_dict["state"])
-        params = [p for group in self.param_groups for p in group["params"]]
-        projected = {i for i, p in enumerate(params) if id(p) in self._projected_ids()}
-        # a sharded checkpoint hands projected-matrix state over as DTensors: the step runs on local tensors
-        state = {k: ({kk: _local(v) for kk, v in st.items()} if k in projected else st) for k, st in state.items()}
+        # saved keys (ints, or FQNs when DCP's set_state_dict calls us) map to parameters by group order, as in torch
+        saved = [k for group in state_dict["param_groups"] for k in group["params"]]
+        params = dict(zip(saved, (p for group in self.param_groups for p in group["params"])))
+        projected = self._projected_ids()
         kept = {}
-        for key, st in state.items():
-            extra = {k: v for k, v in st.items() if k in FP32_KEYS} if isinstance(key, int) else {}
+        for key, st in list(state.items()):
+            p = params.get(key)
+            if p is not None and id(p) in projected:
+                # a sharded checkpoint hands projected-matrix state over as DTensors; the step runs on local tensors
+                st = state[key] = {k: _local(v) for k, v in st.items()}
+            extra = {k: v for k, v in st.items() if k in FP32_KEYS} if p is not None else {}
             if extra:
                 kept[key] = extra
                 state[key] = {k: v for k, v in st.items() if k not in extra}

@@ -172,9 +172,14 @@ def seeded(gen: torch.Generator, seed: int) -> torch.Generator:
 # ---------------------------------------------------------------------------------------------------- solvers
 
 
+def solver_dtype(G: torch.Tensor) -> torch.dtype:
+    """Solvers run in fp32 at least: bf16/fp16 gradients are promoted, fp64 ones are not demoted."""
+    return torch.promote_types(G.dtype, torch.float32)
+
+
 def svd_projector(G: torch.Tensor, side: str, r: int) -> torch.Tensor:
     """GaLore: exact top-r singular vectors of G itself (not Gᵀ, so signs match GaLore's code)."""
-    U, _, Vh = torch.linalg.svd(G.float(), full_matrices=False)
+    U, _, Vh = torch.linalg.svd(G.to(solver_dtype(G)), full_matrices=False)
     return U[:, :r].contiguous() if side == "left" else Vh[:r].contiguous()
 
 
@@ -204,10 +209,10 @@ def rsvd_columns(
     every full step. The final small SVD comes from the k x k Gram of Qᵀ Gs, diagonalised in float64, with
     deterministic eigenvector signs.
     """
-    Gs = Gs.float()
+    Gs = Gs.to(solver_dtype(Gs))
     d, l = Gs.shape
     k = min(r + oversample, comm.short_size(d))
-    omega = comm.sketch(gen, l, k, Gs.device)
+    omega = comm.sketch(gen, l, k, Gs.device).to(Gs.dtype)  # drawn in fp32 whatever the dtype: same draws
     Q = comm.orth(comm.reduce_long(Gs @ omega))
     for _ in range(power_iters):
         Q = comm.orth(comm.reduce_long(Gs @ comm.reduce_short(Gs.T @ Q)))

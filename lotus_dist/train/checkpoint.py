@@ -9,7 +9,9 @@ Layout of one checkpoint (``run.dir/checkpoints/step_00000100/``)::
     COMPLETE                  written last; a directory without it is never loaded
 
 Every file is written into ``step_N.tmp/`` first and the directory is renamed once all ranks have finished, so a
-crash during a save leaves the previous checkpoint as the latest one.
+crash during a save leaves the previous checkpoint as the latest one. With ``asynchronous=True`` the training loop
+waits only for the staging copy; the shards are written by a background thread and the checkpoint is committed
+(marker + rename) at the first step boundary where every rank's writer has finished (``poll``).
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-from lotus_dist.distributed.dcp_util import load_sharded, save_sharded
+from lotus_dist.distributed.dcp_util import async_save_sharded, load_sharded, save_sharded
 from lotus_dist.errors import UserError
 from lotus_dist.train.faults import maybe_crash
 
@@ -70,12 +72,20 @@ class Checkpointer:
     """Saves and finds checkpoints of one run directory; every rank calls ``save``/``load`` together."""
 
     def __init__(self, run_dir: str | Path, *, keep: int, rank: int = 0, world_size: int = 1,
-                 barrier: Callable[[], None] = lambda: None):
+                 barrier: Callable[[], None] = lambda: None, all_ranks: Callable[[bool], bool] = lambda flag: flag,
+                 asynchronous: bool = False):
         self.root = Path(run_dir) / "checkpoints"
         self.keep = keep
         self.rank = rank
         self.world_size = world_size
         self.barrier = barrier
+        self.all_ranks = all_ranks  # True when the flag is True on every rank (a collective)
+        self.asynchronous = asynchronous
+        self.pending = None  # (future, step, tmp dir, final dir) of an asynchronous save not yet committed
+        self.async_group = None
+        if asynchronous and torch.distributed.is_available() and torch.distributed.is_initialized():
+            # The writer thread's collectives get a group of their own (every rank creates it, in order).
+            self.async_group = torch.distributed.new_group(backend="gloo")
 
     # ---- discovery -------------------------------------------------------------------------------------------
     def complete_checkpoints(self) -> list[Path]:
@@ -100,17 +110,42 @@ class Checkpointer:
 
     # ---- save ------------------------------------------------------------------------------------------------
     def save(self, step: int, model, optimizer, *, train_state: dict, data_state: dict) -> Path:
+        self.wait()  # one save in flight at most; the previous one has normally finished long ago
         final = self.root / _step_dir_name(step)
         tmp = self.root / (_step_dir_name(step) + ".tmp")
         if self.rank == 0:
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir(parents=True)
         self.barrier()
-        save_sharded(str(tmp), model, optimizer)
+        if self.asynchronous:
+            future = async_save_sharded(str(tmp), model, optimizer, process_group=self.async_group)
+        else:
+            save_sharded(str(tmp), model, optimizer)
         (tmp / f"rank_{self.rank:05d}.json").write_text(json.dumps(data_state))
         torch.save(rng_state(), tmp / f"rank_{self.rank:05d}_rng.pt")
         if self.rank == 0:
             (tmp / TRAIN_STATE).write_text(json.dumps({**train_state, "world_size": self.world_size}, indent=1))
+        if self.asynchronous:
+            self.pending = (future, step, tmp, final)
+        else:
+            self._commit(step, tmp, final)
+        return final
+
+    def poll(self) -> None:
+        """Commit an asynchronous save once every rank's writer has finished (called at each step boundary)."""
+        if self.pending is not None and self.all_ranks(self.pending[0].done()):
+            self.wait()
+
+    def wait(self) -> None:
+        """Finish and commit an asynchronous save (every rank calls it, at the same point of the loop)."""
+        if self.pending is None:
+            return
+        future, step, tmp, final = self.pending
+        self.pending = None
+        future.result()
+        self._commit(step, tmp, final)
+
+    def _commit(self, step: int, tmp: Path, final: Path) -> None:
         maybe_crash("in_save", self.rank, step)
         self.barrier()
         if self.rank == 0:
@@ -121,7 +156,6 @@ class Checkpointer:
             for old in self.complete_checkpoints()[:-self.keep]:
                 shutil.rmtree(old, ignore_errors=True)
         self.barrier()
-        return final
 
     # ---- load ------------------------------------------------------------------------------------------------
     def read_train_state(self, path: Path) -> dict:

@@ -11,6 +11,8 @@ EPILOG = """examples:
   python pretrain.py                                         # the embedded tiny default (CPU, minutes)
   python pretrain.py --config configs/llama_60m.yaml optim.name=galore train.steps=100
   torchrun --nproc_per_node=2 pretrain.py --config configs/tiny.yaml
+  torchrun --nproc_per_node=8 pretrain.py --config configs/llama_60m.yaml dist.mode=ddp
+  deepspeed --num_gpus=8 pretrain.py --config configs/llama_60m.yaml dist.mode=deepspeed
   python pretrain.py --config configs/llama_7b.yaml --dry-run dist.world_size=64
 """
 
@@ -22,6 +24,8 @@ def parse_args(argv=None):
     parser.add_argument("--config", default="configs/tiny.yaml", help="YAML recipe (default: configs/tiny.yaml)")
     parser.add_argument("--dry-run", action="store_true",
                         help="capacity planner: build on the meta device and print per-rank memory and communication")
+    # The deepspeed launcher appends --local_rank=N (the rank is read from LOCAL_RANK in the environment instead).
+    parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     parser.add_argument("overrides", nargs="*", metavar="section.key=value", help="config overrides")
     return parser.parse_args(argv)
 

@@ -117,7 +117,7 @@ class CheckpointConfig:
     every: int = 100  # steps; 0 = only at the end
     keep: int = 2
     resume: bool = True  # false: refuse to start on a run directory that holds a checkpoint
-    async_save: bool = False
+    async_save: bool = False  # DCP async_save: the loop waits only for the staging copy
 
 
 @dataclass

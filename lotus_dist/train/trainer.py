@@ -20,7 +20,7 @@ from lotus_dist.model.llama import Llama, llama_config
 from lotus_dist.train.checkpoint import Checkpointer, check_compatible
 from lotus_dist.train.config import Config, dump_config
 from lotus_dist.train.evaluate import evaluate
-from lotus_dist.train.faults import maybe_crash
+from lotus_dist.train.faults import maybe_crash, maybe_poison_gradients
 from lotus_dist.train.metrics import MetricsLogger, truncate_metrics
 from lotus_dist.train.schedule import lr_multiplier
 
@@ -77,10 +77,13 @@ class Trainer:
                                          rank=runtime.rank, world_size=runtime.world_size, seed=cfg.seed)
         self.val_blocks = build_val_blocks(cfg.data, self.tokenizer, seq_len=t.seq_len) if t.eval_every else None
         self.checkpointer = Checkpointer(self.run_dir, keep=cfg.checkpoint.keep, rank=runtime.rank,
-                                         world_size=runtime.world_size, barrier=runtime.barrier)
+                                         world_size=runtime.world_size, barrier=runtime.barrier,
+                                         all_ranks=lambda flag: not runtime.any_rank(not flag),
+                                         asynchronous=cfg.checkpoint.async_save)
         self.step = 0
         self.tokens = 0
         self.stop_requested = False
+        self.skipped_steps = 0  # non-finite steps skipped by this process (train.on_nonfinite=skip)
         self.train_seconds = 0.0  # wall time in train steps since this process started (not evaluation, not saving)
 
     # ---- resume ----------------------------------------------------------------------------------------------
@@ -108,7 +111,7 @@ class Trainer:
         train_state = {"step": self.step, "tokens": self.tokens, **self.fingerprint}
         path = self.checkpointer.save(self.step, self.model, self.optimizer, train_state=train_state,
                                       data_state=self.stream.state_dict())
-        self.logger.message(f"saved checkpoint {path}")
+        self.logger.message(f"{'saving' if self.checkpointer.asynchronous else 'saved'} checkpoint {path}")
 
     # ---- one optimizer step -------------------------------------------------------------------------------------
     def set_lr(self) -> float:
@@ -128,30 +131,30 @@ class Trainer:
                 loss.backward()
             loss_sum += loss.detach()
         loss_sum = self.rt.all_reduce_mean(loss_sum)
-        grad_norm = None
-        if self.cfg.train.grad_clip > 0:
-            grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.train.grad_clip)
-            if hasattr(grad_norm, "full_tensor"):  # a DTensor under FSDP2
-                grad_norm = grad_norm.full_tensor()
+        maybe_poison_gradients(self.model, self.rt.rank, self.step + 1)
+        # The global gradient norm, clipped when train.grad_clip > 0 (max_norm=inf only measures it): it is also
+        # the non-finite check of every gradient, identical on all ranks.
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.train.grad_clip or float("inf"))
+        if hasattr(grad_norm, "full_tensor"):  # a DTensor under FSDP2
+            grad_norm = grad_norm.full_tensor()
         # The one host sync of the step: loss (for logging and the non-finite check) and grad norm together.
-        synced = torch.stack([loss_sum.float(), (grad_norm if grad_norm is not None else loss_sum).float()]).tolist()
-        loss_value, norm_value = synced
+        loss_value, norm_value = torch.stack([loss_sum.float(), grad_norm.float()]).tolist()
         if not (math.isfinite(loss_value) and math.isfinite(norm_value)):
             self.optimizer.zero_grad(set_to_none=True)
             if self.cfg.train.on_nonfinite == "stop":
                 raise NonFiniteError(f"non-finite loss ({loss_value}) or gradient norm ({norm_value}) at step "
-                                     f"{self.step + 1}; train.on_nonfinite=skip would skip such steps")
+                                     f"{self.step + 1}; saved step {self.step}; train.on_nonfinite=skip would "
+                                     f"skip such steps")
+            # Skipped: no update, but the step, its data and its place in the schedule are spent.
             self.step += 1
             self.tokens += self.cfg.train.batch_size * self.cfg.train.seq_len
-            return {"loss": loss_value, "lr": lr, "skipped": 1}
+            self.skipped_steps += 1
+            return {"loss": loss_value, "lr": lr, "grad_norm": norm_value, "skipped": self.skipped_steps}
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
         self.tokens += self.cfg.train.batch_size * self.cfg.train.seq_len
-        record = {"loss": loss_value, "lr": lr}
-        if grad_norm is not None:
-            record["grad_norm"] = norm_value
-        return record
+        return {"loss": loss_value, "lr": lr, "grad_norm": norm_value}
 
     # ---- the loop --------------------------------------------------------------------------------------------
     def _on_sigterm(self, signum, frame):
@@ -175,9 +178,15 @@ class Trainer:
             end = min(t.steps, t.stop_at) if t.stop_at else t.steps
             while self.step < end:
                 started = time.perf_counter()
-                record = self.train_step()
+                try:
+                    record = self.train_step()
+                except NonFiniteError:
+                    self.save()  # the state before the bad step: nothing was applied from it
+                    self.checkpointer.wait()
+                    raise
                 self.train_seconds += time.perf_counter() - started
                 maybe_crash("after_step", self.rt.rank, self.step)
+                self.checkpointer.poll()
                 self.logger.advance()
                 evaluate_now = t.eval_every and (self.step % t.eval_every == 0 or self.step == t.steps)
                 if evaluate_now:
@@ -200,6 +209,7 @@ class Trainer:
                 if stop:
                     self.logger.message(f"SIGTERM received: saved step {self.step}, exiting")
                     break
+            self.checkpointer.wait()
         finally:
             if previous is not None:
                 signal.signal(signal.SIGTERM, previous)

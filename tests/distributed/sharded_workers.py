@@ -31,6 +31,11 @@ CFG = llama_config("tiny", vocab_size=256, dim=64, n_layers=2, n_heads=4, ffn_di
 GLOBAL_BATCH, SEQ, RANK_R, STEPS, SAVE_AT = 12, 16, 8, 30, 15
 # Small update_gap / verify_gap and a large gamma so that bases switch several times within 30 steps.
 OPTIM = dict(lr=0.01, rank=RANK_R, weight_decay=0.01, update_gap=10, verify_gap=3, gamma=0.5, power_iters=2)
+# Parameters in float64 (the optimizer's solvers still run in fp32): in fp32, the rounding differences of a
+# reduce-scattered gradient (~1e-7) are amplified by Adam's lr/eps = 1e4 where gradients are small, and even plain
+# AdamW under FSDP drifts to ~3e-2 relative from one process after 30 steps at lr 0.01. fp64 makes the comparison
+# a test of the algorithm, not of float summation order.
+DTYPE = torch.float64
 COLLECTIVES = ("all_reduce", "all_gather", "broadcast", "gather", "reduce_scatter", "all_gather_into_tensor",
                "reduce_scatter_tensor", "all_to_all", "reduce", "scatter")
 
@@ -56,7 +61,7 @@ def projected(opt):
 def reference_run(method: str, steps: int = STEPS, **extra) -> tuple[dict, list]:
     """Single process: final parameters and the per-step switch counts (used by the test process)."""
     torch.manual_seed(0)
-    model = Llama(CFG)
+    model = Llama(CFG).to(DTYPE)
     opt = build_optimizer(model, optim_cfg(method, **extra))
     log = []
     for step in range(steps):
@@ -70,7 +75,7 @@ def reference_run(method: str, steps: int = STEPS, **extra) -> tuple[dict, list]
 
 def sharded_model(mesh, method: str, **extra):
     torch.manual_seed(0)
-    model = Llama(CFG)
+    model = Llama(CFG).to(DTYPE)
     cfg = optim_cfg(method, **extra)
     plan = plan_for_model(model, dist.get_world_size(), RANK_R, solver=cfg.solver or "rsvd")
     apply_fsdp(model, mesh, plan, log_fn=lambda s: None)

@@ -36,16 +36,18 @@ def baseline(tmp_path_factory):
     return work, straight
 
 
-def test_sigkill_of_one_rank_then_restart_is_bitwise_exact(baseline):
+@pytest.mark.parametrize("asynchronous", [False, True])
+def test_sigkill_of_one_rank_then_restart_is_bitwise_exact(baseline, asynchronous):
     work, straight = baseline
-    args = args_for(work / "killed", work / "cache")
+    name = "killed_async" if asynchronous else "killed"
+    args = args_for(work / name, work / "cache", f"checkpoint.async_save={str(asynchronous).lower()}")
     proc = launch(2, args, env={"LOTUS_FAULT": "after_step:rank=1:step=6"}, check=False)
     assert proc.returncode != 0
-    assert (work / "killed/checkpoints/step_00000004/COMPLETE").exists()
-    assert not (work / "killed/checkpoints/step_00000008").exists()
+    assert (work / name / "checkpoints/step_00000004/COMPLETE").exists()
+    assert not (work / name / "checkpoints/step_00000008").exists()
     again = launch(2, args)
     assert "resumed from" in again.stdout and "step_00000004" in again.stdout
-    assert trajectory(work / "killed") == straight
+    assert trajectory(work / name) == straight
 
 
 def test_kill_during_checkpoint_write_never_loads_the_partial_one(baseline):

@@ -23,11 +23,12 @@ def trajectory(run_dir, first, last):
     return [{k: l[k] for k in TRAJECTORY_KEYS if k in l} for l in lines]
 
 
-@pytest.mark.parametrize("method", ["lotus", "galore"])
-def test_resumed_run_is_bitwise_identical(tmp_path, small_overrides, method):
+@pytest.mark.parametrize("method, asynchronous", [("lotus", False), ("galore", False), ("lotus", True)])
+def test_resumed_run_is_bitwise_identical(tmp_path, small_overrides, method, asynchronous):
     """40 steps straight vs. 20 steps (stopped) + resumed to 40: identical metrics lines for steps 21-40."""
     common = small_overrides + ["train.steps=40", "train.eval_every=10", "checkpoint.every=20", f"optim.name={method}",
-                                "optim.verify_gap=5", "optim.gamma=0.1", "optim.update_gap=7"]
+                                "optim.verify_gap=5", "optim.gamma=0.1", "optim.update_gap=7",
+                                f"checkpoint.async_save={str(asynchronous).lower()}"]
     assert run(common + [f"run.dir={tmp_path / 'straight'}"]) == 0
     assert run(common + [f"run.dir={tmp_path / 'resumed'}", "train.stop_at=20"]) == 0
     assert max(l["step"] for l in read_metrics(tmp_path / "resumed")) == 20
@@ -82,3 +83,27 @@ def test_cli_corrupt_yaml_in_a_real_process(tmp_path):
     assert proc.returncode == 2
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and "invalid YAML" in lines[0] and "bad.yaml" in lines[0]
+
+
+def test_nonfinite_gradient_is_skipped_and_logged(tmp_path, small_overrides, monkeypatch):
+    monkeypatch.setenv("LOTUS_FAULT", "nan_grad:rank=0:step=3")
+    common = small_overrides + ["train.steps=6", "train.eval_every=0", "checkpoint.every=0"]
+    assert run(common + ["train.on_nonfinite=skip", f"run.dir={tmp_path / 'skip'}"]) == 0
+    lines = {l["step"]: l for l in read_metrics(tmp_path / "skip")}
+    assert lines[3]["skipped"] == 1 and lines[3]["grad_norm"] != lines[3]["grad_norm"]  # NaN
+    assert "skipped" not in lines[4] and all(l["loss"] == l["loss"] for l in lines.values())
+    # The skipped step applied nothing: a run without the fault differs from step 4 on, not before.
+    monkeypatch.delenv("LOTUS_FAULT")
+    assert run(common + [f"run.dir={tmp_path / 'clean'}"]) == 0
+    clean = {l["step"]: l for l in read_metrics(tmp_path / "clean")}
+    assert [clean[s]["loss"] for s in (1, 2, 3)] == [lines[s]["loss"] for s in (1, 2, 3)]
+    assert clean[4]["loss"] != lines[4]["loss"]
+
+
+def test_nonfinite_gradient_stops_with_a_checkpoint(tmp_path, small_overrides, monkeypatch, capsys):
+    monkeypatch.setenv("LOTUS_FAULT", "nan_grad:rank=0:step=3")
+    args = small_overrides + ["train.steps=6", "train.eval_every=0", "checkpoint.every=0", f"run.dir={tmp_path}"]
+    assert run(args) == 2
+    err = capsys.readouterr().err.strip()
+    assert "non-finite" in err and "step 3" in err and len(err.splitlines()) == 1
+    assert (tmp_path / "checkpoints/step_00000002/COMPLETE").exists()

@@ -1,0 +1,90 @@
+"""``dist.mode=ddp``: the matrix-granular owner backend on gloo (2 and 3 ranks).
+
+Tolerances: losses agree with the single-process run to 1e-5 relative (measured ~5e-7). Weights after 30 steps at
+lr 0.01 are compared by relative Frobenius distance against 1e-4: Adam's normalisation amplifies float reduction
+order, and two *single-process* runs that only split the batch into different micro-batches already differ by
+2-3e-5 (measured with this model and these steps), so 1e-5 would fail for reasons that are not the backend's.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch.distributed.checkpoint import FileSystemReader
+
+import owner_runs as R
+import owner_workers as W
+from lotus_dist.distributed.dcp_util import load_sharded
+from lotus_dist.model.llama import Llama
+from lotus_dist.optim import build_optimizer, switch_report
+from owner_runs import PARAM_TOL, check_run
+
+
+@pytest.mark.parametrize("method", R.METHODS)
+def test_world2_equivalence_switches_and_partition(method):
+    res = R.world2()
+    ref = res["ref"][method]
+    if method != "adamw":
+        assert ref["switches"] >= 10  # switches are part of the trajectory being compared
+    check_run(res["runs"][f"ddp_{method}"], ref, 2)
+
+
+@pytest.mark.parametrize("method", R.METHODS)
+def test_world3_equivalence(method):
+    res = R.world3()
+    check_run(res["runs"][f"ddp_{method}"], res["ref"][method], 3)
+
+
+def test_optimizer_bytes_per_rank_shrink_with_world_size():
+    total = R.world2()["ref"]["lotus"]["bytes"]
+    for res in (R.world2(), R.world3()):
+        world = res["world"]
+        per_rank = res["runs"]["ddp_lotus"]["bytes"]
+        # LPT on (state share + solver share): within 20% of total / W on this tiny model
+        assert max(per_rank) <= 1.2 * total / world, (world, per_rank, total)
+        loads = res["runs"]["ddp_lotus"]["loads"]
+        assert max(loads) / (sum(loads) / world) < 1.2, loads
+    assert max(R.world3()["runs"]["ddp_lotus"]["bytes"]) < max(R.world2()["runs"]["ddp_lotus"]["bytes"])
+
+
+def test_checkpoint_holds_every_parameter_once():
+    """Each rank saves only its own entries; DCP merges the disjoint keys into one complete checkpoint."""
+    R.world2()
+    meta = FileSystemReader(R.ckpt("ddp", "lotus", 2)).read_metadata()
+    keys = set(meta.state_dict_metadata)
+    model = Llama(W.CFG)
+    for name, p in model.named_parameters():
+        assert f"optim.state.{name}.exp_avg" in keys, name
+        assert f"optim.state.{name}.step" in keys, name
+        if p.dim() == 2 and name.startswith("layers."):
+            assert f"optim.state.{name}.projector" in keys and f"optim.state.{name}.n_bases" in keys, name
+
+
+@pytest.mark.parametrize("mode, method", [("ddp", "lotus"), ("ddp", "galore")])
+def test_resume_owner_checkpoint_in_one_process(mode, method):
+    R.world2()
+    ref = R.reference(method)
+    torch.manual_seed(7)
+    model = Llama(W.CFG)
+    opt = build_optimizer(model, W.optim_cfg(method))
+    load_sharded(R.ckpt(mode, method, 2), model, opt)
+    W.train(model, opt, W._Single(), 0, 1, R.SAVE_AT, R.STEPS, R.STEPS)
+    assert W.rel_diff(W.full_params(model), ref["params"]) < PARAM_TOL
+    assert sum(switch_report(opt).values()) == ref["switches"]
+
+
+def test_resume_other_world_size_and_from_single():
+    res = R.world3()["resume"]
+    ref = R.reference("lotus")
+    for src in (f"ddp_lotus_w2", "single_lotus_w1"):
+        got = res[f"{src}->ddp_w3"]
+        assert "error" not in got, got.get("error")
+        assert got["param_rel"] < PARAM_TOL, (src, got)
+        assert got["switches"] == ref["switches"] == got["ref_switches"], (src, got)
+
+
+def test_pretrain_ddp_matches_single():
+    """pretrain.py under torchrun, dist.mode=ddp, data.split=global: the single-process losses and switches."""
+    metrics = R.pretrain(2, "ddp", "dist.mode=ddp", "checkpoint.every=3")
+    R.check_pretrain(metrics, R.pretrain_single())
+    assert (R.workdir() / "pretrain/ddp/checkpoints/step_00000006/COMPLETE").exists()

@@ -1,0 +1,158 @@
+"""The low-rank optimizer sharded under FSDP2 (gloo): same trajectory as one process, identical switch decisions
+on every rank, distributed rsvd = single-process rsvd, the per-step collective budget, DCP resume at the same and
+at other world sizes.
+
+Three launches (world 2, 3, 4). 172 = the FFN width does not split over 3 ranks, so world 3 runs the two
+``down_proj`` matrices as fallbacks (Shard(0) + per-step all-reduce of Aᵀ G) with uneven row shards (22/22/20),
+and the ``gate``/``up`` rows shard unevenly (58/58/56); ``projectors=shard`` slices r = 8 rows unevenly over 3.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import sharded_workers as sw  # tests/distributed is on sys.path via conftest.py
+from dist_spawn import run_workers
+
+TOL = 1e-5  # relative, per parameter: max |Δ| / max |reference|
+Q = sw.OPTIM["power_iters"]
+METHODS = ("lotus", "galore", "adamw")
+
+
+@pytest.fixture(scope="module")
+def references():
+    out = {m: sw.reference_run(m) for m in METHODS}
+    for m in ("lotus", "galore"):
+        assert out[m][1][-1] and min(out[m][1][-1]) >= 3, f"{m}: the run must switch bases: {out[m][1][-1]}"
+    return out
+
+
+def _launch(world: int, work, extra_runs: list) -> tuple[dict, dict]:
+    runs = [{"key": m, "method": m} for m in METHODS] + extra_runs
+    res = run_workers(world, {"suite": "sharded_optim", "tag": f"w{world}", "rsvd": True, "runs": runs}, work,
+                      timeout=200)
+    return res, torch.load(work / f"w{world}.params.pt")
+
+
+@pytest.fixture(scope="module")
+def world2(tmp_path_factory):
+    work = tmp_path_factory.mktemp("sharded_optim")
+    ckpt = work / "ckpt_lotus_w2"
+    extra = [{"key": "lotus_saved", "method": "lotus", "save": str(ckpt), "same_world_resume": True},
+             {"key": "lotus_shardproj", "method": "lotus", "extra": {"projectors": "shard"}}]
+    res, params = _launch(2, work, extra)
+    return work, ckpt, res, params
+
+
+@pytest.fixture(scope="module")
+def world3(world2):
+    work, ckpt, _, _ = world2
+    extra = [{"key": "lotus_resumed", "method": "lotus", "resume": str(ckpt)},
+             {"key": "lotus_shardproj", "method": "lotus", "extra": {"projectors": "shard"}},
+             {"key": "galore_owner", "method": "galore", "extra": {"refresh": "owner"}}]
+    return _launch(3, work, extra)
+
+
+@pytest.fixture(scope="module")
+def world4(world2):
+    work, ckpt, _, _ = world2
+    return _launch(4, work, [{"key": "lotus_resumed", "method": "lotus", "resume": str(ckpt)}])
+
+
+def _rel_diff(got: dict, ref: dict) -> float:
+    assert got.keys() == ref.keys()
+    return max(((got[k] - ref[k]).abs().max() / ref[k].abs().max().clamp_min(1e-12)).item() for k in ref)
+
+
+def _check_equivalence(res, params, references, keys):
+    for key in keys:
+        method = key.split("_")[0]
+        ref_params, ref_log = references[method]
+        assert _rel_diff(params[key], ref_params) < TOL, key
+        assert res[f"{key}.decisions_agree"], key  # every rank: the same switch counts at every step
+        if method != "adamw":
+            assert res[f"{key}.decisions"] == ref_log, key  # ... and the single process's switch steps
+
+
+def _count(ops, name):
+    return sum(1 for op, _ in ops if op == name)
+
+
+def _check_budget(record: list, method: str, shard_projectors: bool = False):
+    """The collectives optimizer.step() issued, step by step, against ALGORITHMS.md section 7's budget."""
+    for r in record:
+        ops, rows, fb, sw_n, sw_f = r["ops"], r["rows"], r["fallback_live"], r["switched"], r["switched_fallback"]
+        gathers = r["live"] if shard_projectors else 0  # projector all-gathers, one per live matrix
+        if method == "adamw":
+            want = {"all_reduce": 0, "all_gather": 0, "gather": 0, "broadcast": 0}
+        elif method == "galore":  # exact svd on the owner: gather G there, broadcast the projector
+            want = {"all_reduce": (rows > 0) + fb + sw_f, "all_gather": gathers, "gather": sw_n + sw_f,
+                    "broadcast": sw_n + sw_f}
+        else:  # rsvd sketch: q+2 all-reduces (normal); fallback: 2 per CholeskyQR2 (q+1 of them), q power-step
+            # sums, Qᵀ G, the new R, and one all-gather of the new basis
+            want = {"all_reduce": (rows > 0) + fb + sw_n * (Q + 2) + sw_f * (3 * Q + 4),
+                    "all_gather": gathers + sw_f, "gather": 0, "broadcast": 0}
+        got = {k: _count(ops, k) for k in want}
+        assert got == want and len(ops) == sum(want.values()), (method, r)
+        if rows:  # the one batched statistics all-reduce: [L, 3] fp32, L = the matrices checking this step
+            assert ops.count(["all_reduce", [rows, 3]]) == 1, r
+        if rows == 0 and fb == 0 and sw_n + sw_f == 0 and not shard_projectors:
+            assert ops == [], r  # a plain step: no communication at all
+
+
+def test_world2_equivalence_decisions_budget(world2, references):
+    _, _, res, params = world2
+    assert res["fallbacks"] == []
+    _check_equivalence(res, params, references, ["lotus", "galore", "adamw", "lotus_saved", "lotus_shardproj"])
+    for key, method in (("lotus", "lotus"), ("galore", "galore"), ("adamw", "adamw")):
+        _check_budget(res[f"{key}.budget"], method)
+    _check_budget(res["lotus_shardproj.budget"], "lotus", shard_projectors=True)
+    plain = [r for r in res["lotus.budget"] if r["rows"] == 0 and r["switched"] == 0]
+    assert plain and all(r["ops"] == [] for r in plain)  # steps without checks or switches: no communication
+
+
+def test_world2_state_dict_layout_and_same_world_resume(world2, references):
+    _, _, res, params = world2
+    kinds = res["lotus_saved.state_kinds"]
+    gate, down = kinds["layers.0.mlp.gate_proj.weight"], kinds["layers.0.mlp.down_proj.weight"]
+    assert gate["exp_avg"] == gate["exp_avg_sq"] == gate["d_init"] == "(Shard(dim=0),)"  # moments: like W
+    assert down["exp_avg"] == "(Shard(dim=1),)"
+    assert gate["projector"] == down["projector"] == "(Replicate(),)"
+    assert gate["step"] == gate["n_bases"] == gate["tau"] == "int"
+    assert kinds["embed_tokens.weight"]["exp_avg"] == "(Shard(dim=0),)"
+    # a fresh model + optimizer loaded from the step-15 checkpoint continues bit for bit
+    straight, resumed = params["lotus_saved"], params["lotus_saved.resumed"]
+    assert all(torch.equal(straight[k], resumed[k]) for k in straight)
+
+
+def test_world3_fallback_equivalence_budget_and_resume(world3, references):
+    res, params = world3
+    assert res["fallbacks"] == ["layers.0.mlp.down_proj.weight", "layers.1.mlp.down_proj.weight"]
+    _check_equivalence(res, params, references, ["lotus", "galore", "adamw", "lotus_shardproj", "galore_owner"])
+    _check_budget(res["lotus.budget"], "lotus")
+    _check_budget(res["galore.budget"], "galore")
+    _check_budget(res["lotus_shardproj.budget"], "lotus", shard_projectors=True)
+    assert all(r["fallback_live"] == 2 for r in res["lotus.budget"][1:])
+    # 2 -> 3: Shard(1) states become replicated fallback states; the trajectory goes on as in one process
+    _check_equivalence(res, params, references, ["lotus_resumed"][:0])
+    assert _rel_diff(params["lotus_resumed"], references["lotus"][0]) < TOL
+    assert res["lotus_resumed.decisions"] == references["lotus"][1][sw.SAVE_AT:]
+    assert res["lotus_resumed.decisions_agree"]
+
+
+def test_world4_equivalence_and_resume(world4, references):
+    res, params = world4
+    assert res["fallbacks"] == []
+    _check_equivalence(res, params, references, ["lotus", "galore", "adamw"])
+    _check_budget(res["lotus.budget"], "lotus")
+    assert _rel_diff(params["lotus_resumed"], references["lotus"][0]) < TOL
+    assert res["lotus_resumed.decisions"] == references["lotus"][1][sw.SAVE_AT:]
+
+
+@pytest.mark.parametrize("world", [2, 3, 4])
+def test_distributed_rsvd_equals_single_process(world, world2, world3, world4):
+    res = {2: world2[2], 3: world3[0], 4: world4[0]}[world]
+    for tag, r in res["rsvd"].items():
+        assert r["same_on_ranks"], (world, tag)
+        assert r["diff"] < 1e-5, (world, tag, r)
