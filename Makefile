@@ -33,6 +33,8 @@ test: install
 bench: install
 	@echo ">>> optimizer benchmarks: svd vs rsvd, state bytes vs formula, step time (several minutes on a CPU)"
 	$(PY) scripts/bench_optim.py $(ARGS)
+	@echo ">>> end-to-end training step: adamw vs galore vs lotus on llama_60m"
+	$(PY) scripts/bench_train.py
 	@echo ">>> capacity planner: llama_7b on 64 ranks"
 	$(PY) pretrain.py --config configs/llama_7b.yaml --dry-run dist.world_size=64
 
