@@ -79,7 +79,7 @@ def _method_numbers(cfg, model: nn.Module, plan: Plan, method: str, gather_bytes
     shard_projectors = cfg.optim.projectors == "shard"
     owner_refresh = method == "galore" or cfg.optim.refresh == "owner"
 
-    params = grads = moments = projectors = 0
+    params = grads = moments = projectors = switch_state = 0
     step_extra = switch = refresh = 0.0
     owner_in = [0.0] * w
     for name, p in model.named_parameters():
@@ -103,6 +103,9 @@ def _method_numbers(cfg, model: nn.Module, plan: Plan, method: str, gather_bytes
         projectors += (math.ceil(proj / w) if shard_projectors else proj) * STATE_BYTES
         if method == "lotus":
             switch += 2 * _ring(w) * SWITCH_STATS * STATE_BYTES
+            # Algorithm 1 compares each low-rank gradient with the one at the last switch (d_init), kept like a
+            # moment: sharded with the weight, replicated r×n for a fallback.
+            switch_state += (r * n if mp.fallback else local.shape[mp.state_dim] * r) * STATE_BYTES
         k = min(r + k_over, short)
         if owner_refresh:
             owner_in[mp.owner] += _ring(w) * m * n * STATE_BYTES  # full G into the owner
@@ -125,9 +128,9 @@ def _method_numbers(cfg, model: nn.Module, plan: Plan, method: str, gather_bytes
     reduce_scatter = _ring(w) * numel_full * reduce_bytes
     if rep > 1:
         reduce_scatter += 2 * _ring(rep) * math.ceil(numel_full / w) * reduce_bytes
-    opt = moments + projectors
+    opt = moments + projectors + switch_state
     return dict(
-        params=params, grads=grads, moments=moments, projectors=projectors, optimizer=opt,
+        params=params, grads=grads, moments=moments, projectors=projectors, switch_state=switch_state, optimizer=opt,
         total=params + grads + opt, all_gather=all_gather, reduce_scatter=reduce_scatter,
         lowrank_step=step_extra, switch_check=switch, refresh=refresh,
         fallbacks=len(plan.fallbacks), projected=len(plan.matrices),
@@ -148,6 +151,7 @@ ROWS = [
     ("grads (fp32 shard)", "grads"),
     ("moments", "moments"),
     ("projectors", "projectors"),
+    ("switch reference (d_init)", "switch_state"),
     ("optimizer state", "optimizer"),
     ("TOTAL per rank", "total"),
     ("FSDP all-gather / micro", "all_gather"),

@@ -68,7 +68,8 @@ class Trainer:
                             f"({model_cfg.max_seq_len}); raise model.max_seq_len")
 
         torch.manual_seed(cfg.seed)  # the same initial weights on every rank and in every mode
-        self.model = Llama(model_cfg).to(self.device)
+        with torch.device(self.device):  # built where it trains: no full host copy per rank
+            self.model = Llama(model_cfg)
         self.model = runtime.wrap_model(self.model, cfg)
         self.optimizer = runtime.build_optimizer(self.model, cfg.optim)
         self.autocast = resolve_autocast(t.dtype, self.device)

@@ -14,6 +14,7 @@ directory holding ``ref_<method>.pt``, the single-process runs, instead of compu
 from __future__ import annotations
 
 import contextlib
+import faulthandler
 import json
 import math
 import traceback
@@ -149,6 +150,7 @@ def gather(value):
 
 
 def main(options: dict, workdir: Path) -> None:
+    faulthandler.enable()  # a native abort (SIGABRT) still shows the Python stack in the rank's log
     torch.set_num_threads(1)
     rt = init_distributed(DistConfig(backend="gloo"))
     rank, world = rt.rank, rt.world_size

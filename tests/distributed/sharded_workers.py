@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from torch.distributed.fsdp import FSDPModule
 from torch.distributed.tensor import DTensor
 
 from lotus_dist.distributed.collectives import MatrixComm, chunk_sizes
@@ -50,6 +51,17 @@ def batch(step: int) -> tuple[torch.Tensor, torch.Tensor]:
     return toks[:, :-1], toks[:, 1:]
 
 
+def loss_of(model, x, y, world: int = 1) -> torch.Tensor:
+    """Mean cross-entropy over the global batch in the logits' dtype, this rank's share of it (1/world).
+
+    The ranks' shares are summed (gradient divide factor 1, see ``sharded_model``) rather than their means
+    averaged: the model's fp32 RMSNorm backward would otherwise see gradients scaled by 1/64 instead of 1/192 at
+    world 3 and round them differently from one process (powers of two scale exactly).
+    """
+    logits = model(x)
+    return torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1)) / world
+
+
 def full(t):
     return t.full_tensor() if isinstance(t, DTensor) else t
 
@@ -66,7 +78,7 @@ def reference_run(method: str, steps: int = STEPS, **extra) -> tuple[dict, list]
     log = []
     for step in range(steps):
         x, y = batch(step)
-        model(x, y).backward()
+        loss_of(model, x, y).backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
         log.append([opt.state[p].get("n_bases", 0) for p in projected(opt)])
@@ -79,6 +91,9 @@ def sharded_model(mesh, method: str, **extra):
     cfg = optim_cfg(method, **extra)
     plan = plan_for_model(model, dist.get_world_size(), RANK_R, solver=cfg.solver or "rsvd")
     apply_fsdp(model, mesh, plan, log_fn=lambda s: None)
+    for module in model.modules():
+        if isinstance(module, FSDPModule):
+            module.set_gradient_divide_factor(1.0)  # sum the ranks' shares (loss_of)
     return model, build_sharded_optimizer(model, cfg, plan, mesh), plan
 
 
@@ -131,7 +146,7 @@ def train(model, opt, plan, steps: range, rank: int, world: int, record: list | 
     log = []
     for step in steps:
         x, y = batch(step)
-        model(x[rank * per:(rank + 1) * per], y[rank * per:(rank + 1) * per]).backward()
+        loss_of(model, x[rank * per:(rank + 1) * per], y[rank * per:(rank + 1) * per], world).backward()
         facts = step_facts(opt, plan, names)
         before = [opt.state.get(p, {}).get("n_bases", 0) for p in projected(opt)]
         ops: list = []

@@ -1,9 +1,10 @@
 """``dist.mode=ddp``: the matrix-granular owner backend on gloo (2 and 3 ranks).
 
-Tolerances: losses agree with the single-process run to 1e-5 relative (measured ~5e-7). Weights after 30 steps at
-lr 0.01 are compared by relative Frobenius distance against 1e-4: Adam's normalisation amplifies float reduction
-order, and two *single-process* runs that only split the batch into different micro-batches already differ by
-2-3e-5 (measured with this model and these steps), so 1e-5 would fail for reasons that are not the backend's.
+Tolerances: every step's loss agrees with the single-process run to 1e-5 relative (measured <= 3e-6), and the
+switch counts exactly. Weights after 30 steps at lr 0.01 are compared by the largest per-parameter relative
+Frobenius distance against 5e-4 (measured 4e-6 .. 1.3e-4): Adam's normalisation amplifies float reduction order,
+and two *single-process* runs that merely split the batch into different micro-batches already differ by 2-3e-5
+here, so a 1e-5 bound on weights would fail for reasons that are not the backend's.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from torch.distributed.checkpoint import FileSystemReader
 import owner_runs as R
 import owner_workers as W
 from lotus_dist.distributed.dcp_util import load_sharded
+from lotus_dist.distributed.owner import state_bytes
 from lotus_dist.model.llama import Llama
 from lotus_dist.optim import build_optimizer, switch_report
 from owner_runs import PARAM_TOL, check_run
@@ -36,15 +38,18 @@ def test_world3_equivalence(method):
 
 
 def test_optimizer_bytes_per_rank_shrink_with_world_size():
-    total = R.world2()["ref"]["lotus"]["bytes"]
+    sizes = state_bytes(build_optimizer(Llama(W.CFG), W.optim_cfg("lotus")))
+    total, biggest = sum(sizes.values()), max(sizes.values())
+    assert total == R.world2()["ref"]["lotus"]["bytes"]
+    worst = {}
     for res in (R.world2(), R.world3()):
         world = res["world"]
         per_rank = res["runs"]["ddp_lotus"]["bytes"]
-        # LPT on (state share + solver share): within 20% of total / W on this tiny model
-        assert max(per_rank) <= 1.2 * total / world, (world, per_rank, total)
-        loads = res["runs"]["ddp_lotus"]["loads"]
-        assert max(loads) / (sum(loads) / world) < 1.2, loads
-    assert max(R.world3()["runs"]["ddp_lotus"]["bytes"]) < max(R.world2()["runs"]["ddp_lotus"]["bytes"])
+        assert [mem for mem, _ in res["runs"]["ddp_lotus"]["loads"]] == per_rank  # measured = planned
+        # LPT: within 10% of the lower bound max(total / W, largest single parameter)
+        assert max(per_rank) <= 1.1 * max(total / world, biggest), (world, per_rank, total)
+        worst[world] = max(per_rank)
+    assert worst[3] < worst[2] < total
 
 
 def test_checkpoint_holds_every_parameter_once():
@@ -68,7 +73,8 @@ def test_resume_owner_checkpoint_in_one_process(mode, method):
     model = Llama(W.CFG)
     opt = build_optimizer(model, W.optim_cfg(method))
     load_sharded(R.ckpt(mode, method, 2), model, opt)
-    W.train(model, opt, W._Single(), 0, 1, R.SAVE_AT, R.STEPS, R.STEPS)
+    with R.one_thread():
+        W.train(model, opt, W._Single(), 0, 1, R.SAVE_AT, R.STEPS, R.STEPS)
     assert W.rel_diff(W.full_params(model), ref["params"]) < PARAM_TOL
     assert sum(switch_report(opt).values()) == ref["switches"]
 
