@@ -31,8 +31,7 @@ from lotus_dist.distributed.modes import Collective
 from lotus_dist.distributed.owner import BUCKET_MB, build_owner_optimizer
 from lotus_dist.errors import UserError
 
-_FLAT_PARTITIONS = ("hand the optimizer flat 1-D partitions of the parameters that cut matrices apart, which no "
-                    "low-rank projection can use")
+_CUT = "flat 1-D partitions of the parameters that cut matrices apart, which no low-rank projection can use"
 
 
 def import_deepspeed():
@@ -51,7 +50,7 @@ def _disable_shm_comm(deepspeed) -> None:
         deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
 
 
-def deepspeed_config(cfg, world_size: int) -> dict:
+def deepspeed_config(cfg, world_size: int, device_type: str = "cpu") -> dict:
     """The engine config: ``dist.deepspeed_config`` (a JSON file) with the batch keys filled from ours, or one
     generated from ours. Refuses what would cut matrices apart, and batch settings that contradict ours."""
     t = cfg.train
@@ -85,29 +84,23 @@ def deepspeed_config(cfg, world_size: int) -> dict:
             "steps_per_print": 2**31 - 1,  # our metrics logger reports
             "wall_clock_breakdown": False,
         }
-        if t.dtype == "bf16" or (t.dtype == "auto" and cfg.dist.backend != "gloo" and _cuda()):
+        if t.dtype == "bf16" or (t.dtype == "auto" and device_type == "cuda"):  # trainer.resolve_autocast's rule
             ds["torch_autocast"] = {"enabled": True, "dtype": "bfloat16"}  # applied by the trainer's autocast
     check_config(ds)
     return ds
 
 
-def _cuda() -> bool:
-    import torch
-
-    return torch.cuda.is_available()
-
-
 def check_config(ds: dict) -> None:
     stage = (ds.get("zero_optimization") or {}).get("stage", 0)
     if stage:
-        raise UserError(f"dist.mode=deepspeed: ZeRO stage {stage} is not supported: DeepSpeed's ZeRO stages "
-                        f"{_FLAT_PARTITIONS}; use stage 0 (lotus_dist shards optimizer state whole matrix by whole "
-                        f"matrix itself) or dist.mode=fsdp")
+        raise UserError(f"dist.mode=deepspeed: ZeRO stage {stage} is not supported: DeepSpeed's ZeRO stages hand "
+                        f"the optimizer {_CUT}; use stage 0 (lotus_dist shards the optimizer state whole matrix by "
+                        f"whole matrix itself) or dist.mode=fsdp")
     for key in ("bf16", "fp16"):
         if (ds.get(key) or {}).get("enabled"):
             raise UserError(f"dist.mode=deepspeed: '{key}.enabled' is not supported: DeepSpeed's {key} optimizer "
-                            f"wrapper keeps flat fp32 master partitions that {_FLAT_PARTITIONS.split('that ', 1)[1]}; "
-                            f"use train.dtype=bf16 (torch autocast over fp32 weights) instead")
+                            f"wrapper hands the optimizer {_CUT}; use train.dtype=bf16 (torch autocast over fp32 "
+                            f"weights) instead")
     if ds.get("optimizer") or ds.get("scheduler"):
         raise UserError("dist.mode=deepspeed: the DeepSpeed config must not define 'optimizer' or 'scheduler' "
                         "(the optimizer is optim.*, the schedule train.*)")
@@ -119,10 +112,17 @@ class DeepSpeedMode(Collective):
     engine = None
 
     def wrap_model(self, model, cfg):
-        self.deepspeed = import_deepspeed()
-        self.ds_config = deepspeed_config(cfg, self.world_size)  # refuse bad configs before any engine exists
+        # Bad configs are refused first, before DeepSpeed is imported or any engine exists.
+        self.ds_config = deepspeed_config(cfg, self.world_size, self.device.type)
         self.bucket_mb = cfg.dist.bucket_mb
-        self._model = model
+        self.deepspeed = import_deepspeed()
+        from deepspeed.accelerator import get_accelerator
+
+        accelerator = get_accelerator().device_name()
+        if accelerator != self.device.type:  # the engine would move the model to its accelerator
+            raise UserError(f"dist.mode=deepspeed: DeepSpeed's accelerator is '{accelerator}' but this run trains "
+                            f"on {self.device.type} (dist.backend={cfg.dist.backend}); set DS_ACCELERATOR="
+                            f"{self.device.type}")
         return model
 
     def build_optimizer(self, model, optim_cfg):

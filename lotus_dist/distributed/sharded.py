@@ -62,10 +62,10 @@ class _Layout:
 
 
 def _check_supported(group: dict, fallback: bool, projectors: str, name: str) -> None:
-    if fallback and (group["switch"] == "path_efficiency" or group["solver"] == "online_pca"):
-        raise UserError(f"optim.switch={group['switch']} / optim.solver={group['solver']} are not supported for the "
-                        f"fallback matrix {name} (Shard(0) with a left projector) under dist.mode=fsdp; use a world "
-                        f"size that divides its columns, or dist.mode=single")
+    if fallback and group["solver"] == "online_pca":
+        raise UserError(f"optim.solver=online_pca is not supported for the fallback matrix {name} (Shard(0) with a "
+                        f"left projector) under dist.mode=fsdp; use a world size that divides its columns, or "
+                        f"dist.mode=single")
     if projectors == "shard" and group["solver"] == "online_pca":
         raise UserError("optim.solver=online_pca trains its projector in place: use optim.projectors=replicate")
 

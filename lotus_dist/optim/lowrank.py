@@ -230,7 +230,8 @@ class LowRankAdamW(Optimizer):
         # of it this rank stores (all of it, or a 1/W slice)
         stored = self.comm_for(p).projector_storage(projector_shape(tuple(p.shape), side, r))
         st["projector"] = torch.zeros(stored, dtype=dtype, device=device)
-        POLICIES[group["switch"]].allocate(st, shape, side, r, dtype, device)
+        short = self.comm_for(p).short_size(projected_dim(shape, side))
+        POLICIES[group["switch"]].allocate(st, shape, side, r, dtype, device, short=short)
         if group["residual"] == "fira":
             st["fira_norm"] = torch.zeros((), dtype=torch.float32, device=device)
             st["fira_ready"] = 0

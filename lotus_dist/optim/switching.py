@@ -30,8 +30,8 @@ class Policy:
     name = ""
     default_gamma: float | None = None
 
-    def allocate(self, state: dict, shape, side: str, r: int, dtype, device) -> None:
-        pass
+    def allocate(self, state: dict, shape, side: str, r: int, dtype, device, short: int | None = None) -> None:
+        """``shape`` is this rank's piece of the matrix; ``short`` the global size of its projected side."""
 
     def advance(self, state: dict, group: dict) -> str:
         raise NotImplementedError
@@ -79,7 +79,7 @@ class Displacement(Policy):
     name = "displacement"
     default_gamma = 0.01
 
-    def allocate(self, state, shape, side, r, dtype, device):
+    def allocate(self, state, shape, side, r, dtype, device, short=None):
         state["tau"] = 0
         state["d_init"] = torch.zeros(lowrank_shape(shape, side, r), dtype=dtype, device=device)
 
@@ -122,11 +122,11 @@ class PathEfficiency(Policy):
     default_gamma = 0.5
 
     @staticmethod
-    def sketch_rows(shape, side):
-        return min(PE_SKETCH_ROWS, projected_dim(shape, side))
+    def sketch_rows(shape, side, short=None):
+        return min(PE_SKETCH_ROWS, projected_dim(shape, side) if short is None else short)
 
-    def allocate(self, state, shape, side, r, dtype, device):
-        s = self.sketch_rows(shape, side)
+    def allocate(self, state, shape, side, r, dtype, device, short=None):
+        s = self.sketch_rows(shape, side, short)
         state["pe_acc"] = torch.zeros(lowrank_shape(shape, side, r), dtype=torch.float32, device=device)
         state["pe_sketch"] = torch.zeros(lowrank_shape(shape, side, s), dtype=torch.float32, device=device)
         state["pe_count"] = 0
@@ -168,11 +168,12 @@ class PathEfficiency(Policy):
         Gf, Rf, Pf = G.float(), R.float(), P.float()
         inv = comm.reduce(Gf.square().sum()).rsqrt()
         s = state["pe_sketch"].shape[0 if side == "left" else 1]
-        d = projected_dim(tuple(G.shape), side)
+        d = comm.short_size(projected_dim(tuple(G.shape), side))  # Ψ spans the whole projected side
         seeded(gen, derive_seed(group["seed"], state["index"], state["n_bases"], SALT_PE + state["pe_window"]))
         psi = torch.randn(s, d, generator=gen, device=G.device, dtype=torch.float32) / math.sqrt(s)
-        if side == "left":  # Ψ (I − A Aᵀ) G = Ψ G − (Ψ A) R
-            sk = psi @ Gf - (psi @ Pf) @ Rf
+        if side == "left":  # Ψ (I − A Aᵀ) G = Ψ G − (Ψ A) R; Ψ G sums over the projected side (sharded: fallback)
+            psi_local = comm.local_projector(psi.T, side).T
+            sk = comm.reduce_short(psi_local @ Gf) - (psi @ Pf) @ Rf
         else:  # G (I − Bᵀ B) Ψᵀ = G Ψᵀ − R (B Ψᵀ)
             sk = Gf @ psi.T - Rf @ (Pf @ psi.T)
         state["pe_acc"].add_(Rf * inv)

@@ -2,13 +2,13 @@
 ``{"entry": "owner_workers", ...}`` (argv: options JSON, work directory). Rank 0 writes ``<tag>.result.json``.
 
 The loop below is the trainer's ``train_step`` (lr set on ``param_groups``, micro-batches under ``no_sync``, loss
-all-reduce, ``clip_grad_norm_`` over all parameters, ``step``, ``zero_grad``) on a tiny LLaMA, and every rank also
-computes the single-process reference trajectory itself.
+all-reduce, ``clip_grad_norm_`` over all parameters, ``step``, ``zero_grad``) on a tiny LLaMA, compared with the
+single-process trajectory (``refs``, or computed on every rank).
 
 options: tag, methods, modes (ddp, deepspeed), steps, save_at (step at which each (mode, method) run saves a DCP
-checkpoint under ``<workdir>/ckpt/<mode>_<method>_w<world>``), resume (list of [checkpoint dir, mode, method, step(, lenient)]:
-load into that mode at that step and continue to ``steps``; lenient: record an error instead of raising), refs (a
-directory holding ``ref_<method>.pt``, the single-process runs, instead of computing them on every rank).
+checkpoint under ``<workdir>/ckpt/<mode>_<method>_w<world>``), resume (list of [checkpoint dir, mode, method,
+step(, lenient)]: load into that mode at that step and continue to ``steps``; lenient: record an error instead of
+raising), refs (a directory holding ``ref_<method>.pt``, the single-process runs).
 """
 
 from __future__ import annotations
@@ -97,7 +97,8 @@ def train(model, opt, mode, rank: int, world: int, start: int, end: int, total: 
 
 def full_params(model) -> dict[str, torch.Tensor]:
     inner = getattr(model, "module", model)
-    return {n: (p.full_tensor() if hasattr(p, "full_tensor") else p).detach().clone() for n, p in inner.named_parameters()}
+    return {n: (p.full_tensor() if hasattr(p, "full_tensor") else p).detach().clone()
+            for n, p in inner.named_parameters()}
 
 
 def rel_diff(a: dict, b: dict) -> float:

@@ -42,7 +42,10 @@ COLLECTIVES = ("all_reduce", "all_gather", "broadcast", "gather", "reduce_scatte
 
 
 def optim_cfg(method: str, **extra) -> OptimConfig:
-    return OptimConfig(name=method, **{**OPTIM, **extra})
+    # Full-rank AdamW at its usual 1e-3: at 1e-2 its trajectory is chaotic enough that the model's fp32 RMSNorm
+    # rounding (one fp32 ulp flipped by a 1e-15 difference) grows to 1e-5 within 30 steps.
+    lr = {"lr": 1e-3} if method == "adamw" else {}
+    return OptimConfig(name=method, **{**OPTIM, **lr, **extra})
 
 
 def batch(step: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -85,11 +88,11 @@ def reference_run(method: str, steps: int = STEPS, **extra) -> tuple[dict, list]
     return {n: p.detach().clone() for n, p in model.named_parameters()}, log
 
 
-def sharded_model(mesh, method: str, **extra):
+def sharded_model(mesh, method: str, replicate: int = 1, **extra):
     torch.manual_seed(0)
     model = Llama(CFG).to(DTYPE)
     cfg = optim_cfg(method, **extra)
-    plan = plan_for_model(model, dist.get_world_size(), RANK_R, solver=cfg.solver or "rsvd")
+    plan = plan_for_model(model, dist.get_world_size(), RANK_R, solver=cfg.solver or "rsvd", replicate=replicate)
     apply_fsdp(model, mesh, plan, log_fn=lambda s: None)
     for module in model.modules():
         if isinstance(module, FSDPModule):
@@ -202,13 +205,18 @@ def rsvd_check(rank: int, world: int) -> dict:
 
 def main(options: dict, workdir: Path, rt) -> None:
     rank, world = rt.rank, rt.world_size
-    mesh = build_mesh(rt, 1)
+    meshes: dict = {}
     result: dict = {"world": world}
     params: dict = {}
     for run in options.get("runs", []):
         key, method, extra = run["key"], run["method"], run.get("extra", {})
-        model, opt, plan = sharded_model(mesh, method, **extra)
+        replicate = run.get("replicate", 1)  # > 1: HSDP, a (replicate, shard) mesh
+        if replicate not in meshes:
+            meshes[replicate] = build_mesh(rt, replicate)
+        mesh = meshes[replicate]
+        model, opt, plan = sharded_model(mesh, method, replicate, **extra)
         result.setdefault("fallbacks", sorted(p.name for p in plan.fallbacks))
+        result[f"{key}.placements"] = repr(dict(model.named_parameters())["layers.0.mlp.down_proj.weight"].placements)
         record: list = []
         if run.get("resume"):
             load_sharded(run["resume"], model, opt)
@@ -226,7 +234,7 @@ def main(options: dict, workdir: Path, rt) -> None:
         result[f"{key}.budget"] = record if rank == 0 else None
         params[key] = params_of(model)
         if run.get("same_world_resume"):  # a fresh model + optimizer loads the mid-run checkpoint in this launch
-            model2, opt2, plan2 = sharded_model(mesh, method, **extra)
+            model2, opt2, plan2 = sharded_model(mesh, method, replicate, **extra)
             load_sharded(run["save"], model2, opt2)
             train(model2, opt2, plan2, range(SAVE_AT, STEPS), rank, world)
             params[f"{key}.resumed"] = params_of(model2)

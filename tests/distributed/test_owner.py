@@ -13,14 +13,40 @@ import pytest
 import torch
 from torch.distributed.checkpoint import FileSystemReader
 
-import owner_runs as R
-import owner_workers as W
 from lotus_dist.distributed.dcp_util import load_sharded
-from lotus_dist.distributed.owner import state_bytes
+from lotus_dist.distributed.owner import lpt_owners, state_bytes
 from lotus_dist.model.llama import Llama
-from lotus_dist.optim import build_optimizer, switch_report
+from lotus_dist.optim import METHODS, build_optimizer, memory_report, switch_report
+
+import owner_runs as R  # tests/distributed is on sys.path via conftest.py
+import owner_workers as W
 from owner_runs import PARAM_TOL, check_run
 
+
+# ---- no processes --------------------------------------------------------------------------------------------------
+
+def test_state_bytes_are_measured_for_every_method():
+    """The LPT sizes come from the optimizer class itself on meta tensors: exactly what a real step allocates."""
+    for method in METHODS:
+        model = Llama(W.CFG)
+        cfg = W.optim_cfg(method)
+        opt = build_optimizer(model, cfg)
+        sizes = state_bytes(opt)
+        opt.init_state()
+        assert sum(sizes.values()) == memory_report(opt)["total"], method
+
+
+def test_lpt_owners_memory_first_then_solver():
+    # four equal matrices with solver work, two big solver-free tensors (embedding, lm_head)
+    costs = [(10, 5.0)] * 4 + [(40, 0.0)] * 2
+    owners = lpt_owners(costs, 3)
+    assert owners[4] != owners[5]  # the two big ones apart
+    mem = [sum(c[0] for c, o in zip(costs, owners) if o == b) for b in range(3)]
+    assert sorted(mem) == [40, 40, 40]
+    assert lpt_owners(costs, 3) == owners  # deterministic
+
+
+# ---- gloo launches -----------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("method", R.METHODS)
 def test_world2_equivalence_switches_and_partition(method):

@@ -20,7 +20,7 @@ KEYS = ("step", "loss", "lr", "tokens", "val_loss", "grad_norm", "switches", "op
 
 def args_for(run_dir: Path, cache: Path, *extra: str) -> list[str]:
     return [*SMALL, f"train.steps={STEPS}", "train.eval_every=6", "checkpoint.every=4", "optim.gamma=0.1",
-            "optim.verify_gap=3", "optim.name=adamw", f"run.dir={run_dir}", f"data.cache_dir={cache}", *extra]
+            "optim.verify_gap=3", f"run.dir={run_dir}", f"data.cache_dir={cache}", *extra]
 
 
 def trajectory(run_dir: Path) -> list[dict]:
@@ -90,7 +90,7 @@ def _children(pid: int) -> list[int]:
 @pytest.mark.parametrize("nproc", [0, 2])
 def test_sigterm_saves_at_the_next_step_boundary_and_exits_0(tmp_path, nproc):
     run_dir = tmp_path / "run"
-    args = [*SMALL, "train.steps=500", "optim.name=adamw", "train.eval_every=0", "checkpoint.every=0", f"run.dir={run_dir}",
+    args = [*SMALL, "train.steps=500", "train.eval_every=0", "checkpoint.every=0", f"run.dir={run_dir}",
             f"data.cache_dir={tmp_path / 'cache'}"]
     proc = start(nproc, args)
     _wait_for_step(run_dir, 3, proc)
