@@ -11,6 +11,14 @@
   back into local tensors. Scalars (step, tau, n_bases, index, ...) stay primitives.
 
 Plain parameters are AdamW on their local shards (the fused kernel, no communication).
+
+Solvers: ``rsvd`` always runs in the distributed sketch form (it equals the one-process rsvd to rounding). The
+exact ``svd`` (galore, fira, online_pca's first basis) always refreshes on the plan's owner rank, whatever
+``optim.refresh`` says: G is gathered there, LAPACK solves it exactly as one process would (GaLore's own sign
+choices included, which a moment-keeping method depends on), and the projector is broadcast. Trade-off against a
+distributed Gram eigendecomposition (all-reduce of the short x short Gram): one m x n gather per refresh (every
+T = 200 steps) and solves serialised on LPT-balanced owners, instead of differing from fp32 svd by eps·σ₁/gap and
+needing a long x long Gram for the fallback matrices.
 """
 
 from __future__ import annotations
