@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
@@ -79,8 +80,27 @@ def init_distributed(dist_cfg) -> Runtime:
     if not dist.is_initialized():
         # device_id binds NCCL's communicator to this GPU eagerly (and silences the "guessing device" warning).
         kwargs = {"device_id": device} if device.type == "cuda" else {}
+        store = _attempt_store(world)
+        if store is not None:
+            kwargs["store"] = store
         dist.init_process_group(backend=backend, rank=rank, world_size=world, **kwargs)
     return Runtime(rank, world, local_rank, device, backend, True)
+
+
+def _attempt_store(world: int):
+    """The torchelastic agent's store, namespaced by restart attempt; None outside torchelastic.
+
+    After an elastic restart the workers are handed the same agent store as the attempt that failed, and the
+    process group's rendezvous keys (each rank's gloo/NCCL address) are not namespaced per attempt: a new rank
+    could read a dead rank's address and fail with "connectFullMesh ... Connection refused". A prefix per attempt
+    makes every restart rendezvous on fresh keys.
+    """
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != str(True):
+        return None
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+    client = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world, is_master=False,
+                           timeout=timedelta(minutes=10))
+    return dist.PrefixStore(f"lotus/attempt_{attempt}", client)
 
 
 def build_mesh(runtime: Runtime, replicate: int = 1) -> DeviceMesh | None:
