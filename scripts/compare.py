@@ -28,6 +28,7 @@ REPO = Path(__file__).resolve().parents[1]
 # name -> overrides. The ablation rows of the Lotus paper: svd+fixed is GaLore, rsvd+displacement is Lotus.
 RUNS = {
     "adamw": ["optim.name=adamw"],
+    "adamw lr=0.01": ["optim.name=adamw", "optim.lr=0.01"],
     "galore (svd+fixed)": ["optim.name=galore"],
     "rsvd+fixed": ["optim.name=lotus", "optim.switch=fixed"],
     "lotus (rsvd+displacement)": ["optim.name=lotus"],
@@ -42,8 +43,9 @@ RUNS = {
 
 PRESETS = {
     # The embedded default run (200 steps x 2048 tokens), every method: about 2 min each on 2 idle cores.
+    # T = 50 for the fixed policies: GaLore's 200 would never switch in 200 steps (Lotus: eta = 20 in tiny.yaml).
     "cpu": {"config": "configs/tiny.yaml", "overrides": ["train.steps=200", "train.eval_every=40", "checkpoint.every=0",
-                                                          "log.every=10", "log.progress=false"],
+                                                          "log.every=10", "log.progress=false", "optim.update_gap=50"],
             "adamw_lr": 0.003},
     # GaLore's 60M protocol (ALGORITHMS.md section 8): 10K steps, batch 512 x 256 on C4, for a GPU node.
     "galore_60m": {"config": "configs/llama_60m.yaml", "overrides": ["log.progress=false", "checkpoint.every=0"],
@@ -52,12 +54,12 @@ PRESETS = {
 
 
 def run_one(name: str, overrides: list[str], preset: dict, out: Path, extra: list[str], nproc: int) -> Path:
-    run_dir = out / "runs" / name.split(" ")[0]
+    run_dir = out / "runs" / name.split(" (")[0].replace(" ", "_").replace("=", "")
     launcher = [sys.executable] if nproc <= 1 else [sys.executable, "-m", "torch.distributed.run", "--standalone",
                                                    f"--nproc_per_node={nproc}"]
     args = [*launcher, str(REPO / "pretrain.py"), "--config", str(REPO / preset["config"]), *preset["overrides"],
             *overrides, *extra, f"run.dir={run_dir}", "checkpoint.resume=false"]
-    if "optim.name=adamw" in overrides:
+    if "optim.name=adamw" in overrides and not any(o.startswith("optim.lr=") for o in overrides):
         args.append(f"optim.lr={preset['adamw_lr']}")  # full-rank AdamW diverges at the low-rank methods' lr 0.01
     if run_dir.exists():
         import shutil
