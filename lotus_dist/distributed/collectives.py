@@ -133,7 +133,12 @@ class MatrixComm(Comm):
         dist.gather(buf, parts, dst=mine, group=self.group)
         if is_owner:
             full = torch.cat([p[:s] for p, s in zip(parts, self.sizes)]).movedim(0, self.shard_dim)
-            P = svd_projector(full, side, r).to(G.dtype).contiguous()
+            try:
+                P = svd_projector(full, side, r).to(G.dtype).contiguous()
+            except torch.linalg.LinAlgError:
+                # Broadcast the failure (NaN) rather than leave the other ranks waiting: every rank then takes
+                # the optimizer's solver fallback together.
+                P = G.new_full(self.full_projector, float("nan"))
         else:
             P = G.new_empty(self.full_projector)
         dist.broadcast(P, src=mine, group=self.group)

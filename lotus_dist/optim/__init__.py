@@ -5,7 +5,7 @@
 layer plugs in through ``subspace.Comm`` (``LowRankAdamW.set_comm``, ``LowRankAdamW.stats_comm``).
 """
 
-from .lowrank import LOWRANK_DEFAULTS, LowRankAdamW, memory_report, switch_report
+from .lowrank import LOWRANK_DEFAULTS, LowRankAdamW, memory_report, solver_fallback_report, switch_report
 from .methods import METHODS, PROJECTED_MODULES, build_optimizer, per_parameter_optimizers, route_parameters
 from .projfactor import ProjFactor
 from .subspace import Comm
@@ -16,6 +16,7 @@ __all__ = [
     "build_optimizer",
     "memory_report",
     "switch_report",
+    "solver_fallback_report",
     "METHODS",
     "LOWRANK_DEFAULTS",
     "PROJECTED_MODULES",

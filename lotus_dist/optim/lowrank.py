@@ -224,6 +224,7 @@ class LowRankAdamW(Optimizer):
         st["step"] = 0
         st["index"] = self._index_of(p)
         st["n_bases"] = 0
+        st["solver_fallbacks"] = 0  # solves that failed (degenerate gradient) and kept the previous basis
         st["exp_avg"] = torch.zeros(lowrank_shape(shape, side, r), dtype=dtype, device=device)
         st["exp_avg_sq"] = torch.zeros(lowrank_shape(shape, side, r), dtype=dtype, device=device)
         # the projector follows the global matrix (p.shape is global for a DTensor); the Comm decides what part
@@ -391,18 +392,31 @@ class LowRankAdamW(Optimizer):
         first = st["n_bases"] == 0
         gen = seeded(self._gen(G.device), derive_seed(group["seed"], st["index"], st["n_bases"], SALT_BASIS))
         with self._timer:
-            new = compute_projector(
-                group["solver"],
-                G,
-                side,
-                job.r,
-                gen=gen,
-                prev=None if first else P,
-                oversample=group["oversample"],
-                power_iters=group["power_iters"],
-                geodesic_step=group["geodesic_step"],
-                comm=comm,
-            )
+            try:
+                new = compute_projector(
+                    group["solver"],
+                    G,
+                    side,
+                    job.r,
+                    gen=gen,
+                    prev=None if first else P,
+                    oversample=group["oversample"],
+                    power_iters=group["power_iters"],
+                    geodesic_step=group["geodesic_step"],
+                    comm=comm,
+                )
+                # One sync per refresh (not per step). Under sharding every rank holds the same all-reduced or
+                # broadcast basis, so every rank takes the same branch below.
+                solved = bool(torch.isfinite(new).all())
+            except torch.linalg.LinAlgError:
+                solved = False
+        if not solved:
+            # A degenerate gradient broke the solver: never store a NaN basis. Keep the current basis (no switch),
+            # or start from a random orthonormal one; counted in the state for the logs.
+            st["solver_fallbacks"] += 1
+            if not first:
+                return
+            new = compute_projector("random", G, side, job.r, gen=gen, comm=comm)
         if not first:
             self._apply_moment_policy(group, st, P, new, side)
         job.P = comm.store_projector(st["projector"], new)
@@ -534,4 +548,10 @@ def switch_report(optimizer: Optimizer) -> dict[str, int]:
     return out
 
 
-__all__ = ["LowRankAdamW", "LOWRANK_DEFAULTS", "check_options", "memory_report", "switch_report"]
+def solver_fallback_report(optimizer: Optimizer) -> int:
+    """Basis solves that failed and fell back (kept the previous basis, or a random first one), in total."""
+    return sum(int(st.get("solver_fallbacks", 0)) for st in optimizer.state.values())
+
+
+__all__ = ["LowRankAdamW", "LOWRANK_DEFAULTS", "check_options", "memory_report", "switch_report",
+           "solver_fallback_report"]

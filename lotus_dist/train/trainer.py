@@ -172,7 +172,7 @@ class Trainer:
         previous = signal.signal(signal.SIGTERM, self._on_sigterm) if self._is_main_thread() else None
         last_eval = {}
         try:
-            from lotus_dist.optim import memory_report, switch_report
+            from lotus_dist.optim import memory_report, solver_fallback_report, switch_report
 
             self.model.train()
             clock, clock_tokens = time.perf_counter(), self.tokens
@@ -199,6 +199,7 @@ class Trainer:
                     record["tokens_per_s"] = (self.tokens - clock_tokens) / max(now - clock, 1e-9)
                     record["optimizer_state_bytes"] = memory_report(self.optimizer)["total"]
                     record["switches"] = sum(switch_report(self.optimizer).values())
+                    record["solver_fallbacks"] = solver_fallback_report(self.optimizer)
                     record["refresh_s"] = float(getattr(self.optimizer, "refresh_seconds", 0.0))
                     record["train_s"] = self.train_seconds
                     self.logger.log({"step": self.step, **record})
