@@ -107,3 +107,18 @@ def test_nonfinite_gradient_stops_with_a_checkpoint(tmp_path, small_overrides, m
     err = capsys.readouterr().err.strip()
     assert "non-finite" in err and "step 3" in err and len(err.splitlines()) == 1
     assert (tmp_path / "checkpoints/step_00000002/COMPLETE").exists()
+
+
+def test_retention_keeps_the_last_k_checkpoints(tmp_path, small_overrides):
+    args = small_overrides + ["train.steps=8", "train.eval_every=0", "checkpoint.every=2", "checkpoint.keep=2",
+                              f"run.dir={tmp_path}"]
+    assert run(args) == 0
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step_00000006", "step_00000008"]
+
+
+def test_checkpoint_of_another_method_is_refused(tmp_path, small_overrides, capsys):
+    assert run(small_overrides + ["train.steps=2", "train.eval_every=0", f"run.dir={tmp_path}"]) == 0
+    capsys.readouterr()
+    assert run(small_overrides + ["train.steps=4", "train.eval_every=0", f"run.dir={tmp_path}", "optim.name=galore"]) == 2
+    err = capsys.readouterr().err
+    assert "optim method 'lotus'" in err and "'galore'" in err and len(err.strip().splitlines()) == 1
