@@ -13,8 +13,8 @@
 Plain parameters are AdamW on their local shards (the fused kernel, no communication).
 
 Solvers: ``rsvd`` always runs in the distributed sketch form (it equals the one-process rsvd to rounding). The
-exact ``svd`` (galore, fira, online_pca's first basis) always refreshes on the plan's owner rank, whatever
-``optim.refresh`` says: G is gathered there, LAPACK solves it exactly as one process would (GaLore's own sign
+exact ``svd`` (galore, fira, online_pca's first basis, and rsvd methods under ``optim.refresh=owner``) refreshes on
+the plan's owner rank: G is gathered there, LAPACK solves it exactly as one process would (GaLore's own sign
 choices included, which a moment-keeping method depends on), and the projector is broadcast. Trade-off against a
 distributed Gram eigendecomposition (all-reduce of the short x short Gram): one m x n gather per refresh (every
 T = 200 steps) and solves serialised on LPT-balanced owners, instead of differing from fp32 svd by eps·σ₁/gap and
@@ -22,6 +22,8 @@ needing a long x long Gram for the fallback matrices.
 """
 
 from __future__ import annotations
+
+import dataclasses
 
 from dataclasses import dataclass
 
@@ -31,7 +33,7 @@ from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor, Replicate, Shard
 
 from lotus_dist.errors import UserError
-from lotus_dist.optim import LowRankAdamW, ProjFactor, build_optimizer
+from lotus_dist.optim import METHODS, LowRankAdamW, ProjFactor, build_optimizer
 
 from .collectives import MatrixComm, StatsComm
 from .plan import Plan
@@ -86,6 +88,10 @@ def build_sharded_optimizer(model: nn.Module, optim_cfg, plan: Plan, mesh: Devic
     projectors = getattr(optim_cfg, "projectors", "replicate")
     if projectors not in ("replicate", "shard"):
         raise UserError(f"optim.projectors: {projectors!r} is not one of replicate, shard")
+    method = METHODS.get(optim_cfg.name, {})
+    if getattr(optim_cfg, "refresh", "distributed") == "owner" and (optim_cfg.solver or method.get("solver")) == "rsvd":
+        # optim.refresh=owner: the exact SVD on each matrix's owner rank replaces the distributed rsvd.
+        optim_cfg = dataclasses.replace(optim_cfg, solver="svd")
     opt = build_optimizer(model, optim_cfg)
     if isinstance(opt, ProjFactor):
         raise UserError("optim.name=projfactor is not supported under dist.mode=fsdp yet (use dist.mode=single)")

@@ -63,9 +63,9 @@ class OptimConfig:
     geodesic_step: Optional[float] = None  # eta_g of grasswalk
     granularity: Optional[int] = None  # c of projfactor
     seed: int = 0  # seed of every random basis (with matrix index and switch count)
-    per_layer: bool = False  # optimizer step inside backward (post-accumulate-grad hooks)
+    per_layer: bool = False  # optimizer step inside backward (post-accumulate-grad hooks): not available yet
     projectors: str = "replicate"  # fsdp: replicate | shard
-    refresh: str = "distributed"  # fsdp: distributed (sketch rsvd) | owner (exact solver on one rank)
+    refresh: str = "distributed"  # fsdp: distributed (sketch rsvd) | owner (exact SVD on each matrix's owner rank)
 
 
 @dataclass

@@ -52,6 +52,9 @@ class Trainer:
         self.run_dir = Path(cfg.run.dir)
         t = cfg.train
 
+        if cfg.optim.per_layer:
+            raise UserError("optim.per_layer=true (the optimizer step inside backward) is not available yet; "
+                            "train with optim.per_layer=false")
         per_step = t.micro_batch_size * runtime.world_size
         if t.batch_size % per_step:
             raise UserError(f"config key 'train.batch_size' ({t.batch_size}) must be a multiple of "
