@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -34,8 +35,17 @@ def command(nproc: int, args: list[str], max_restarts: int = 0) -> list[str]:
 
 def launch(nproc: int, args: list[str], *, env: dict | None = None, max_restarts: int = 0, timeout: float = 240,
            check: bool = True) -> subprocess.CompletedProcess:
-    proc = subprocess.run(command(nproc, args, max_restarts), cwd=REPO, env=env_for(env), capture_output=True,
-                          text=True, timeout=timeout)
+    cmd = command(nproc, args, max_restarts)
+    # Its own session, so that a timeout kills torchrun's workers too, not only the agent.
+    with subprocess.Popen(cmd, cwd=REPO, env=env_for(env), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                          start_new_session=True) as popen:
+        try:
+            out, err = popen.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(popen.pid, signal.SIGKILL)
+            out, err = popen.communicate()
+            raise AssertionError(f"timed out after {timeout}s\n{out[-3000:]}\n{err[-6000:]}") from None
+    proc = subprocess.CompletedProcess(cmd, popen.returncode, out, err)
     if check and proc.returncode != 0:
         raise AssertionError(f"exit {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
     return proc
