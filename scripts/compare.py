@@ -110,10 +110,13 @@ def write_outputs(rows: list[dict], out: Path, header: str) -> None:
     import matplotlib.pyplot as plt
 
     fig, (by_tokens, by_time) = plt.subplots(1, 2, figsize=(12, 4.5))
-    for r in rows:
+    colors = plt.get_cmap("tab20").colors  # one distinct colour (and a line style) per run
+    for i, r in enumerate(rows):
         tokens, seconds, loss = zip(*r["curve"])
-        by_tokens.plot(tokens, loss, marker="o", ms=3, label=r["method"])
-        by_time.plot(seconds, loss, marker="o", ms=3, label=r["method"])
+        style = dict(marker="o", ms=3, color=colors[(2 * i) % 20 + (2 * i) // 20], ls="-" if i % 2 == 0 else "--",
+                     label=r["method"])
+        by_tokens.plot(tokens, loss, **style)
+        by_time.plot(seconds, loss, **style)
     by_tokens.set(xlabel="training tokens", ylabel="validation loss", title="validation loss vs tokens")
     by_time.set(xlabel="training wall time (s)", ylabel="validation loss", title="validation loss vs wall time")
     for ax in (by_tokens, by_time):
