@@ -19,9 +19,9 @@ import torch
 
 import owner_workers as W
 from dist_spawn import run_workers
-from lotus_dist.distributed.dcp_util import save_sharded
+from lotus_dist.distributed.dcp_util import load_sharded, save_sharded
 from lotus_dist.model.llama import Llama
-from lotus_dist.optim import build_optimizer
+from lotus_dist.optim import build_optimizer, switch_report
 from lotus_dist.train.metrics import read_metrics
 from pretrain_launch import SMALL, launch
 
@@ -142,3 +142,17 @@ def check_pretrain(metrics: list[dict], single: list[dict]) -> None:
         assert abs(a["loss"] - b["loss"]) <= LOSS_TOL * abs(b["loss"]), (a, b)
         assert a["switches"] == b["switches"], (a, b)
     assert metrics[-1]["optimizer_state_bytes"] < single[-1]["optimizer_state_bytes"]
+
+
+def check_resume_in_one_process(mode: str, method: str) -> None:
+    """A world-2 checkpoint of ``mode`` loads into one plain process and continues the single trajectory."""
+    world2()
+    ref = reference(method)
+    torch.manual_seed(7)
+    model = Llama(W.CFG)
+    opt = build_optimizer(model, W.optim_cfg(method))
+    load_sharded(ckpt(mode, method, 2), model, opt)
+    with one_thread():
+        W.train(model, opt, W._Single(), 0, 1, SAVE_AT, STEPS, STEPS)
+    assert W.rel_diff(W.full_params(model), ref["params"]) < PARAM_TOL
+    assert sum(switch_report(opt).values()) == ref["switches"]

@@ -12,18 +12,13 @@ import subprocess
 import sys
 
 import pytest
-import torch
 
-from lotus_dist.distributed.dcp_util import load_sharded
 from lotus_dist.distributed.deepspeed import deepspeed_config
 from lotus_dist.errors import UserError
-from lotus_dist.model.llama import Llama
-from lotus_dist.optim import build_optimizer, switch_report
 from lotus_dist.train.config import load_config
 from lotus_dist.train.metrics import read_metrics
 
 import owner_runs as R  # tests/distributed is on sys.path via conftest.py
-import owner_workers as W
 from dist_spawn import free_port
 from owner_runs import PARAM_TOL, check_run
 from pretrain_launch import REPO, SMALL, env_for, launch
@@ -87,16 +82,7 @@ def test_equivalence_world2_and_world3(needs_deepspeed, method):
 
 @pytest.mark.parametrize("method", ["lotus", "adamw"])
 def test_resume_deepspeed_checkpoint_in_one_process(needs_deepspeed, method):
-    R.world2()
-    ref = R.reference(method)
-    torch.manual_seed(7)
-    model = Llama(W.CFG)
-    opt = build_optimizer(model, W.optim_cfg(method))
-    load_sharded(R.ckpt("deepspeed", method, 2), model, opt)
-    with R.one_thread():
-        W.train(model, opt, W._Single(), 0, 1, R.SAVE_AT, R.STEPS, R.STEPS)
-    assert W.rel_diff(W.full_params(model), ref["params"]) < PARAM_TOL
-    assert sum(switch_report(opt).values()) == ref["switches"]
+    R.check_resume_in_one_process("deepspeed", method)
 
 
 def _resumed(key: str) -> dict:

@@ -10,13 +10,11 @@ here, so a 1e-5 bound on weights would fail for reasons that are not the backend
 from __future__ import annotations
 
 import pytest
-import torch
 from torch.distributed.checkpoint import FileSystemReader
 
-from lotus_dist.distributed.dcp_util import load_sharded
 from lotus_dist.distributed.owner import lpt_owners, state_bytes
 from lotus_dist.model.llama import Llama
-from lotus_dist.optim import METHODS, build_optimizer, memory_report, switch_report
+from lotus_dist.optim import METHODS, build_optimizer, memory_report
 
 import owner_runs as R  # tests/distributed is on sys.path via conftest.py
 import owner_workers as W
@@ -93,22 +91,13 @@ def test_checkpoint_holds_every_parameter_once():
 
 @pytest.mark.parametrize("mode, method", [("ddp", "lotus"), ("ddp", "galore")])
 def test_resume_owner_checkpoint_in_one_process(mode, method):
-    R.world2()
-    ref = R.reference(method)
-    torch.manual_seed(7)
-    model = Llama(W.CFG)
-    opt = build_optimizer(model, W.optim_cfg(method))
-    load_sharded(R.ckpt(mode, method, 2), model, opt)
-    with R.one_thread():
-        W.train(model, opt, W._Single(), 0, 1, R.SAVE_AT, R.STEPS, R.STEPS)
-    assert W.rel_diff(W.full_params(model), ref["params"]) < PARAM_TOL
-    assert sum(switch_report(opt).values()) == ref["switches"]
+    R.check_resume_in_one_process(mode, method)
 
 
 def test_resume_other_world_size_and_from_single():
     res = R.world3()["resume"]
     ref = R.reference("lotus")
-    for src in (f"ddp_lotus_w2", "single_lotus_w1"):
+    for src in ("ddp_lotus_w2", "single_lotus_w1"):
         got = res[f"{src}->ddp_w3"]
         assert "error" not in got, got.get("error")
         assert got["param_rel"] < PARAM_TOL, (src, got)

@@ -3,7 +3,6 @@ graceful stop on SIGTERM, and input errors reported identically by every rank.""
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import time

@@ -1,6 +1,5 @@
 """Switch policies: decisions against the rules of ALGORITHMS.md section 4, evaluated independently in float64."""
 
-import math
 
 import pytest
 import torch
