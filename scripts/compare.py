@@ -17,6 +17,7 @@ import argparse
 import csv
 import json
 import platform
+import shutil
 import statistics
 import subprocess
 import sys
@@ -62,8 +63,6 @@ def run_one(name: str, overrides: list[str], preset: dict, out: Path, extra: lis
     if "optim.name=adamw" in overrides and not any(o.startswith("optim.lr=") for o in overrides):
         args.append(f"optim.lr={preset['adamw_lr']}")  # full-rank AdamW diverges at the low-rank methods' lr 0.01
     if run_dir.exists():
-        import shutil
-
         shutil.rmtree(run_dir)
     started = time.perf_counter()
     proc = subprocess.run(args, cwd=REPO, capture_output=True, text=True)

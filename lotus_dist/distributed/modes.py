@@ -7,6 +7,7 @@ The trainer only calls ``wrap_model``, ``build_optimizer``, ``no_sync``, ``all_r
 from __future__ import annotations
 
 import contextlib
+import importlib
 
 import torch
 import torch.distributed as dist
@@ -91,7 +92,17 @@ class FullyShardedDataParallel(Collective):
         return build_sharded_optimizer(model, optim_cfg, self.plan, mesh_of(model))
 
 
-MODES = {"single": SingleProcess, "fsdp": FullyShardedDataParallel}
+def _imported(module: str, name: str):
+    """A mode class imported on first use: owner.py and deepspeed.py import this module (Collective)."""
+    return lambda runtime: getattr(importlib.import_module(module), name)(runtime)
+
+
+MODES = {
+    "single": SingleProcess,
+    "fsdp": FullyShardedDataParallel,
+    "ddp": _imported("lotus_dist.distributed.owner", "OwnerDataParallel"),
+    "deepspeed": _imported("lotus_dist.distributed.deepspeed", "DeepSpeedMode"),
+}
 
 
 def build_parallelism(cfg):
@@ -106,7 +117,3 @@ def build_parallelism(cfg):
         raise UserError(f"dist.mode={mode} needs a torchrun launch (torchrun --nproc_per_node=N pretrain.py ...); "
                         "use dist.mode=auto or single for one process")
     return MODES[mode](runtime)
-
-
-MODES["ddp"] = lambda rt: __import__("lotus_dist.distributed.owner", fromlist=["_"]).OwnerDataParallel(rt)
-MODES["deepspeed"] = lambda rt: __import__("lotus_dist.distributed.deepspeed", fromlist=["_"]).DeepSpeedMode(rt)

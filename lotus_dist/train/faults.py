@@ -3,8 +3,8 @@
 A crash at a chosen point is the only way to test recovery repeatably. The variable holds one fault:
 ``<where>:rank=<r>:step=<s>`` with ``where`` one of ``after_step`` (SIGKILL right after optimizer step s),
 ``in_save`` (SIGKILL in the middle of writing the step-s checkpoint, after the shards and before the completion
-marker) or ``nan_grad`` (a NaN in one gradient of rank r during step s, as an overflow would produce). It fires only on the first torchrun attempt (``TORCHELASTIC_RESTART_COUNT`` 0 or unset), so an elastic
-restart runs clean. Unset in normal runs: then every check is one environment lookup.
+marker) or ``nan_grad`` (a NaN in one gradient of rank r during step s, as an overflow would produce). It fires
+only on the first torchrun attempt (``TORCHELASTIC_RESTART_COUNT`` 0 or unset), so an elastic restart runs clean. Unset in normal runs: then every check is one environment lookup.
 """
 
 from __future__ import annotations
