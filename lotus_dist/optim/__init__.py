@@ -5,8 +5,9 @@
 layer plugs in through ``subspace.Comm`` (``LowRankAdamW.set_comm``, ``LowRankAdamW.stats_comm``).
 """
 
+from .in_backward import OptimizerInBackward, units_of
 from .lowrank import LOWRANK_DEFAULTS, LowRankAdamW, memory_report, solver_fallback_report, switch_report
-from .methods import METHODS, PROJECTED_MODULES, build_optimizer, per_parameter_optimizers, route_parameters
+from .methods import METHODS, PROJECTED_MODULES, build_optimizer, route_parameters
 from .projfactor import ProjFactor
 from .subspace import Comm
 
@@ -21,6 +22,7 @@ __all__ = [
     "LOWRANK_DEFAULTS",
     "PROJECTED_MODULES",
     "route_parameters",
-    "per_parameter_optimizers",
     "Comm",
+    "OptimizerInBackward",
+    "units_of",
 ]

@@ -154,6 +154,7 @@ class LowRankAdamW(Optimizer):
         self._comms: dict[int, Comm] = {}
         self._gens: dict[str, torch.Generator] = {}
         self._indices: dict[int, int] | None = None
+        self._groups: dict[int, dict] | None = None
         self._timer = Timer()
         super().__init__(params, dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay))
 
@@ -172,7 +173,7 @@ class LowRankAdamW(Optimizer):
             param_group.pop("rank", None)
         super().add_param_group(param_group)
         param_group.setdefault("initial_lr", param_group["lr"])  # lr_0 of online_pca's projector lr
-        self._indices = None
+        self._indices = self._groups = None
 
     def set_comm(self, param: torch.Tensor, comm: Comm) -> None:
         """Communication for one projected matrix (the distributed layer); identity by default."""
@@ -261,6 +262,7 @@ class LowRankAdamW(Optimizer):
                 kept[key] = extra
                 state[key] = {k: v for k, v in st.items() if k not in extra}
         super().load_state_dict({**state_dict, "state": state})
+        self._groups = None  # torch's load puts new group dicts in place
         for key, extra in kept.items():
             p = params[key]
             for k, v in extra.items():
@@ -288,23 +290,101 @@ class LowRankAdamW(Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        jobs = []
+        plain, jobs = self._collect(None)
+        for group, params in plain:
+            self._adamw_group(group, params)
+        if jobs:
+            rows = self._prepare(jobs)
+            stats = self.stats_comm.reduce_stats(torch.stack(rows).float()).tolist() if rows else []
+            self._apply(jobs, stats)
+        return loss
+
+    @torch.no_grad()
+    def step_unit(self, params: Iterable[torch.Tensor], *, projected: dict[int, torch.Tensor] | None = None,
+                  max_norm: float = 0.0) -> float:
+        """Update only ``params``: one unit (an FSDP unit / block) of optimizer-in-backward (``in_backward.py``).
+
+        ``projected`` maps id(param) -> R accumulated over earlier micro-batches (added to R of ``param.grad``).
+        The unit's squared gradient norm rides as one more row in the switch statistics, so the switch consensus,
+        the non-finite check and per-unit clipping (``max_norm`` > 0) cost one reduction and one host sync per
+        unit. Returns that squared norm summed across ranks (of R for matrices given in ``projected``): if it is
+        not finite, nothing of the unit is updated.
+        """
+        projected = projected or {}
+        plain, jobs = self._collect({id(p) for p in params})
+        unit = [p for _, ps in plain for p in ps] + [job.p for job in jobs]
+        if not unit:
+            return 0.0
+        grads = [_local(p.grad) for p in unit]
+        zero = torch.zeros((), dtype=torch.float32, device=grads[0].device)
+        # [Σ‖G‖² of full gradients, Σ‖R‖² of accumulated projections, unused]: local partial sums
+        norm_row = torch.stack([
+            sum((g.float().square().sum() for p, g in zip(unit, grads) if id(p) not in projected), zero),
+            sum((projected[id(p)].float().square().sum() for p in unit if id(p) in projected), zero),
+            zero,
+        ])
+        rows = [norm_row] + self._prepare(jobs, projected)
+        stats = self.stats_comm.reduce_stats(torch.stack(rows).float()).tolist()
+        norm_sq = stats[0][0] + stats[0][1]
+        if not math.isfinite(norm_sq):
+            return norm_sq
+        if max_norm > 0.0:
+            coef = max_norm / (math.sqrt(norm_sq) + 1e-6)  # torch.nn.utils.clip_grad_norm_'s rule, per unit
+            if coef < 1.0:
+                for g in grads:
+                    g.mul_(coef)
+                for job in jobs:
+                    if job.R is not None:
+                        job.R.mul_(coef)
+        for group, ps in plain:
+            self._adamw_group(group, ps)
+        self._apply(jobs, stats[1:])
+        return norm_sq
+
+    def _collect(self, ids: set[int] | None) -> tuple[list[tuple[dict, list]], list[_Job]]:
+        """(plain groups with their parameters that have a gradient, projected jobs), limited to ``ids``."""
+        plain, jobs = [], []
         for group in self.param_groups:
+            params = [p for p in group["params"] if p.grad is not None and (ids is None or id(p) in ids)]
             if group.get("rank") is None:
-                self._adamw_group(group)
+                if params:
+                    plain.append((group, params))
                 continue
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
+            for p in params:
                 if p.grad.is_sparse:
                     raise RuntimeError("LowRankAdamW does not support sparse gradients")
                 st = self.state[p] or self._init_lowrank_state(p, group)
                 jobs.append(_Job(group, p, st, *self._geometry(p, group)))
-        if jobs:
-            self._lowrank_step(jobs)
-        return loss
+        return plain, jobs
 
-    def _adamw_group(self, group: dict) -> None:
+    # ------------------------------------------------------------------------------ optimizer-in-backward support
+
+    def _group_of(self, p: torch.Tensor) -> dict:
+        if self._groups is None:
+            self._groups = {id(q): group for group in self.param_groups for q in group["params"]}
+        return self._groups[id(p)]
+
+    def accumulates_projected(self, p: torch.Tensor) -> bool:
+        """Whether gradient accumulation for ``p`` may keep only R = project(G) this step (optimizer-in-backward):
+        a projected matrix with a basis whose step neither switches nor checks, and whose method reads only R
+        (no Fira residual, no online PCA, no path-efficiency sketch of G)."""
+        group, st = self._group_of(p), self.state.get(p)
+        if group.get("rank") is None or not st or st["n_bases"] == 0:
+            return False
+        if group["residual"] != "none" or group["solver"] == "online_pca":
+            return False
+        return not POLICIES[group["switch"]].needs_gradient(st, group)
+
+    @torch.no_grad()
+    def project_gradient(self, p: torch.Tensor) -> torch.Tensor:
+        """R = project(p.grad) in the current basis, as the step would compute it (reduced where sharded)."""
+        group, st = self._group_of(p), self.state[p]
+        side, _ = self._geometry(p, group)
+        comm = self.comm_for(p)
+        P = comm.local_projector(comm.use_projector(st["projector"]), side)
+        return comm.reduce_projected(project(_local(p.grad), P, side))
+
+    def _adamw_group(self, group: dict, params: list[torch.Tensor]) -> None:
         """torch.optim.AdamW semantics: decoupled decay first, bias-corrected denominator.
 
         Uses torch's fused AdamW kernel (one pass over memory, ~8x faster than the op-by-op form on CPU) for
@@ -314,9 +394,7 @@ class LowRankAdamW(Optimizer):
         lr, (beta1, beta2), eps, wd = group["lr"], group["betas"], group["eps"], group["weight_decay"]
         buckets: dict[tuple, list[torch.Tensor]] = {}
         loop = []
-        for p in group["params"]:
-            if p.grad is None:
-                continue
+        for p in params:
             st = self.state[p] or self._init_adamw_state(p)
             st["step"] += 1
             if _FUSED_ADAMW and type(_local(p)) in (torch.Tensor, torch.nn.Parameter) and p.device.type in ("cpu", "cuda"):
@@ -353,8 +431,9 @@ class LowRankAdamW(Optimizer):
             denom = (st["exp_avg_sq"].sqrt() / bc2_sqrt).add_(eps)
             p.addcdiv_(st["exp_avg"], denom, value=-lr / bc1)
 
-    def _lowrank_step(self, jobs: list[_Job]) -> None:
-        # Phase 1: project with the current basis, advance host counters, collect the statistics rows.
+    def _prepare(self, jobs: list[_Job], projected: dict[int, torch.Tensor] | None = None) -> list[torch.Tensor]:
+        """Phase 1: project with the current basis and collect the statistics rows (host counters untouched, so a
+        unit whose gradient turns out non-finite can be left exactly as it was)."""
         rows: list[torch.Tensor] = []
         for job in jobs:
             st, G = job.state, _local(job.p.grad)
@@ -367,22 +446,27 @@ class LowRankAdamW(Optimizer):
             comm = self.comm_for(job.p)
             job.P = comm.use_projector(st["projector"])
             job.R = comm.reduce_projected(project(G, comm.local_projector(job.P, job.side), job.side))
-            job.action = POLICIES[job.group["switch"]].advance(st, job.group)
+            if projected and id(job.p) in projected:
+                job.R.add_(projected[id(job.p)])
+            job.action = POLICIES[job.group["switch"]].peek(st, job.group)
             if job.action == CHECK:
                 job.row = len(rows)
                 rows.append(POLICIES[job.group["switch"]].statistics(st, job.group, job.R))
-        # Phase 2: the step's only host sync, on the reduced [L, STATS_WIDTH] statistics.
-        stats = self.stats_comm.reduce_stats(torch.stack(rows).float()).tolist() if rows else []
-        # Phase 3: decide, switch, update.
+        return rows
+
+    def _apply(self, jobs: list[_Job], stats: list[list[float]]) -> None:
+        """Phase 3, after the one host sync on the reduced [L, STATS_WIDTH] statistics: decide, switch, update."""
         for job in jobs:
             if job.action == "init":
                 if stats[job.row][0] <= 0.0:
+                    job.P = job.R = None
                     continue  # zero gradient (e.g. DCP's initialising step): no projector, no step
                 job.switch = True
-            elif job.action == CHECK:
-                job.switch = POLICIES[job.group["switch"]].decide(job.state, job.group, stats[job.row])
             else:
-                job.switch = job.action == SWITCH
+                policy = POLICIES[job.group["switch"]]
+                action = policy.advance(job.state, job.group)
+                assert action == job.action, (action, job.action)
+                job.switch = policy.decide(job.state, job.group, stats[job.row]) if action == CHECK else action == SWITCH
             self._update(job)
             job.P = job.R = None
 

@@ -106,26 +106,4 @@ def build_optimizer(model: nn.Module, optim_cfg, names: Mapping[torch.Tensor, st
     return opt
 
 
-def per_parameter_optimizers(optimizer: LowRankAdamW) -> dict[torch.Tensor, LowRankAdamW]:
-    """One optimizer per parameter with its group's settings, for optimizer-in-backward (``optim.per_layer``).
-
-    Each keeps the matrix index of ``optimizer`` (so random bases are seeded as in the joint optimizer) and its
-    names and comms. Trade-off: a per-parameter step syncs for its own switch checks, so a step can cost up to one
-    host sync per projected matrix instead of one in total.
-    """
-    out = {}
-    for group in optimizer.param_groups:
-        settings = {k: v for k, v in group.items() if k not in ("params", "initial_lr")}
-        for p in group["params"]:
-            single = type(optimizer)([{"params": [p], **settings}], **optimizer.defaults)
-            single._indices = {id(p): optimizer._index_of(p)}
-            single.param_names = {id(p): optimizer.param_names[id(p)]} if id(p) in optimizer.param_names else {}
-            single._comms = {id(p): optimizer.comm_for(p)}
-            single.stats_comm = optimizer.stats_comm
-            for key in ("initial_lr",):
-                single.param_groups[0][key] = group.get(key, group["lr"])
-            out[p] = single
-    return out
-
-
-__all__ = ["METHODS", "per_parameter_optimizers", "PROJECTED_MODULES", "PART_KEYS", "build_optimizer", "is_projected", "route_parameters"]
+__all__ = ["METHODS", "PROJECTED_MODULES", "PART_KEYS", "build_optimizer", "is_projected", "route_parameters"]

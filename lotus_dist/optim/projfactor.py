@@ -56,9 +56,17 @@ class ProjFactor(LowRankAdamW):
     def _geometry(p, group):
         return "right", 0  # unused: ProjFactor has its own geometry (_dims)
 
-    def _lowrank_step(self, jobs) -> None:
+    def _prepare(self, jobs, projected=None):
+        if projected:
+            raise ValueError("ProjFactor accumulates full gradients: it has no fixed basis to accumulate R in")
+        return []  # no switch statistics: the random projector is redrawn on a schedule
+
+    def _apply(self, jobs, stats) -> None:
         for job in jobs:
             self._projfactor_update(job.group, job.p, job.state)
+
+    def accumulates_projected(self, p) -> bool:
+        return False
 
     def _projfactor_update(self, group: dict, p: torch.Tensor, st: dict) -> None:
         rows, cols, r = self._dims(p, group)

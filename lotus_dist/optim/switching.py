@@ -3,7 +3,8 @@
 A policy is a stateless singleton; everything it remembers lives in the parameter's optimizer state as tensors and
 ints. Each step runs in two halves so that the whole optimizer needs at most one host sync:
 
-1. ``advance`` (host counters only) says STAY, SWITCH, or CHECK. On CHECK the policy returns ``statistics``: a
+1. ``advance`` (host counters only) says STAY, SWITCH, or CHECK; ``peek`` says the same without advancing (what
+   optimizer-in-backward asks before a step: does this matrix need its full gradient, or only R?). On CHECK the policy returns ``statistics``: a
    row of ``STATS_WIDTH`` fp32 partial sums (sums of squares / dot products over the matrix's elements, so that a
    sharded matrix only needs the rows summed across ranks).
 2. The optimizer stacks every row into one [L, STATS_WIDTH] tensor, passes it through ``reduce_stats`` and syncs
@@ -33,8 +34,17 @@ class Policy:
     def allocate(self, state: dict, shape, side: str, r: int, dtype, device, short: int | None = None) -> None:
         """``shape`` is this rank's piece of the matrix; ``short`` the global size of its projected side."""
 
-    def advance(self, state: dict, group: dict) -> str:
+    def peek(self, state: dict, group: dict) -> str:
+        """What ``advance`` will return, without changing the state."""
         raise NotImplementedError
+
+    def advance(self, state: dict, group: dict) -> str:
+        return self.peek(state, group)
+
+    def needs_gradient(self, state: dict, group: dict) -> bool:
+        """Whether this step needs the full gradient G, not only R = project(G): a switch (or a check that may
+        switch) solves for a new basis from G, and some policies observe G every step."""
+        return self.peek(state, group) != STAY
 
     def statistics(self, state: dict, group: dict, R: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
@@ -58,14 +68,14 @@ class Fixed(Policy):
 
     name = "fixed"
 
-    def advance(self, state, group):
+    def peek(self, state, group):
         return SWITCH if state["step"] % group["update_gap"] == 0 else STAY
 
 
 class EveryStep(Policy):
     name = "every_step"
 
-    def advance(self, state, group):
+    def peek(self, state, group):
         return SWITCH
 
 
@@ -83,9 +93,13 @@ class Displacement(Policy):
         state["tau"] = 0
         state["d_init"] = torch.zeros(lowrank_shape(shape, side, r), dtype=dtype, device=device)
 
+    def peek(self, state, group):
+        return CHECK if (state["tau"] + 1) % group["verify_gap"] == 0 else STAY
+
     def advance(self, state, group):
+        action = self.peek(state, group)
         state["tau"] += 1
-        return CHECK if state["tau"] % group["verify_gap"] == 0 else STAY
+        return action
 
     def statistics(self, state, group, R):
         D = state["d_init"]
@@ -134,8 +148,11 @@ class PathEfficiency(Policy):
         state["pe_last_switch"] = 0
         state["pe_rho"] = 1.0
 
-    def advance(self, state, group):
+    def peek(self, state, group):
         return CHECK if state["pe_count"] >= group["window"] else STAY
+
+    def needs_gradient(self, state, group):
+        return True  # observe() sketches the part of every G outside the subspace
 
     def statistics(self, state, group, R):
         zero = torch.zeros((), dtype=torch.float32, device=R.device)

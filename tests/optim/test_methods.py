@@ -118,27 +118,6 @@ def test_every_method_lowers_the_loss(name):
     if name not in ("adamw",):
         assert sum(switch_report(opt).values()) >= (0 if name in ("lotus", "lotus_rho") else 1)
 
-
-def test_per_parameter_optimizers_follow_the_joint_one():
-    from lotus_dist.optim.methods import per_parameter_optimizers
-
-    cfg = OptimConfig(name="lotus", rank=4, verify_gap=2, gamma=0.5)
-    m1, m2 = _small_model(), _small_model()
-    joint = build_optimizer(m1, cfg)
-    split = per_parameter_optimizers(build_optimizer(m2, cfg))
-    assert len(split) == len(list(m2.parameters()))
-    for t in range(6):
-        gen = torch.Generator().manual_seed(t)
-        grads = [torch.randn(p.shape, generator=gen) for p in m1.parameters()]
-        for p, q, g in zip(m1.parameters(), m2.parameters(), grads):
-            p.grad, q.grad = g.clone(), g.clone()
-        joint.step()
-        for q in m2.parameters():
-            split[q].step()
-    for p, q in zip(m1.parameters(), m2.parameters()):
-        assert torch.equal(p, q)
-
-
 def test_works_with_torch_lr_scheduler_and_zero_grad_init():
     model = _small_model()
     opt = build_optimizer(model, OptimConfig(name="osd", rank=4))

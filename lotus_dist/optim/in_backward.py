@@ -1,0 +1,150 @@
+"""Optimizer-in-backward (``optim.per_layer=true``): each unit of weights is updated as soon as its gradients are
+ready, and its gradients are freed at once, so the full gradient of the whole model never exists.
+
+A unit is a group of parameters updated together: a transformer block (one FSDP unit), and the parameters outside
+the blocks (the FSDP root). ``register_post_accumulate_grad_hook`` tells us when a parameter's gradient is ready;
+under FSDP2 it fires on the sharded parameter right after the unit's reduce-scatter, so all of a unit's hooks fire
+together. When a unit's last gradient arrives, ``LowRankAdamW.step_unit`` updates it with one statistics reduction
+(switch consensus, non-finite check, optional per-unit clipping) and the gradients are dropped.
+
+Gradient accumulation over k micro-batches: a projected matrix whose step will neither switch nor check keeps only
+R = project(G) (long side x r) between micro-batches instead of G (m x n), so accumulation keeps the saving. A
+matrix that needs G this step (its first basis, a scheduled switch, a displacement check step that may switch,
+path-efficiency's sketch, a Fira residual, online PCA) and every plain parameter accumulate the full gradient as
+usual. Under FSDP every micro-batch reduce-scatters (no ``no_sync``): that is what fires the hooks on the shards.
+
+The LR schedule and the step counter advance once per optimizer step in the trainer, never in a hook.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable, Iterable
+
+import torch
+from torch import nn
+
+
+def units_of(model: nn.Module, root_as_one_unit: bool = False) -> list[list[nn.Parameter]]:
+    """The update units of a model with blocks in ``model.layers``: one per block, then the other parameters.
+
+    The parameters outside the blocks form one unit under FSDP (the root unit: their gradients arrive together);
+    in one process each is its own unit, so the large lm_head gradient is freed as soon as it is used.
+    """
+    in_blocks: set[int] = set()
+    units = []
+    for block in model.layers:
+        params = [p for p in block.parameters() if p.requires_grad]
+        in_blocks.update(id(p) for p in params)
+        units.append(params)
+    rest = [p for p in model.parameters() if p.requires_grad and id(p) not in in_blocks]
+    units.extend([rest] if root_as_one_unit else [[p] for p in rest])
+    return [u for u in units if u]
+
+
+class OptimizerInBackward:
+    """Drives ``optimizer.step_unit`` from post-accumulate-grad hooks.
+
+    Per optimizer step: ``begin_micro_batch(i)`` before the backward of micro-batch i (0 starts the step), then
+    ``end_step()`` after the last backward. ``on_nonfinite``: ``skip`` leaves a unit with a non-finite gradient
+    untouched and goes on with the others; ``stop`` updates nothing more in this step (the caller stops the run
+    without saving this partly applied step). ``before_update(params)`` runs on a unit's gradients just before its
+    update (fault injection in tests).
+    """
+
+    def __init__(self, optimizer, units: Iterable[Iterable[nn.Parameter]], *, grad_accum: int = 1,
+                 max_unit_norm: float = 0.0, on_nonfinite: str = "skip",
+                 before_update: Callable[[list[nn.Parameter]], None] | None = None):
+        if grad_accum < 1:
+            raise ValueError(f"grad_accum must be >= 1, got {grad_accum}")
+        if max_unit_norm > 0.0 and grad_accum > 1:
+            raise ValueError("per-unit clipping needs each unit's whole gradient, which low-rank accumulation does "
+                             "not keep: use one micro-batch per step or no clipping")
+        if on_nonfinite not in ("skip", "stop"):
+            raise ValueError(f"on_nonfinite: {on_nonfinite!r} is not one of skip, stop")
+        self.optimizer = optimizer
+        self.units = [list(u) for u in units]
+        self.grad_accum = grad_accum
+        self.max_unit_norm = max_unit_norm
+        self.on_nonfinite = on_nonfinite
+        self.before_update = before_update
+        self._unit_of = {id(p): i for i, unit in enumerate(self.units) for p in unit}
+        if len(self._unit_of) != sum(map(len, self.units)):
+            raise ValueError("a parameter appears in more than one update unit")
+        self._handles = [p.register_post_accumulate_grad_hook(self._on_gradient) for u in self.units for p in u]
+        self._last = True
+        self._start_step()
+
+    # ---- per step ------------------------------------------------------------------------------------------
+    def _start_step(self) -> None:
+        self._seen = [0] * len(self.units)
+        self._done = [False] * len(self.units)
+        self._accumulated: dict[int, torch.Tensor] = {}
+        self._projected_ids: set[int] = set()
+        self._norm_sq = 0.0
+        self._nonfinite_units = 0
+        self._halted = False
+
+    def begin_micro_batch(self, index: int) -> None:
+        if not 0 <= index < self.grad_accum:
+            raise ValueError(f"micro-batch index {index} outside [0, {self.grad_accum})")
+        if index == 0:
+            self._start_step()
+            if self.grad_accum > 1:  # decided once, from the state before the step
+                self._projected_ids = {id(p) for u in self.units for p in u
+                                       if self.optimizer.accumulates_projected(p)}
+        self._seen = [0] * len(self.units)
+        self._last = index == self.grad_accum - 1
+
+    def end_step(self) -> dict:
+        """Update the units whose gradients did not all arrive (unused parameters), then report the step:
+        ``grad_norm`` (global, before clipping; None when some matrices only kept R), ``nonfinite_units``,
+        ``halted`` (on_nonfinite=stop met a non-finite gradient)."""
+        for u, unit in enumerate(self.units):
+            if not self._done[u] and any(p.grad is not None for p in unit):
+                self._step(u)
+        exact = not self._projected_ids
+        report = {
+            "grad_norm": math.sqrt(self._norm_sq) if exact or not math.isfinite(self._norm_sq) else None,
+            "nonfinite_units": self._nonfinite_units,
+            "halted": self._halted,
+        }
+        self._start_step()
+        return report
+
+    def remove(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+
+    # ---- hooks -----------------------------------------------------------------------------------------------
+    def _on_gradient(self, p: torch.Tensor) -> None:
+        if not self._last:
+            if id(p) in self._projected_ids:  # keep R only: G (m x n) is freed right here
+                R = self.optimizer.project_gradient(p)
+                acc = self._accumulated.get(id(p))
+                self._accumulated[id(p)] = R if acc is None else acc.add_(R)
+                p.grad = None
+            return
+        u = self._unit_of[id(p)]
+        self._seen[u] += 1
+        if self._seen[u] == len(self.units[u]):
+            self._step(u)
+
+    def _step(self, u: int) -> None:
+        unit = self.units[u]
+        self._done[u] = True
+        if not self._halted:
+            if self.before_update is not None:
+                self.before_update(unit)
+            projected = {id(p): self._accumulated.pop(id(p)) for p in unit if id(p) in self._accumulated}
+            norm_sq = self.optimizer.step_unit(unit, projected=projected, max_norm=self.max_unit_norm)
+            self._norm_sq += norm_sq
+            if not math.isfinite(norm_sq):
+                self._nonfinite_units += 1
+                self._halted = self.on_nonfinite == "stop"
+        for p in unit:
+            p.grad = None
+
+
+__all__ = ["OptimizerInBackward", "units_of"]

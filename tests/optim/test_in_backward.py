@@ -1,0 +1,201 @@
+"""Optimizer-in-backward (optim.per_layer) against the whole-model step of the same optimizer, in one process."""
+
+import pytest
+import torch
+
+from lotus_dist.model.llama import Llama, llama_config
+from lotus_dist.optim import OptimizerInBackward, build_optimizer, switch_report, units_of
+from lotus_dist.train.config import OptimConfig
+
+SMALL = dict(vocab_size=64, dim=32, n_layers=2, n_heads=2, ffn_dim=48)
+# Switches happen within a few steps: the per-layer path must reproduce them, not only steady steps.
+FAST_SWITCHING = dict(rank=4, update_gap=3, verify_gap=2, gamma=0.5, window=2, t_min=2)
+
+
+def _model(seed=0):
+    torch.manual_seed(seed)
+    return Llama(llama_config("tiny", **SMALL))
+
+
+def _batches(steps, micro, rows=2, seq=12, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return [[torch.randint(0, SMALL["vocab_size"], (rows, seq + 1), generator=g) for _ in range(micro)]
+            for _ in range(steps)]
+
+
+def _whole_model_run(name, batches, **opts):
+    """The reference: backward over all micro-batches (loss / k), then optimizer.step() on the full gradient."""
+    model = _model()
+    opt = build_optimizer(model, OptimConfig(name=name, **opts))
+    for step in batches:
+        for b in step:
+            (model(b[:, :-1], b[:, 1:]) / len(step)).backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    return model, opt
+
+
+def _per_layer_run(name, batches, max_unit_norm=0.0, before_update=None, **opts):
+    model = _model()
+    opt = build_optimizer(model, OptimConfig(name=name, **opts))
+    k = len(batches[0])
+    stepper = OptimizerInBackward(opt, units_of(model), grad_accum=k, max_unit_norm=max_unit_norm,
+                                  before_update=before_update)
+    reports = []
+    for step in batches:
+        for i, b in enumerate(step):
+            stepper.begin_micro_batch(i)
+            (model(b[:, :-1], b[:, 1:]) / k).backward()
+        reports.append(stepper.end_step())
+        assert all(p.grad is None for p in model.parameters())  # every gradient freed by its unit
+    stepper.remove()
+    return model, opt, reports
+
+
+def _assert_same(m1, m2, atol=0.0):
+    for (name, p), q in zip(m1.named_parameters(), m2.parameters()):
+        if atol == 0.0:
+            assert torch.equal(p, q), name
+        else:
+            torch.testing.assert_close(p, q, atol=atol, rtol=0, msg=name)
+
+
+@pytest.mark.parametrize("name", ["lotus", "galore", "lotus_rho", "fira", "adamw", "projfactor"])
+def test_per_layer_equals_the_whole_model_step(name):
+    batches = _batches(steps=8, micro=1)
+    opts = dict(FAST_SWITCHING) if name != "adamw" else {}
+    if name == "projfactor":
+        opts = dict(rank=4, update_gap=3)
+    whole, whole_opt = _whole_model_run(name, batches, **opts)
+    per_layer, per_layer_opt, reports = _per_layer_run(name, batches, **opts)
+    _assert_same(whole, per_layer)  # same arithmetic in the same order per matrix: bitwise
+    if name not in ("adamw", "projfactor"):
+        assert switch_report(per_layer_opt) == switch_report(whole_opt)
+        assert sum(switch_report(per_layer_opt).values()) > 0
+    assert all(r["grad_norm"] > 0 and r["nonfinite_units"] == 0 for r in reports)
+
+
+def test_grad_norm_is_the_global_norm():
+    batches = _batches(steps=1, micro=1)
+    model = _model()
+    b = batches[0][0]
+    model(b[:, :-1], b[:, 1:]).backward()
+    expected = torch.nn.utils.clip_grad_norm_(model.parameters(), float("inf")).item()
+    _, _, reports = _per_layer_run("lotus", batches, **FAST_SWITCHING)
+    assert reports[0]["grad_norm"] == pytest.approx(expected, rel=1e-5)
+
+
+@pytest.mark.parametrize("name", ["lotus", "galore"])
+def test_low_rank_accumulation_equals_the_k_times_batch(name):
+    """k micro-batches with R accumulated (not G) on non-switch steps == one step on the k-times batch."""
+    k = 3
+    batches = _batches(steps=10, micro=k)
+    big = [[torch.cat(step)] for step in batches]  # the same sequences as one micro-batch
+    opts = dict(rank=4, update_gap=4, verify_gap=3, gamma=0.5)
+    whole, whole_opt = _whole_model_run(name, big, **opts)
+    per_layer, per_layer_opt, reports = _per_layer_run(name, batches, **opts)
+    _assert_same(whole, per_layer, atol=2e-6)
+    assert switch_report(per_layer_opt) == switch_report(whole_opt)
+    # The saving is real: most steps kept only R for the projected matrices (their norm is then not the G norm).
+    projected_steps = sum(r["grad_norm"] is None for r in reports)
+    assert projected_steps >= 5, reports
+
+
+def test_accumulation_keeps_only_R_between_micro_batches():
+    model = _model()
+    opt = build_optimizer(model, OptimConfig(name="lotus", rank=4, verify_gap=100))
+    stepper = OptimizerInBackward(opt, units_of(model), grad_accum=2)
+    batches = _batches(steps=2, micro=2)
+    checked = 0
+    for step in batches:
+        for i, b in enumerate(step):
+            stepper.begin_micro_batch(i)
+            model(b[:, :-1], b[:, 1:]).backward()
+            if i == 0 and stepper._projected_ids:  # second step: every projected matrix has its basis
+                checked += 1
+                projected = opt.param_groups[0]["params"]
+                assert all(p.grad is None for p in projected)
+                for p in projected:
+                    R = stepper._accumulated[id(p)]
+                    assert R.numel() == 4 * max(p.shape)  # long side x r, never m x n
+                assert all(p.grad is not None for p in opt.param_groups[1]["params"])
+        stepper.end_step()
+    assert checked == 1, "the second step should accumulate projections"
+
+
+def test_per_unit_clipping_matches_clipping_each_unit_by_hand():
+    batches = _batches(steps=3, micro=1)
+    max_norm = 0.05
+    model = _model()
+    opt = build_optimizer(model, OptimConfig(name="lotus", **FAST_SWITCHING))
+    units = units_of(model)
+    for step in batches:
+        b = step[0]
+        model(b[:, :-1], b[:, 1:]).backward()
+        for unit in units:
+            torch.nn.utils.clip_grad_norm_(unit, max_norm)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    clipped, _, reports = _per_layer_run("lotus", batches, max_unit_norm=max_norm, **FAST_SWITCHING)
+    _assert_same(model, clipped, atol=1e-6)
+    assert reports[0]["grad_norm"] > max_norm * len(units) ** 0.5  # the clipping was active
+
+
+def test_a_non_finite_unit_is_skipped_whole_and_the_others_update():
+    batches = _batches(steps=1, micro=1)
+    before = _model()
+    poisoned_unit = []
+
+    def poison(unit):
+        if not poisoned_unit:  # the first unit to update: the last block's... whichever backward reaches first
+            poisoned_unit.extend(unit)
+            unit[0].grad.view(-1)[0] = float("nan")
+
+    model, opt, reports = _per_layer_run("lotus", batches, before_update=poison, **FAST_SWITCHING)
+    assert reports[0]["nonfinite_units"] == 1 and reports[0]["grad_norm"] != reports[0]["grad_norm"]  # NaN
+    bad = {id(p) for p in poisoned_unit}
+    for p, q in zip(model.parameters(), before.parameters()):
+        if id(p) in bad:
+            assert torch.equal(p, q) and not opt.state.get(p)  # weights and state untouched
+        else:
+            assert not torch.equal(p, q)
+
+
+def test_stop_updates_nothing_after_the_first_non_finite_unit():
+    batches = _batches(steps=1, micro=1)
+    model = _model()
+    before = [p.detach().clone() for p in model.parameters()]
+    opt = build_optimizer(model, OptimConfig(name="lotus", **FAST_SWITCHING))
+    order = []
+
+    def poison(unit):
+        order.append(unit)
+        if len(order) == 2:
+            unit[0].grad.view(-1)[0] = float("inf")
+
+    stepper = OptimizerInBackward(opt, units_of(model), on_nonfinite="stop", before_update=poison)
+    b = batches[0][0]
+    stepper.begin_micro_batch(0)
+    model(b[:, :-1], b[:, 1:]).backward()
+    report = stepper.end_step()
+    assert report["halted"] and report["nonfinite_units"] == 1
+    changed = {id(p) for p, q in zip(model.parameters(), before) if not torch.equal(p, q)}
+    assert changed == {id(p) for p in order[0]}  # only the unit before the bad one
+    assert len(order) == 2  # nothing after it even reached its update
+
+
+def test_units_cover_every_parameter_once():
+    model = _model()
+    units = units_of(model)
+    assert sorted(id(p) for u in units for p in u) == sorted(id(p) for p in model.parameters())
+    assert len(units) == SMALL["n_layers"] + 3  # blocks, then embeddings, final norm and lm_head alone
+    assert len(units_of(model, root_as_one_unit=True)) == SMALL["n_layers"] + 1
+
+
+def test_bad_arguments_are_refused():
+    model = _model()
+    opt = build_optimizer(model, OptimConfig(name="lotus", rank=4))
+    with pytest.raises(ValueError, match="per-unit clipping"):
+        OptimizerInBackward(opt, units_of(model), grad_accum=2, max_unit_norm=1.0)
+    with pytest.raises(ValueError, match="on_nonfinite"):
+        OptimizerInBackward(opt, units_of(model), on_nonfinite="ignore")
