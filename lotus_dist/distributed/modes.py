@@ -1,6 +1,6 @@
 """How the trainer runs across processes: one object per ``dist.mode`` with the same small interface.
 
-The trainer only calls ``wrap_model``, ``build_optimizer``, ``no_sync``, ``all_reduce_mean``, ``all_reduce_sum``,
+The trainer only calls ``wrap_model``, ``build_optimizer``, ``update_units`` (optim.per_layer), ``no_sync``, ``all_reduce_mean``, ``all_reduce_sum``,
 ``any_rank``, ``barrier``, ``close`` and reads ``rank``, ``world_size``, ``device``.
 """
 
@@ -31,6 +31,12 @@ class SingleProcess:
 
         return build_optimizer(model, optim_cfg)
 
+    def update_units(self, model):
+        """The parameter groups optim.per_layer updates together inside backward (see optim/in_backward.py)."""
+        from lotus_dist.optim import units_of
+
+        return units_of(model)
+
     def no_sync(self, model, last: bool):
         return contextlib.nullcontext()
 
@@ -52,6 +58,10 @@ class SingleProcess:
 
 class Collective(SingleProcess):
     """Collectives over the default process group, shared by every multi-process mode."""
+
+    def update_units(self, model):
+        raise UserError(f"optim.per_layer=true works with dist.mode=single and fsdp, not {type(self).__name__}: "
+                        "here whole matrices are updated by their owner rank after the gradient all-reduce")
 
     def all_reduce_mean(self, tensor):
         dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
@@ -85,6 +95,11 @@ class FullyShardedDataParallel(Collective):
         log = print if self.rank == 0 else (lambda line: None)
         self.plan = plan
         return apply_fsdp(model, mesh, plan, param_dtype=param_dtype, reduce_dtype=reduce_dtype, log_fn=log)
+
+    def update_units(self, model):
+        from lotus_dist.optim import units_of
+
+        return units_of(model, root_as_one_unit=True)  # FSDP2 reduce-scatters the root's gradients together
 
     def build_optimizer(self, model, optim_cfg):
         from lotus_dist.distributed.sharded import build_sharded_optimizer, mesh_of

@@ -63,7 +63,10 @@ class OptimConfig:
     geodesic_step: Optional[float] = None  # eta_g of grasswalk
     granularity: Optional[int] = None  # c of projfactor
     seed: int = 0  # seed of every random basis (with matrix index and switch count)
-    per_layer: bool = False  # optimizer step inside backward (post-accumulate-grad hooks): not available yet
+    # Update each block (FSDP unit) inside backward and free its gradients at once (single, fsdp): no full-model
+    # gradient; with train.grad_accum > 1 projected matrices accumulate R (long x r), not G. Clip with
+    # train.grad_clip_unit (global-norm train.grad_clip must be 0).
+    per_layer: bool = False
     projectors: str = "replicate"  # fsdp: replicate | shard
     refresh: str = "distributed"  # fsdp: distributed (sketch rsvd) | owner (exact SVD on each matrix's owner rank)
 
@@ -94,6 +97,7 @@ class TrainConfig:
     micro_batch_size: int = 8  # per rank, per forward/backward
     seq_len: int = 128
     grad_clip: float = 1.0  # global-norm clipping; 0 = off
+    grad_clip_unit: float = 0.0  # optim.per_layer only: clip each block's (FSDP unit's) gradient norm; 0 = off
     warmup_ratio: float = 0.1
     min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio
     eval_every: int = 50
@@ -291,6 +295,16 @@ def validate(cfg: Config) -> None:
         )
     if t.grad_clip < 0:
         raise ConfigError(f"config key 'train.grad_clip' must be >= 0, got {t.grad_clip}")
+    if t.grad_clip_unit < 0:
+        raise ConfigError(f"config key 'train.grad_clip_unit' must be >= 0, got {t.grad_clip_unit}")
+    if cfg.optim.per_layer and t.grad_clip > 0:
+        raise ConfigError(
+            f"train.grad_clip={t.grad_clip} clips by the global gradient norm, which is not known while "
+            f"optim.per_layer=true updates each block during backward: set train.grad_clip=0, and "
+            f"train.grad_clip_unit=<max norm> to clip each block's gradient instead")
+    if t.grad_clip_unit > 0 and not cfg.optim.per_layer:
+        raise ConfigError("config key 'train.grad_clip_unit' applies to optim.per_layer=true only; "
+                          "use train.grad_clip for the global norm")
     if not 0 <= t.warmup_ratio < 1:
         raise ConfigError(f"config key 'train.warmup_ratio' must be in [0, 1), got {t.warmup_ratio}")
     if len(cfg.optim.betas) != 2:

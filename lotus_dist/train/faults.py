@@ -33,8 +33,8 @@ def maybe_crash(where: str, rank: int, step: int) -> None:
         os.kill(os.getpid(), signal.SIGKILL)
 
 
-def maybe_poison_gradients(model, rank: int, step: int) -> None:
-    """``nan_grad``: put a NaN into the first gradient this rank holds (after backward, before the step)."""
+def maybe_poison_gradients(params, rank: int, step: int) -> None:
+    """``nan_grad``: put a NaN into the first gradient of ``params`` this rank holds (before the update)."""
     if active("nan_grad", rank, step):
-        grad = next(p.grad for p in model.parameters() if p.grad is not None)
+        grad = next(p.grad for p in params if p.grad is not None)
         (grad.to_local() if hasattr(grad, "to_local") else grad).view(-1)[0] = float("nan")

@@ -26,7 +26,12 @@ from lotus_dist.train.schedule import lr_multiplier
 
 
 class NonFiniteError(UserError):
-    """A non-finite loss or gradient with ``train.on_nonfinite=stop``."""
+    """A non-finite loss or gradient with ``train.on_nonfinite=stop``. ``intact``: nothing of the bad step was
+    applied, so the state may be saved (False under optim.per_layer, where earlier blocks already updated)."""
+
+    def __init__(self, message: str, intact: bool = True):
+        super().__init__(message)
+        self.intact = intact
 
 
 def resolve_autocast(dtype: str, device: torch.device):
@@ -52,14 +57,16 @@ class Trainer:
         self.run_dir = Path(cfg.run.dir)
         t = cfg.train
 
-        if cfg.optim.per_layer:
-            raise UserError("optim.per_layer=true (the optimizer step inside backward) is not available yet; "
-                            "train with optim.per_layer=false")
         per_step = t.micro_batch_size * runtime.world_size
         if t.batch_size % per_step:
             raise UserError(f"config key 'train.batch_size' ({t.batch_size}) must be a multiple of "
                             f"train.micro_batch_size x world size ({t.micro_batch_size} x {runtime.world_size})")
         self.grad_accum = t.batch_size // per_step
+        if t.grad_clip_unit > 0 and self.grad_accum > 1:
+            raise UserError(f"train.grad_clip_unit needs each block's whole gradient, which low-rank accumulation "
+                            f"({self.grad_accum} micro-batches per step) does not keep: set train.micro_batch_size to "
+                            f"train.batch_size / world size ({t.batch_size // runtime.world_size}), or "
+                            f"train.grad_clip_unit=0")
 
         from lotus_dist.data import build_train_stream, build_val_blocks, load_tokenizer
 
@@ -75,6 +82,14 @@ class Trainer:
             self.model = Llama(model_cfg)
         self.model = runtime.wrap_model(self.model, cfg)
         self.optimizer = runtime.build_optimizer(self.model, cfg.optim)
+        self.in_backward = None  # optim.per_layer: blocks update inside backward (optim/in_backward.py)
+        if cfg.optim.per_layer:
+            from lotus_dist.optim import OptimizerInBackward
+
+            self._poisoned_step = 0
+            self.in_backward = OptimizerInBackward(
+                self.optimizer, runtime.update_units(self.model), grad_accum=self.grad_accum,
+                max_unit_norm=t.grad_clip_unit, on_nonfinite=t.on_nonfinite, before_update=self._fault_in_unit)
         self.autocast = resolve_autocast(t.dtype, self.device)
 
         self.stream = build_train_stream(cfg.data, self.tokenizer, seq_len=t.seq_len, micro_batch_size=t.micro_batch_size,
@@ -127,6 +142,8 @@ class Trainer:
 
     def train_step(self) -> dict:
         lr = self.set_lr()
+        if self.in_backward is not None:
+            return self.train_step_in_backward(lr)
         loss_sum = torch.zeros((), device=self.device)
         for micro in range(self.grad_accum):
             batch = next(self.stream).to(self.device, non_blocking=True)
@@ -135,7 +152,7 @@ class Trainer:
                 loss.backward()
             loss_sum += loss.detach()
         loss_sum = self.rt.all_reduce_mean(loss_sum)
-        maybe_poison_gradients(self.model, self.rt.rank, self.step + 1)
+        maybe_poison_gradients(self.model.parameters(), self.rt.rank, self.step + 1)
         # The global gradient norm, clipped when train.grad_clip > 0 (max_norm=inf only measures it): it is also
         # the non-finite check of every gradient, identical on all ranks.
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.train.grad_clip or float("inf"))
@@ -159,6 +176,49 @@ class Trainer:
         self.step += 1
         self.tokens += self.cfg.train.batch_size * self.cfg.train.seq_len
         return {"loss": loss_value, "lr": lr, "grad_norm": norm_value}
+
+    def train_step_in_backward(self, lr: float) -> dict:
+        """optim.per_layer: each block updates during backward; no optimizer.step() afterwards.
+
+        Every micro-batch runs its full backward with gradient sync (FSDP reduce-scatters each time: that is what
+        fires the hooks on the shards). Non-finite gradients are found per block: ``skip`` leaves that block
+        alone, ``stop`` stops without saving, since the blocks updated before it cannot be undone.
+        """
+        loss_sum = torch.zeros((), device=self.device)
+        for micro in range(self.grad_accum):
+            batch = next(self.stream).to(self.device, non_blocking=True)
+            self.in_backward.begin_micro_batch(micro)
+            with self.autocast():
+                loss = self.model(batch[:, :-1], batch[:, 1:]) / self.grad_accum
+            loss.backward()
+            loss_sum += loss.detach()
+        report = self.in_backward.end_step()
+        self.optimizer.zero_grad(set_to_none=True)  # a skipped block's gradients
+        loss_value = self.rt.all_reduce_mean(loss_sum).item()
+        record = {"loss": loss_value, "lr": lr}
+        if report["grad_norm"] is not None:  # None: some matrices accumulated only R, so there is no exact norm
+            record["grad_norm"] = report["grad_norm"]
+        if report["nonfinite_units"] or not math.isfinite(loss_value):
+            if self.cfg.train.on_nonfinite == "stop":
+                latest = self.checkpointer.latest()
+                raise NonFiniteError(
+                    f"non-finite loss ({loss_value}) or gradient in {report['nonfinite_units']} block(s) at step "
+                    f"{self.step + 1} with optim.per_layer=true: blocks updated earlier in that backward cannot be "
+                    f"undone, so this state is not saved; resume from the last checkpoint "
+                    f"({latest.name if latest else 'none yet'}); train.on_nonfinite=skip would skip such blocks",
+                    intact=False)
+            self.skipped_steps += 1
+            record["skipped"] = self.skipped_steps
+            record["skipped_units"] = report["nonfinite_units"]
+        self.step += 1
+        self.tokens += self.cfg.train.batch_size * self.cfg.train.seq_len
+        return record
+
+    def _fault_in_unit(self, unit) -> None:
+        """LOTUS_FAULT=nan_grad under optim.per_layer: poison the first block to update in the step."""
+        if self._poisoned_step != self.step + 1:
+            self._poisoned_step = self.step + 1
+            maybe_poison_gradients(unit, self.rt.rank, self.step + 1)
 
     # ---- the loop --------------------------------------------------------------------------------------------
     def _on_sigterm(self, signum, frame):
@@ -184,8 +244,9 @@ class Trainer:
                 started = time.perf_counter()
                 try:
                     record = self.train_step()
-                except NonFiniteError:
-                    self.save()  # the state before the bad step: nothing was applied from it
+                except NonFiniteError as error:
+                    if error.intact:
+                        self.save()  # the state before the bad step: nothing was applied from it
                     self.checkpointer.wait()
                     raise
                 self.train_seconds += time.perf_counter() - started

@@ -69,7 +69,9 @@ def test_checkpoint_of_another_model_is_refused(tmp_path, small_overrides, capsy
     (["train.steps=ten"], "'train.steps': expected an integer"),
     (["data.source=c4", "data.path=/nonexistent/c4"], "/nonexistent/c4"),
     (["data.tokenizer=/nonexistent/t.model"], "/nonexistent/t.model"),
-    (["optim.per_layer=true"], "optim.per_layer=true"),
+    (["optim.per_layer=true", "train.grad_clip=1.0"], "set train.grad_clip=0"),
+    (["train.grad_clip_unit=1.0"], "optim.per_layer=true only"),
+    (["optim.per_layer=true", "train.grad_clip=0", "train.grad_clip_unit=1.0"], "train.grad_clip_unit needs"),
 ])
 def test_bad_inputs_give_one_line(tmp_path, small_overrides, capsys, args, needle):
     assert run(small_overrides + [f"run.dir={tmp_path}"] + args) == 2
