@@ -137,6 +137,38 @@ def _method_numbers(cfg, model: nn.Module, plan: Plan, method: str, gather_bytes
     )
 
 
+def _per_layer_grads(model: nn.Module, plan: Plan, accum: int) -> int:
+    """Gradient bytes per rank at the peak of a lotus step with optim.per_layer=true (optim/in_backward.py).
+
+    One micro-batch: only one unit's gradient shards exist at a time (the largest unit). Accumulating: the plain
+    parameters keep their full gradient shards and each projected matrix an R (like a moment) across micro-batches,
+    plus one unit's gradient shards while that unit's hooks run. Switch/check steps accumulate G for the matrices
+    concerned, so those steps peak higher (at most the whole-model gradient).
+    """
+    units: dict[str, int] = {}  # gradient bytes of each unit
+    projected: dict[str, int] = {}  # of its projected matrices only
+    kept = 0  # what accumulation keeps across micro-batches
+    for name, p in model.named_parameters():
+        local = p.to_local()
+        unit = ".".join(name.split(".")[:2]) if name.startswith("layers.") else "root"
+        nbytes = local.numel() * STATE_BYTES
+        units[unit] = units.get(unit, 0) + nbytes
+        mp = plan.matrices.get(name)
+        if mp is None:
+            kept += nbytes
+        else:
+            projected[unit] = projected.get(unit, 0) + nbytes
+            kept += (mp.rank * mp.shape[1] if mp.fallback else local.shape[mp.state_dim] * mp.rank) * STATE_BYTES
+    if accum == 1:
+        return max(units.values())
+    return kept + max(projected.values(), default=0)
+
+
+def _per_layer_numbers(lotus: dict, model: nn.Module, plan: Plan, accum: int) -> dict:
+    grads = _per_layer_grads(model, plan, accum)
+    return {**lotus, "grads": grads, "total": lotus["params"] + grads + lotus["optimizer"]}
+
+
 def _fmt(b: float) -> str:
     if b == 0:
         return "0"
@@ -188,6 +220,9 @@ def dry_run(cfg, out: Callable[[str], None] = print) -> dict:
             model, plan = _sharded(cfg, mcfg, mesh, world, replicate, method)
             results[method] = _method_numbers(cfg, model, plan, method, gather_bytes, reduce_bytes)
             plans[method] = plan
+            if method == "lotus":
+                results["lotus+per_layer"] = _per_layer_numbers(results["lotus"], model, plan, accum)
+                plans["lotus+per_layer"] = plan
         n_params = count_parameters(model)
 
     lotus_plan = plans["lotus"]
@@ -206,11 +241,12 @@ def dry_run(cfg, out: Callable[[str], None] = print) -> dict:
         out(line)
     width = 28
     out("")
-    out(f"{'per rank (rank 0 = largest)':<{width}}" + "".join(f"{m:>14}" for m in METHODS))
+    columns = (*METHODS, "lotus+per_layer")
+    out(f"{'per rank (rank 0 = largest)':<{width}}" + "".join(f"{m:>16}" for m in columns))
     for label, key in ROWS:
-        out(f"{label:<{width}}" + "".join(f"{_fmt(results[m][key]):>14}" for m in METHODS))
+        out(f"{label:<{width}}" + "".join(f"{_fmt(results[m][key]):>16}" for m in columns))
     per_step = {m: accum * (r["all_gather"] + r["reduce_scatter"]) + r["lowrank_step"] for m, r in results.items()}
-    out(f"{'comm per optimizer step':<{width}}" + "".join(f"{_fmt(per_step[m]):>14}" for m in METHODS))
+    out(f"{'comm per optimizer step':<{width}}" + "".join(f"{_fmt(per_step[m]):>16}" for m in columns))
     out("")
     out(
         "refresh: galore = owner gathers G + broadcasts the projector (exact SVD); lotus = "
@@ -218,8 +254,11 @@ def dry_run(cfg, out: Callable[[str], None] = print) -> dict:
            f"distributed rsvd, (q+1)={(cfg.optim.power_iters or 2) + 1} sketch all-reduces + a k x k Gram")
         + f"; switch stats are all-reduced every {cfg.optim.verify_gap or 50} steps (lotus)"
     )
+    out("lotus+per_layer: grads = one block's gradient shards at a time"
+        + (" (one micro-batch per step)" if accum == 1 else
+           " + plain-parameter gradients and projected R accumulated across micro-batches (steady steps)"))
     out(f"planned in {time.perf_counter() - t0:.1f}s")
-    for m in METHODS:
+    for m in columns:
         results[m]["comm_per_step"] = per_step[m]
     results["n_params"] = n_params
     results["world"] = world

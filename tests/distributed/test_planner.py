@@ -47,3 +47,20 @@ def test_llama_7b_at_64_ranks_is_fast():
     assert time.perf_counter() - t0 < 60
     assert res["lotus"]["fallbacks"] == 0
     assert res["lotus"]["moments"] < res["adamw"]["moments"] / 3
+
+
+def test_per_layer_column_holds_one_block_of_gradients():
+    from lotus_dist.model.llama import Llama, llama_config
+
+    res, lines = run("model.name=tiny", "dist.world_size=1", "optim.rank=16", "train.batch_size=8",
+                     "train.micro_batch_size=8")
+    model = Llama(llama_config("tiny"))
+    block = sum(p.numel() for p in model.layers[0].parameters()) * 4
+    root = sum(p.numel() for n, p in model.named_parameters() if not n.startswith("layers.")) * 4
+    per_layer = res["lotus+per_layer"]
+    assert per_layer["grads"] == max(block, root)  # one unit at a time, no accumulation
+    assert per_layer["total"] == res["lotus"]["total"] - res["lotus"]["grads"] + per_layer["grads"]
+    accum, _ = run("model.name=tiny", "dist.world_size=1", "optim.rank=16", "train.batch_size=16",
+                   "train.micro_batch_size=8")
+    assert per_layer["grads"] < accum["lotus+per_layer"]["grads"] < accum["lotus"]["grads"]
+    assert any("lotus+per_layer" in line for line in lines)
