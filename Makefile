@@ -43,6 +43,8 @@ bench: install
 	$(PY) scripts/bench_optim.py $(ARGS)
 	@echo ">>> end-to-end training step: adamw vs galore vs lotus on llama_60m"
 	$(PY) scripts/bench_train.py
+	@echo ">>> peak memory of one training step: adamw vs galore vs lotus vs lotus+per_layer on llama_60m"
+	$(PY) scripts/bench_memory.py
 	@echo ">>> capacity planner: llama_7b on 64 ranks"
 	$(PY) pretrain.py --config configs/llama_7b.yaml --dry-run dist.world_size=64
 

@@ -110,6 +110,12 @@ def _local(t: torch.Tensor) -> torch.Tensor:
     return to_local() if callable(to_local) else t
 
 
+def _sq_norm(t: torch.Tensor) -> torch.Tensor:
+    """‖t‖² in fp32 without a t-sized temporary (``t.float().square()`` would allocate one: a per-layer step
+    would then hold two lm_head-sized buffers at its peak)."""
+    return torch.linalg.vector_norm(t, dtype=torch.float32).square()
+
+
 class _Job:
     """Transient per-step work item of one projected matrix (never stored in the state)."""
 
@@ -319,8 +325,8 @@ class LowRankAdamW(Optimizer):
         zero = torch.zeros((), dtype=torch.float32, device=grads[0].device)
         # [Σ‖G‖² of full gradients, Σ‖R‖² of accumulated projections, unused]: local partial sums
         norm_row = torch.stack([
-            sum((g.float().square().sum() for p, g in zip(unit, grads) if id(p) not in projected), zero),
-            sum((projected[id(p)].float().square().sum() for p in unit if id(p) in projected), zero),
+            sum((_sq_norm(g) for p, g in zip(unit, grads) if id(p) not in projected), zero),
+            sum((_sq_norm(projected[id(p)]) for p in unit if id(p) in projected), zero),
             zero,
         ])
         rows = [norm_row] + self._prepare(jobs, projected)
@@ -440,7 +446,7 @@ class LowRankAdamW(Optimizer):
             if st["n_bases"] == 0:
                 job.action = "init"
                 job.row = len(rows)
-                gsq = G.float().square().sum()
+                gsq = _sq_norm(G)
                 rows.append(torch.cat([gsq.reshape(1), gsq.new_zeros(STATS_WIDTH - 1)]))
                 continue
             comm = self.comm_for(job.p)

@@ -48,8 +48,10 @@ class _StorageAccount(TorchDispatchMode):
         self.peak = 0
 
     def count(self, t: torch.Tensor) -> None:
-        if is_traceable_wrapper_subclass(t):  # DTensor and the like: the memory is in the inner tensors, which
-            for name in t.__tensor_flatten__()[0]:  # ops inside the subclass's dispatch create out of our sight
+        # DTensor and the like hold their memory in inner tensors, made by ops run inside the subclass's own
+        # dispatch, out of this mode's sight: count those through the subclass.
+        if is_traceable_wrapper_subclass(t):
+            for name in t.__tensor_flatten__()[0]:
                 self.count(getattr(t, name))
             return
         s = _storage(t, self.device_type)
@@ -99,8 +101,8 @@ class PeakMemory:
             return self
         account = _StorageAccount(self.device.type)
         # What is live at entry is found through the garbage collector rather than explicit roots (model,
-        # optimizer, batch): it sees every tensor reachable from Python, wherever it is held, so the caller
-        # cannot forget one. ``type()`` rather than ``isinstance`` skips modules' lazy ``__getattr__``. Tensors
+        # optimizer, batch): it sees every tensor object Python holds, wherever it is held, so the caller cannot
+        # forget one. ``type()`` rather than ``isinstance`` skips modules' lazy ``__getattr__``. Tensors
         # only C++ holds (an autograd graph alive at entry) are missed; a training step starts without one.
         for obj in gc.get_objects():
             if issubclass(type(obj), torch.Tensor):
