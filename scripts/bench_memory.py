@@ -12,7 +12,8 @@ hooks and frees its gradients at once (``lotus_dist.optim.in_backward``): the fu
 matrices never exist together. The check line says whether its peak sits at least their size below plain lotus.
 That holds while gradients, not activations, set the peak: per-layer updates cannot lower the peak of the backward
 itself (activations, the logits and their gradient, the lm_head gradient), which is why the table is printed for
-two micro-batch shapes. "fwd+bwd" is the peak during forward and backward (for per-layer, updates included).
+two micro-batch shapes, and with activation checkpointing (``+ac``: one block's activations at a time).
+"fwd+bwd" is the peak during forward and backward (for per-layer, updates included).
 
     python scripts/bench_memory.py                        # llama_60m, micro-batches 1 x 64 and 1 x 256 (CPU: ~2 min)
     python scripts/bench_memory.py --model tiny --shapes 4x128 --rank 32
@@ -36,12 +37,13 @@ from lotus_dist.optim.in_backward import OptimizerInBackward, units_of  # noqa: 
 from lotus_dist.train.config import OptimConfig  # noqa: E402
 from lotus_dist.train.peak_memory import PeakMemory  # noqa: E402
 
-# method -> (OptimConfig keys, optimizer in backward)
+# method -> (OptimConfig keys, optimizer in backward, activation checkpointing)
 METHODS = {
-    "adamw": (dict(name="adamw", lr=1e-3), False),
-    "galore": (dict(name="galore"), False),
-    "lotus": (dict(name="lotus"), False),
-    "lotus+per_layer": (dict(name="lotus"), True),
+    "adamw": (dict(name="adamw", lr=1e-3), False, False),
+    "galore": (dict(name="galore"), False, False),
+    "lotus": (dict(name="lotus"), False, False),
+    "lotus+per_layer": (dict(name="lotus"), True, False),
+    "lotus+per_layer+ac": (dict(name="lotus"), True, True),
 }
 MIB = 2**20
 
@@ -55,10 +57,11 @@ def nbytes(params) -> int:
     return sum(p.numel() * p.element_size() for p in params)
 
 
-def measure(cfg, opts: dict, per_layer: bool, rank: int, batch: torch.Tensor, autocast) -> dict:
+def measure(cfg, opts: dict, per_layer: bool, recompute: bool, rank: int, batch: torch.Tensor, autocast) -> dict:
     """Peak bytes of one steady step of one method; everything it built is garbage when this returns."""
     torch.manual_seed(0)
     model = Llama(cfg).to(batch.device)
+    model.activation_checkpointing = recompute
     # Fixed and displacement switching only ever switch on schedule; a huge gap keeps the measured step steady.
     opt = build_optimizer(model, OptimConfig(rank=rank, **opts, update_gap=10**9, verify_gap=10**9))
     stepper = OptimizerInBackward(opt, units_of(model)) if per_layer else None
@@ -106,8 +109,8 @@ def main(argv=None) -> int:
     for shape in args.shapes.split(","):
         rows_, seq = (int(x) for x in shape.lower().split("x"))
         batch = make_batch(cfg.vocab_size, rows_, seq, device)
-        rows = {name: measure(cfg, opts, per_layer, args.rank, batch, autocast)
-                for name, (opts, per_layer) in METHODS.items()}
+        rows = {name: measure(cfg, opts, per_layer, recompute, args.rank, batch, autocast)
+                for name, (opts, per_layer, recompute) in METHODS.items()}
         report(args, device, rows_, seq, rows)
     return 0
 
@@ -115,10 +118,10 @@ def main(argv=None) -> int:
 def report(args, device, batch: int, seq: int, rows: dict) -> None:
     print(f"{args.model}, micro-batch {batch} x {seq}, rank {args.rank}, {device}: peak of one steady step "
           f"(fwd + bwd + optimizer), MiB")
-    print(f"{'method':16s} {'peak':>9s} {'fwd+bwd':>9s} {'at start':>9s} {'step adds':>10s} {'weights':>9s} "
+    print(f"{'method':19s} {'peak':>9s} {'fwd+bwd':>9s} {'at start':>9s} {'step adds':>10s} {'weights':>9s} "
           f"{'opt state':>10s}")
     for name, r in rows.items():
-        print(f"{name:16s} {r['peak'] / MIB:9.1f} {r['backward'] / MIB:9.1f} {r['start'] / MIB:9.1f} "
+        print(f"{name:19s} {r['peak'] / MIB:9.1f} {r['backward'] / MIB:9.1f} {r['start'] / MIB:9.1f} "
               f"{(r['peak'] - r['start']) / MIB:10.1f} {r['weights'] / MIB:9.1f} {r['state'] / MIB:10.1f}")
     saving = rows["lotus"]["peak"] - rows["lotus+per_layer"]["peak"]
     grads = rows["lotus"]["projected_grads"]

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 
 @dataclass(frozen=True)
@@ -142,6 +143,9 @@ class Llama(nn.Module):
         self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
         self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.lm_head = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
+        # Recompute each block's forward in backward (train.activation_checkpointing): one block's activations
+        # at a time instead of all of them; a training choice, not part of the model's identity.
+        self.activation_checkpointing = False
         if self.embed_tokens.weight.device.type != "meta":
             self.init_weights()
 
@@ -165,8 +169,9 @@ class Llama(nn.Module):
             raise ValueError(f"sequence length {t} exceeds model.max_seq_len {self.cfg.max_seq_len}")
         h = self.embed_tokens(tokens)
         cos, sin = rotary_cos_sin(t, self.cfg.head_dim, self.cfg.rope_theta, h.device, h.dtype)
+        recompute = self.activation_checkpointing and torch.is_grad_enabled()
         for layer in self.layers:
-            h = layer(h, cos, sin)
+            h = checkpoint(layer, h, cos, sin, use_reentrant=False) if recompute else layer(h, cos, sin)
         logits = self.lm_head(self.norm(h))
         if targets is None:
             return logits

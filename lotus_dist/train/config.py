@@ -97,6 +97,7 @@ class TrainConfig:
     micro_batch_size: int = 8  # per rank, per forward/backward
     seq_len: int = 128
     grad_clip: float = 1.0  # global-norm clipping; 0 = off
+    activation_checkpointing: bool = False  # recompute each block's forward in backward: less memory, ~1/3 more compute
     grad_clip_unit: float = 0.0  # optim.per_layer only: clip each block's (FSDP unit's) gradient norm; 0 = off
     warmup_ratio: float = 0.1
     min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio

@@ -80,6 +80,7 @@ class Trainer:
         torch.manual_seed(cfg.seed)  # the same initial weights on every rank and in every mode
         with torch.device(self.device):  # built where it trains: no full host copy per rank
             self.model = Llama(model_cfg)
+        self.model.activation_checkpointing = t.activation_checkpointing
         self.model = runtime.wrap_model(self.model, cfg)
         self.optimizer = runtime.build_optimizer(self.model, cfg.optim)
         self.in_backward = None  # optim.per_layer: blocks update inside backward (optim/in_backward.py)

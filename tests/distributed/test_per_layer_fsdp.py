@@ -19,8 +19,9 @@ ARGS = [*SMALL, "train.steps=10", "train.eval_every=0", "checkpoint.every=0", "o
 def test_fsdp_per_layer_follows_the_single_whole_model_run(tmp_path):
     args = [*ARGS, f"data.cache_dir={tmp_path / 'cache'}"]
     launch(0, [*args, "train.micro_batch_size=8", f"run.dir={tmp_path / 'single'}"])
-    # one micro-batch of 4 per rank: no accumulation
-    launch(2, [*args, "optim.per_layer=true", "train.micro_batch_size=4", f"run.dir={tmp_path / 'fsdp'}"])
+    # one micro-batch of 4 per rank: no accumulation; blocks recomputed in backward (FSDP2 re-gathers them)
+    launch(2, [*args, "optim.per_layer=true", "train.micro_batch_size=4", "train.activation_checkpointing=true",
+               f"run.dir={tmp_path / 'fsdp'}"])
     # two micro-batches of 2 per rank (R accumulated on steady steps), stopped at step 5 and resumed
     accum = [*args, "optim.per_layer=true", "train.micro_batch_size=2", f"run.dir={tmp_path / 'accum'}"]
     launch(2, [*accum, "train.stop_at=5"])

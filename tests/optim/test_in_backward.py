@@ -199,3 +199,19 @@ def test_bad_arguments_are_refused():
         OptimizerInBackward(opt, units_of(model), grad_accum=2, max_unit_norm=1.0)
     with pytest.raises(ValueError, match="on_nonfinite"):
         OptimizerInBackward(opt, units_of(model), on_nonfinite="ignore")
+
+
+def test_per_layer_with_activation_checkpointing_equals_the_whole_model_step():
+    """Recomputation in backward reads each block's weights before that block's hook updates them."""
+    batches = _batches(steps=6, micro=1)
+    whole, _ = _whole_model_run("lotus", batches, **FAST_SWITCHING)
+    model = _model()
+    model.activation_checkpointing = True
+    opt = build_optimizer(model, OptimConfig(name="lotus", **FAST_SWITCHING))
+    stepper = OptimizerInBackward(opt, units_of(model))
+    for step in batches:
+        b = step[0]
+        stepper.begin_micro_batch(0)
+        model(b[:, :-1], b[:, 1:]).backward()
+        stepper.end_step()
+    _assert_same(whole, model)
