@@ -113,7 +113,9 @@ def _local(t: torch.Tensor) -> torch.Tensor:
 def _sq_norm(t: torch.Tensor) -> torch.Tensor:
     """‖t‖² in fp32 without a t-sized temporary (``t.float().square()`` would allocate one: a per-layer step
     would then hold two lm_head-sized buffers at its peak)."""
-    return torch.linalg.vector_norm(t, dtype=torch.float32).square()
+    if t.dtype in (torch.float16, torch.bfloat16):
+        return torch.linalg.vector_norm(t, dtype=torch.float32).square()
+    return torch.linalg.vector_norm(t).float().square()  # fp32 as is; fp64 (tests) in fp64
 
 
 class _Job:

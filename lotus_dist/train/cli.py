@@ -53,7 +53,10 @@ def main(argv=None) -> int:
         return 0
     except UserError as e:
         # Every rank reaches this with the same cause (inputs are checked before any collective that could hang).
-        print(f"error: {e}", file=sys.stderr, flush=True)
+        # One write of the whole line: under torchrun every rank reports on the same stream, and print() writes
+        # the text and the newline separately (unbuffered stderr), which lets two ranks' lines interleave.
+        sys.stderr.write(f"error: {e}\n")
+        sys.stderr.flush()
         return 2
     finally:
         if parallel is not None:
