@@ -1,5 +1,6 @@
-"""optim.per_layer=true under torchrun + FSDP2 (2 gloo ranks): the hooks fire on the sharded parameters, and the
-run follows the single-process whole-model run, with and without low-rank accumulation, across a resume.
+"""optim.per_layer=true under torchrun + FSDP2 (2 gloo ranks, and HSDP on 4): the hooks fire on the sharded
+parameters, and the run follows the single-process whole-model run, with and without low-rank accumulation, across
+a resume.
 
 fp32 on gloo: sharded reductions round differently from one process, hence losses to a relative 1e-4 (the
 one-process per-layer path is bitwise equal to the whole-model step, tests/train/test_per_layer.py).
@@ -26,8 +27,12 @@ def test_fsdp_per_layer_follows_the_single_whole_model_run(tmp_path):
     accum = [*args, "optim.per_layer=true", "train.micro_batch_size=2", f"run.dir={tmp_path / 'accum'}"]
     launch(2, [*accum, "train.stop_at=5"])
     launch(2, accum)
+    # HSDP (2 replicas x 2 shards) with sharded projectors: the hooks fire after the replica all-reduce, and the
+    # projector all-gathers run inside them in the same order on every rank
+    launch(4, [*args, "optim.per_layer=true", "train.micro_batch_size=2", "dist.replicate=2", "optim.projectors=shard",
+               f"run.dir={tmp_path / 'hsdp'}"])
     single = read_metrics(tmp_path / "single")
-    for run in ("fsdp", "accum"):
+    for run in ("fsdp", "accum", "hsdp"):
         got = {l["step"]: l for l in read_metrics(tmp_path / run)}
         assert sorted(got) == list(range(1, 11)), run
         for a in single:
