@@ -47,3 +47,16 @@ def test_per_layer_is_refused_in_modes_that_update_on_owners():
 
     with pytest.raises(UserError, match="dist.mode=single and fsdp"):
         Collective.update_units(object(), torch.nn.Linear(2, 2))
+
+
+def test_fsdp_per_layer_nan_on_one_rank_stops_every_rank_without_saving(tmp_path):
+    """A NaN in one block on rank 1 only: the block's norm is reduced across ranks, so both ranks see it, stop at
+    the same step with the same line, and the partly applied step is never saved."""
+    args = [*ARGS, "optim.per_layer=true", "train.micro_batch_size=4", "checkpoint.every=2",
+            f"data.cache_dir={tmp_path / 'cache'}", f"run.dir={tmp_path / 'run'}"]
+    proc = launch(2, args, env={"LOTUS_FAULT": "nan_grad:rank=1:step=3"}, check=False, timeout=120)
+    assert proc.returncode != 0
+    errors = [l for l in proc.stderr.splitlines() if l.startswith("error: ")]
+    assert len(errors) == 2 and len(set(errors)) == 1, proc.stderr[-3000:]
+    assert "step 3 with optim.per_layer=true" in errors[0] and "step_00000002" in errors[0]
+    assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir()) == ["step_00000002"]
