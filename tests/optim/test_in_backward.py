@@ -147,7 +147,7 @@ def test_a_non_finite_unit_is_skipped_whole_and_the_others_update():
     poisoned_unit = []
 
     def poison(unit):
-        if not poisoned_unit:  # the first unit to update: the last block's... whichever backward reaches first
+        if not poisoned_unit:  # the first unit backward completes (lm_head, in one process)
             poisoned_unit.extend(unit)
             unit[0].grad.view(-1)[0] = float("nan")
 
