@@ -101,7 +101,12 @@ class OptimizerInBackward:
         ``grad_norm`` (global, before clipping; None when some matrices only kept R), ``nonfinite_units``,
         ``halted`` (on_nonfinite=stop met a non-finite gradient)."""
         for u, unit in enumerate(self.units):
-            if not self._done[u] and any(p.grad is not None for p in unit):
+            if self._done[u]:
+                continue
+            for p in unit:
+                if p.grad is None and id(p) in self._accumulated:  # used earlier in the step, not in the last
+                    p.grad = torch.zeros_like(p)  # micro-batch: its R is all there is to apply
+            if any(p.grad is not None for p in unit):
                 self._step(u)
         exact = not self._projected_ids
         report = {

@@ -215,3 +215,46 @@ def test_per_layer_with_activation_checkpointing_equals_the_whole_model_step():
         model(b[:, :-1], b[:, 1:]).backward()
         stepper.end_step()
     _assert_same(whole, model)
+
+
+def test_a_matrix_missing_from_the_last_micro_batch_keeps_its_accumulated_R():
+    class Block(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.q_proj = torch.nn.Linear(16, 24, bias=False)
+
+    class TwoBlocks(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.layers = torch.nn.ModuleList([Block(), Block()])
+            self.head = torch.nn.Linear(24, 1)
+
+        def forward(self, x, use_first=True):
+            h = self.layers[1].q_proj(x)
+            if use_first:
+                h = h + self.layers[0].q_proj(x)
+            return self.head(h).square().mean()
+
+    def make():
+        torch.manual_seed(0)
+        model = TwoBlocks()
+        return model, build_optimizer(model, OptimConfig(name="lotus", rank=4, verify_gap=100))
+
+    g = torch.Generator().manual_seed(0)
+    xs = [torch.randn(8, 16, generator=g) for _ in range(6)]
+    whole, whole_opt = make()
+    per_layer, opt = make()
+    stepper = OptimizerInBackward(opt, units_of(per_layer), grad_accum=2)
+    for step in range(3):
+        a, b = xs[2 * step], xs[2 * step + 1]
+        (whole(a) / 2).backward()
+        (whole(b, use_first=False) / 2).backward()  # layers[0] only in the first micro-batch
+        whole_opt.step()
+        whole_opt.zero_grad(set_to_none=True)
+        stepper.begin_micro_batch(0)
+        (per_layer(a) / 2).backward()
+        stepper.begin_micro_batch(1)
+        (per_layer(b, use_first=False) / 2).backward()
+        report = stepper.end_step()
+    assert report["grad_norm"] is None  # the last step accumulated R
+    _assert_same(whole, per_layer, atol=1e-6)
