@@ -1,7 +1,8 @@
 """How the trainer runs across processes: one object per ``dist.mode`` with the same small interface.
 
-The trainer only calls ``wrap_model``, ``build_optimizer``, ``update_units`` (optim.per_layer), ``no_sync``, ``all_reduce_mean``, ``all_reduce_sum``,
-``any_rank``, ``barrier``, ``close`` and reads ``rank``, ``world_size``, ``device``.
+The trainer only calls ``wrap_model``, ``build_optimizer``, ``update_units`` (optim.per_layer), ``no_sync``,
+``all_reduce_mean``, ``all_reduce_sum``, ``any_rank``, ``barrier``, ``close`` and reads ``rank``, ``world_size``,
+``device``.
 """
 
 from __future__ import annotations

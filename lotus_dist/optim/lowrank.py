@@ -388,9 +388,13 @@ class LowRankAdamW(Optimizer):
         """R = project(p.grad) in the current basis, as the step would compute it (reduced where sharded)."""
         group, st = self._group_of(p), self.state[p]
         side, _ = self._geometry(p, group)
+        return self._project(p, _local(p.grad), self.comm_for(p).use_projector(st["projector"]), side)
+
+    def _project(self, p: torch.Tensor, G: torch.Tensor, P: torch.Tensor, side: str) -> torch.Tensor:
+        """R = project(G) with the full projector P: this rank's piece of G times its piece of P, reduced across
+        ranks where the matrix is sharded along its projected side."""
         comm = self.comm_for(p)
-        P = comm.local_projector(comm.use_projector(st["projector"]), side)
-        return comm.reduce_projected(project(_local(p.grad), P, side))
+        return comm.reduce_projected(project(G, comm.local_projector(P, side), side))
 
     def _adamw_group(self, group: dict, params: list[torch.Tensor]) -> None:
         """torch.optim.AdamW semantics: decoupled decay first, bias-corrected denominator.
@@ -451,9 +455,8 @@ class LowRankAdamW(Optimizer):
                 gsq = _sq_norm(G)
                 rows.append(torch.cat([gsq.reshape(1), gsq.new_zeros(STATS_WIDTH - 1)]))
                 continue
-            comm = self.comm_for(job.p)
-            job.P = comm.use_projector(st["projector"])
-            job.R = comm.reduce_projected(project(G, comm.local_projector(job.P, job.side), job.side))
+            job.P = self.comm_for(job.p).use_projector(st["projector"])
+            job.R = self._project(job.p, G, job.P, job.side)
             if projected and id(job.p) in projected:
                 job.R.add_(projected[id(job.p)])
             job.action = POLICIES[job.group["switch"]].peek(st, job.group)
@@ -548,7 +551,7 @@ class LowRankAdamW(Optimizer):
         comm = self.comm_for(job.p)
         if job.switch and not online:
             self._new_projector(job, G)
-            R = comm.reduce_projected(project(G, comm.local_projector(job.P, side), side))
+            R = self._project(job.p, G, job.P, side)
             policy.on_switch(st, group, R)
         P = job.P  # full projector; P_local multiplies this rank's piece of G
         P_local = comm.local_projector(P, side)
@@ -590,7 +593,7 @@ class LowRankAdamW(Optimizer):
                 self._apply_moment_policy(group, st, old, P, side)
             st["n_bases"] += 1
             if group["switch"] in ("displacement", "path_efficiency"):  # their reference point is the new basis
-                policy.on_switch(st, group, comm.reduce_projected(project(G, comm.local_projector(P, side), side)))
+                policy.on_switch(st, group, self._project(job.p, G, P, side))
 
     @staticmethod
     def _fira_residual(st, G, R, N, P, side, comm: Comm) -> torch.Tensor:

@@ -4,9 +4,9 @@ A policy is a stateless singleton; everything it remembers lives in the paramete
 ints. Each step runs in two halves so that the whole optimizer needs at most one host sync:
 
 1. ``advance`` (host counters only) says STAY, SWITCH, or CHECK; ``peek`` says the same without advancing (what
-   optimizer-in-backward asks before a step: does this matrix need its full gradient, or only R?). On CHECK the policy returns ``statistics``: a
-   row of ``STATS_WIDTH`` fp32 partial sums (sums of squares / dot products over the matrix's elements, so that a
-   sharded matrix only needs the rows summed across ranks).
+   optimizer-in-backward asks before a step: does this matrix need its full gradient, or only R?). On CHECK the
+   policy returns ``statistics``: a row of ``STATS_WIDTH`` fp32 partial sums (sums of squares / dot products over
+   the matrix's elements, so that a sharded matrix only needs the rows summed across ranks).
 2. The optimizer stacks every row into one [L, STATS_WIDTH] tensor, passes it through ``reduce_stats`` and syncs
    once; ``decide`` turns a reduced row into the decision on the host.
 After a switch, ``on_switch`` re-initialises the policy state from R in the new basis; ``observe`` runs every step

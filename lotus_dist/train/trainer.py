@@ -145,14 +145,7 @@ class Trainer:
         lr = self.set_lr()
         if self.in_backward is not None:
             return self.train_step_in_backward(lr)
-        loss_sum = torch.zeros((), device=self.device)
-        for micro in range(self.grad_accum):
-            batch = next(self.stream).to(self.device, non_blocking=True)
-            with self.rt.no_sync(self.model, last=micro == self.grad_accum - 1), self.autocast():
-                loss = self.model(batch[:, :-1], batch[:, 1:]) / self.grad_accum
-                loss.backward()
-            loss_sum += loss.detach()
-        loss_sum = self.rt.all_reduce_mean(loss_sum)
+        loss_sum = self.rt.all_reduce_mean(self.forward_backward())
         maybe_poison_gradients(self.model.parameters(), self.rt.rank, self.step + 1)
         # The global gradient norm, clipped when train.grad_clip > 0 (max_norm=inf only measures it): it is also
         # the non-finite check of every gradient, identical on all ranks.
@@ -168,31 +161,48 @@ class Trainer:
                                      f"{self.step + 1}; saved step {self.step}; train.on_nonfinite=skip would "
                                      f"skip such steps")
             # Skipped: no update, but the step, its data and its place in the schedule are spent.
-            self.step += 1
-            self.tokens += self.cfg.train.batch_size * self.cfg.train.seq_len
+            self.end_step()
             self.skipped_steps += 1
             return {"loss": loss_value, "lr": lr, "grad_norm": norm_value, "skipped": self.skipped_steps}
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        self.step += 1
-        self.tokens += self.cfg.train.batch_size * self.cfg.train.seq_len
+        self.end_step()
         return {"loss": loss_value, "lr": lr, "grad_norm": norm_value}
 
-    def train_step_in_backward(self, lr: float) -> dict:
-        """optim.per_layer: each block updates during backward; no optimizer.step() afterwards.
+    def forward_backward(self) -> torch.Tensor:
+        """Forward and backward over the step's micro-batches; returns this rank's loss, summed.
 
-        Every micro-batch runs its full backward with gradient sync (FSDP reduce-scatters each time: that is what
-        fires the hooks on the shards). Non-finite gradients are found per block: ``skip`` leaves that block
-        alone, ``stop`` stops without saving, since the blocks updated before it cannot be undone.
+        Backward runs outside autocast: under optim.per_layer the optimizer updates inside it, in fp32. Per-layer
+        keeps gradient sync on for every micro-batch (FSDP reduce-scatters each time: that is what fires the
+        hooks on the shards); otherwise the mode may defer it to the last micro-batch.
         """
         loss_sum = torch.zeros((), device=self.device)
         for micro in range(self.grad_accum):
             batch = next(self.stream).to(self.device, non_blocking=True)
-            self.in_backward.begin_micro_batch(micro)
-            with self.autocast():
-                loss = self.model(batch[:, :-1], batch[:, 1:]) / self.grad_accum
-            loss.backward()
+            if self.in_backward is not None:
+                self.in_backward.begin_micro_batch(micro)
+                sync = contextlib.nullcontext()
+            else:
+                sync = self.rt.no_sync(self.model, last=micro == self.grad_accum - 1)
+            with sync:
+                with self.autocast():
+                    loss = self.model(batch[:, :-1], batch[:, 1:]) / self.grad_accum
+                loss.backward()
             loss_sum += loss.detach()
+        return loss_sum
+
+    def end_step(self) -> None:
+        """One optimizer step is spent (applied or skipped): its data and its place in the schedule."""
+        self.step += 1
+        self.tokens += self.cfg.train.batch_size * self.cfg.train.seq_len
+
+    def train_step_in_backward(self, lr: float) -> dict:
+        """optim.per_layer: each block updates during backward; no optimizer.step() afterwards.
+
+        Non-finite gradients are found per block: ``skip`` leaves that block alone, ``stop`` stops without saving,
+        since the blocks updated before it cannot be undone.
+        """
+        loss_sum = self.forward_backward()
         report = self.in_backward.end_step()
         self.optimizer.zero_grad(set_to_none=True)  # a skipped block's gradients
         loss_value = self.rt.all_reduce_mean(loss_sum).item()
@@ -211,8 +221,7 @@ class Trainer:
             self.skipped_steps += 1
             record["skipped"] = self.skipped_steps
             record["skipped_units"] = report["nonfinite_units"]
-        self.step += 1
-        self.tokens += self.cfg.train.batch_size * self.cfg.train.seq_len
+        self.end_step()
         return record
 
     def _fault_in_unit(self, unit) -> None:
