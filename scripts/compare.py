@@ -25,6 +25,9 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from lotus_dist.train.config import merge_overrides  # noqa: E402  (after the path, for a plain checkout)
 
 # name -> overrides. The ablation rows of the Lotus paper: svd+fixed is GaLore, rsvd+displacement is Lotus.
 RUNS = {
@@ -58,10 +61,11 @@ def run_one(name: str, overrides: list[str], preset: dict, out: Path, extra: lis
     run_dir = out / "runs" / name.split(" (")[0].replace(" ", "_").replace("=", "")
     launcher = [sys.executable] if nproc <= 1 else [sys.executable, "-m", "torch.distributed.run", "--standalone",
                                                    f"--nproc_per_node={nproc}"]
-    args = [*launcher, str(REPO / "pretrain.py"), "--config", str(REPO / preset["config"]), *preset["overrides"],
-            *overrides, *extra, f"run.dir={run_dir}", "checkpoint.resume=false"]
-    if "optim.name=adamw" in overrides and not any(o.startswith("optim.lr=") for o in overrides):
-        args.append(f"optim.lr={preset['adamw_lr']}")  # full-rank AdamW diverges at the low-rank methods' lr 0.01
+    # Full-rank AdamW diverges at the low-rank methods' lr 0.01: its own lr unless the row or --extra sets one.
+    adamw_lr = [f"optim.lr={preset['adamw_lr']}"] if "optim.name=adamw" in overrides else []
+    args = [*launcher, str(REPO / "pretrain.py"), "--config", str(REPO / preset["config"]),
+            *merge_overrides(preset["overrides"], adamw_lr, overrides, extra,
+                             [f"run.dir={run_dir}", "checkpoint.resume=false"])]
     if run_dir.exists():
         shutil.rmtree(run_dir)
     started = time.perf_counter()

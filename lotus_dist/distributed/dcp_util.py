@@ -7,11 +7,12 @@ These helpers write into a given directory; atomic rename and retention are the 
 
 from __future__ import annotations
 
-from typing import Any, Iterable, Mapping
+from typing import Any, Iterable, Iterator, Mapping
 
 import torch
 import torch.distributed.checkpoint as dcp
 from torch import nn
+from torch.distributed.checkpoint import FileSystemWriter
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 
 _OPTS = StateDictOptions(full_state_dict=False)
@@ -35,25 +36,102 @@ def sharded_state(model: nn.Module, optimizers=None) -> dict[str, Any]:
     return state
 
 
+class RecordingWriter(FileSystemWriter):
+    """DCP's file writer that remembers which files this rank wrote (``written``, names relative to the
+    checkpoint directory): the shards of ``write_data`` and, on the coordinator, ``.metadata``. A checkpoint's
+    manifest lists each file with the checksum computed by the rank that wrote it."""
+
+    def __init__(self, path: str, **kwargs):
+        super().__init__(path, **kwargs)
+        self.written: list[str] = []
+
+    def write_data(self, plan, planner):
+        def record(future):
+            results = future.value()
+            self.written.extend(r.storage_data.relative_path for r in results)
+            return results
+
+        return super().write_data(plan, planner).then(record)
+
+    def finish(self, metadata, results) -> None:
+        super().finish(metadata, results)
+        self.written.append(METADATA_FILE)
+
+
+METADATA_FILE = ".metadata"  # DCP's global metadata, written by the coordinator (rank 0) in ``finish``
+
+
+def _tensors(node: Any, prefix: str = "") -> Iterator[tuple[str, torch.Tensor]]:
+    """(dotted key, local tensor) of every tensor in a nested state dict, in order; a DTensor gives its shard."""
+    if isinstance(node, Mapping):
+        for k, v in node.items():
+            yield from _tensors(v, f"{prefix}{k}.")
+    elif isinstance(node, (list, tuple)):
+        for i, v in enumerate(node):
+            yield from _tensors(v, f"{prefix}{i}.")
+    elif isinstance(node, torch.Tensor):
+        yield prefix.rstrip("."), (node.to_local() if hasattr(node, "to_local") else node)
+
+
+def nonfinite_count(state: Mapping[str, Any], device: torch.device) -> torch.Tensor:
+    """How many floating-point tensors of ``state`` (this rank's shards) hold a NaN or an infinity, as a 0-dim
+    fp32 tensor on ``device``: one inf-norm per tensor, fused per device (``torch._foreach_norm``), no host sync.
+    The inf-norm is NaN or inf exactly when the tensor holds one (and cannot overflow, unlike a sum of squares)."""
+    by_device: dict[torch.device, list[torch.Tensor]] = {}
+    for _, t in _tensors(state):
+        if (t.is_floating_point() or t.is_complex()) and t.numel():
+            by_device.setdefault(t.device, []).append(t)
+    count = torch.zeros((), dtype=torch.float32, device=device)
+    for tensors in by_device.values():
+        if hasattr(torch, "_foreach_norm"):
+            norms = torch._foreach_norm(tensors, float("inf"))
+        else:  # pragma: no cover - torch without the fused kernel
+            norms = [torch.linalg.vector_norm(t, float("inf")) for t in tensors]
+        bad = (~torch.isfinite(torch.stack([n.float() for n in norms]))).sum()
+        count += bad.to(device=device, dtype=torch.float32)
+    return count
+
+
+def nonfinite_names(state: Mapping[str, Any], limit: int = 3) -> list[str]:
+    """Keys of the first ``limit`` non-finite tensors of ``state`` (host syncs: call it only to name them)."""
+    names = []
+    for key, t in _tensors(state):
+        if (t.is_floating_point() or t.is_complex()) and t.numel() and not bool(torch.isfinite(t).all()):
+            names.append(key)
+            if len(names) == limit:
+                break
+    return names
+
+
+def save_state(checkpoint_dir: str, state: Mapping[str, Any]) -> list[str]:
+    """Collective: write ``state`` (from ``sharded_state``) into ``checkpoint_dir``; returns the files this rank
+    wrote."""
+    writer = RecordingWriter(checkpoint_dir)
+    dcp.save(dict(state), storage_writer=writer)
+    return sorted(writer.written)
+
+
+def async_save_state(checkpoint_dir: str, state: Mapping[str, Any], process_group=None):
+    """Like ``save_state`` but returns once the state is staged (copied to CPU memory); the files are written by
+    a background thread. Returns ``(future, writer)``: once the future is done, ``writer.written`` lists this
+    rank's files.
+
+    ``process_group`` should be a group of its own (``dist.new_group(backend="gloo")``): the writer thread's
+    collectives must not interleave with the training loop's on the default group.
+    """
+    writer = RecordingWriter(checkpoint_dir)
+    future = dcp.async_save(dict(state), storage_writer=writer, process_group=process_group,
+                            no_dist=not (torch.distributed.is_available() and torch.distributed.is_initialized()))
+    return future, writer
+
+
 def save_sharded(checkpoint_dir: str, model: nn.Module, optimizers=None, extra: Mapping[str, Any] | None = None) -> None:
     """Collective: every rank calls it. ``extra`` holds more state under its own keys (tensors, primitives, or
     ``Stateful`` objects such as a data loader, saved through their ``state_dict()``)."""
     state = sharded_state(model, optimizers)
     if extra:
         state["extra"] = dict(extra)
-    dcp.save(state, checkpoint_id=checkpoint_dir)
-
-
-def async_save_sharded(checkpoint_dir: str, model: nn.Module, optimizers=None, process_group=None):
-    """Like ``save_sharded`` but returns once the state is staged (copied to CPU memory); the files are written
-    by a background thread. Returns a future; wait on it before treating the directory as complete.
-
-    ``process_group`` should be a group of its own (``dist.new_group(backend="gloo")``): the writer thread's
-    collectives must not interleave with the training loop's on the default group.
-    """
-    state = sharded_state(model, optimizers)
-    return dcp.async_save(state, checkpoint_id=checkpoint_dir, process_group=process_group,
-                          no_dist=not (torch.distributed.is_available() and torch.distributed.is_initialized()))
+    save_state(checkpoint_dir, state)
 
 
 def load_sharded(
@@ -79,4 +157,5 @@ def load_sharded(
     return state.get("extra", {})
 
 
-__all__ = ["sharded_state", "save_sharded", "async_save_sharded", "load_sharded"]
+__all__ = ["METADATA_FILE", "RecordingWriter", "async_save_state", "load_sharded", "nonfinite_count",
+           "nonfinite_names", "save_sharded", "save_state", "sharded_state"]

@@ -1,8 +1,8 @@
 """How the trainer runs across processes: one object per ``dist.mode`` with the same small interface.
 
 The trainer only calls ``wrap_model``, ``build_optimizer``, ``update_units`` (optim.per_layer), ``no_sync``,
-``all_reduce_mean``, ``all_reduce_sum``, ``any_rank``, ``barrier``, ``close`` and reads ``rank``, ``world_size``,
-``device``.
+``all_reduce_mean``, ``all_reduce_sum``, ``any_rank``, ``all_gather_object``, ``barrier``, ``close`` and reads
+``rank``, ``world_size``, ``device``.
 """
 
 from __future__ import annotations
@@ -50,6 +50,10 @@ class SingleProcess:
     def any_rank(self, flag: bool) -> bool:
         return flag
 
+    def all_gather_object(self, obj) -> list:
+        """``obj`` of every rank, in rank order (start-up decisions and error lines, never per step)."""
+        return [obj]
+
     def barrier(self) -> None:
         pass
 
@@ -76,6 +80,11 @@ class Collective(SingleProcess):
         t = torch.tensor([1.0 if flag else 0.0], device=self.device)
         dist.all_reduce(t, op=dist.ReduceOp.MAX)
         return bool(t.item())
+
+    def all_gather_object(self, obj) -> list:
+        gathered = [None] * self.world_size
+        dist.all_gather_object(gathered, obj)
+        return gathered
 
     def barrier(self) -> None:
         dist.barrier()
@@ -132,4 +141,9 @@ def build_parallelism(cfg):
     if mode != "single" and not runtime.is_distributed:
         raise UserError(f"dist.mode={mode} needs a torchrun launch (torchrun --nproc_per_node=N pretrain.py ...); "
                         "use dist.mode=auto or single for one process")
+    replicate = cfg.dist.replicate
+    if replicate > 1 and (mode != "fsdp" or runtime.world_size % replicate):
+        runtime.destroy()
+        raise UserError(f"dist.replicate={replicate} (HSDP) needs dist.mode=fsdp on a world size that is a multiple "
+                        f"of {replicate}; this run is dist.mode={mode} on {runtime.world_size} rank(s)")
     return MODES[mode](runtime)

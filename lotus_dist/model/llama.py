@@ -35,7 +35,8 @@ class LlamaConfig:
         if self.dim % self.n_heads:
             raise ValueError(f"model.dim ({self.dim}) must be divisible by model.n_heads ({self.n_heads})")
         if self.head_dim % 2:
-            raise ValueError(f"head dim {self.head_dim} must be even for rotary embeddings")
+            raise ValueError(f"head dim {self.head_dim} (model.dim {self.dim} / model.n_heads {self.n_heads}) must be "
+                             f"even for rotary embeddings")
 
 
 # The GaLore configs (llama_60m ... llama_7b, vocab 32000) and a tiny model for CPU tests and the default run.

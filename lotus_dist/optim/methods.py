@@ -14,6 +14,7 @@ from torch import nn
 
 from .lowrank import LOWRANK_DEFAULTS, LowRankAdamW, check_options
 from .projfactor import ProjFactor
+from .subspace import projected_dim, side_for
 
 PROJECTED_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
@@ -71,6 +72,25 @@ def resolve_parts(optim_cfg) -> dict[str, Any] | None:
     return parts
 
 
+def rank_above_size(model: nn.Module, optim_cfg) -> list[tuple[str, tuple[int, int], int]]:
+    """(name, shape, rank used) of the projected matrices whose projected side is smaller than ``optim.rank``:
+    the optimizer clips the rank to that side (a full-rank projection, no memory saved on that matrix)."""
+    parts = resolve_parts(optim_cfg)
+    if parts is None:
+        return []
+    projected, _ = route_parameters(model)
+    out = []
+    for name, p in projected:
+        shape = tuple(p.shape)
+        if "granularity" in parts:  # projfactor: the rank of the reshaped (m·c) x (n/c) gradient
+            side_len = shape[1] // parts["granularity"]
+        else:
+            side_len = projected_dim(shape, side_for(shape, parts["proj_type"]))
+        if optim_cfg.rank > side_len:
+            out.append((name, shape, side_len))
+    return out
+
+
 def build_optimizer(model: nn.Module, optim_cfg, names: Mapping[torch.Tensor, str] | None = None) -> LowRankAdamW:
     """The optimizer of ``optim_cfg`` (an OptimConfig) for ``model``.
 
@@ -106,4 +126,5 @@ def build_optimizer(model: nn.Module, optim_cfg, names: Mapping[torch.Tensor, st
     return opt
 
 
-__all__ = ["METHODS", "PROJECTED_MODULES", "PART_KEYS", "build_optimizer", "is_projected", "route_parameters"]
+__all__ = ["METHODS", "PROJECTED_MODULES", "PART_KEYS", "build_optimizer", "is_projected", "rank_above_size",
+           "route_parameters"]

@@ -3,38 +3,56 @@
 Layout of one checkpoint (``run.dir/checkpoints/step_00000100/``)::
 
     .metadata, __*_*.distcp   DCP shards of {"model": ..., "optim": ...} (FQN-keyed, reshardable)
-    train_state.json          step, tokens, schedule position, what model/method wrote it (rank 0)
+    train_state.json          step, tokens, schedule position, what model/method/shapes wrote it (rank 0)
     rank_00000.json           that rank's data position (stream state + token buffer), primitives only
     rank_00000_rng.pt         that rank's RNG states, tensors only (loaded with weights_only=True)
+    manifest_rank_00000.json  size and CRC-32 of every file that rank wrote (see manifest.py)
     COMPLETE                  written last; a directory without it is never loaded
 
-Every file is written into ``step_N.tmp/`` first and the directory is renamed once all ranks have finished, so a
-crash during a save leaves the previous checkpoint as the latest one. With ``asynchronous=True`` the training loop
-waits only for the staging copy; the shards are written by a background thread and the checkpoint is committed
-(marker + rename) at the first step boundary where every rank's writer has finished (``poll``).
+Only good state becomes a checkpoint: before anything is written every rank checks that its model and optimizer
+shards are finite (one fused check, one all-reduce); a non-finite state is refused and the last good checkpoint is
+named. Every file is written into ``step_N.tmp/`` first and the directory is renamed once all ranks have finished
+and listed their files, so a crash during a save leaves the previous checkpoint as the latest one. With
+``asynchronous=True`` the training loop waits only for the staging copy; the shards (and their checksums) are
+written by background threads and the checkpoint is committed (marker + rename) at the first step boundary where
+every rank's writer has finished (``poll``).
+
+Resuming (``resume``) proves the newest checkpoint against its manifests (each rank checks a share of the files)
+and loads it; one that fails is skipped with one warning line naming the file, and the next older one is tried.
+Damaged checkpoints are renamed ``step_N.damaged`` once an older one has loaded, so that retention (which only
+ever deletes this class's own ``step_N`` directories, oldest first) never prefers them to good ones.
 """
 
 from __future__ import annotations
 
 import json
 import random
+import re
 import shutil
 import warnings
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Callable
 
 import numpy as np
 import torch
 
-from lotus_dist.distributed.dcp_util import async_save_sharded, load_sharded, save_sharded
+from lotus_dist.distributed.dcp_util import (async_save_state, load_sharded, nonfinite_count, nonfinite_names,
+                                             save_state, sharded_state)
 from lotus_dist.errors import UserError
 from lotus_dist.train.faults import maybe_crash
+from lotus_dist.train.manifest import ManifestError, check_file, read_manifests, write_manifest
 
 # DCP warns on every save/load without a process group; a single-process run is exactly that case.
 warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
 
 COMPLETE_MARKER = "COMPLETE"
 TRAIN_STATE = "train_state.json"
+STEP_DIR = re.compile(r"^step_(\d{8})$")  # the only directories this class ever deletes (and their .tmp)
+
+
+class NonFiniteStateError(UserError):
+    """The model or optimizer state holds NaN/inf: it is never saved."""
 
 
 def _step_dir_name(step: int) -> str:
@@ -69,95 +87,153 @@ def set_rng_state(state: dict) -> None:
 
 
 class Checkpointer:
-    """Saves and finds checkpoints of one run directory; every rank calls ``save``/``load`` together."""
+    """Saves, proves and finds the checkpoints of one run directory; every rank calls ``save``/``resume`` together.
 
-    def __init__(self, run_dir: str | Path, *, keep: int, rank: int = 0, world_size: int = 1,
-                 barrier: Callable[[], None] = lambda: None, all_ranks: Callable[[bool], bool] = lambda flag: flag,
-                 asynchronous: bool = False):
+    ``comm`` is the distribution mode (``rank``, ``world_size``, ``device``, ``barrier``, ``any_rank``,
+    ``all_reduce_sum``, ``all_gather_object``).
+    """
+
+    def __init__(self, run_dir: str | Path, *, keep: int, comm, asynchronous: bool = False,
+                 log: Callable[[str], None] = print):
         self.root = Path(run_dir) / "checkpoints"
         self.keep = keep
-        self.rank = rank
-        self.world_size = world_size
-        self.barrier = barrier
-        self.all_ranks = all_ranks  # True when the flag is True on every rank (a collective)
+        self.comm = comm
+        self.rank, self.world_size = comm.rank, comm.world_size
         self.asynchronous = asynchronous
+        self.log = log if comm.rank == 0 else (lambda line: None)
         self.pending = None  # (future, step, tmp dir, final dir) of an asynchronous save not yet committed
         self.async_group = None
+        self._finisher = None  # one background thread: waits for DCP's writer, then checksums this rank's files
         if asynchronous and torch.distributed.is_available() and torch.distributed.is_initialized():
             # The writer thread's collectives get a group of their own (every rank creates it, in order).
             self.async_group = torch.distributed.new_group(backend="gloo")
 
     # ---- discovery -------------------------------------------------------------------------------------------
-    def complete_checkpoints(self) -> list[Path]:
+    def checkpoints(self) -> list[Path]:
+        """This run's committed checkpoints (``step_NNNNNNNN`` with a COMPLETE marker), oldest first."""
         if not self.root.is_dir():
             return []
-        found = [p for p in self.root.iterdir()
-                 if p.is_dir() and p.name.startswith("step_") and not p.name.endswith(".tmp")
+        found = [p for p in self.root.iterdir() if p.is_dir() and STEP_DIR.match(p.name)
                  and (p / COMPLETE_MARKER).exists()]
-        return sorted(found, key=lambda p: int(p.name.split("_")[1]))
+        return sorted(found, key=lambda p: int(STEP_DIR.match(p.name).group(1)))
 
     def latest(self) -> Path | None:
-        found = self.complete_checkpoints()
+        found = self.checkpoints()
         return found[-1] if found else None
 
     def remove_partial(self) -> None:
-        """Delete directories of saves that never completed (rank 0; the others wait)."""
+        """Delete the ``step_N.tmp`` directories of saves that never completed (rank 0; the others wait).
+        Nothing else is touched: a folder the user made under checkpoints/ is theirs."""
         if self.rank == 0 and self.root.is_dir():
             for p in self.root.iterdir():
-                if p.is_dir() and (p.name.endswith(".tmp") or not (p / COMPLETE_MARKER).exists()):
+                if p.is_dir() and p.name.endswith(".tmp") and STEP_DIR.match(p.name[:-4]):
                     shutil.rmtree(p, ignore_errors=True)
-        self.barrier()
+        self.comm.barrier()
 
     # ---- save ------------------------------------------------------------------------------------------------
     def save(self, step: int, model, optimizer, *, train_state: dict, data_state: dict) -> Path:
+        """Check the state is finite, then write it (NonFiniteStateError, with nothing written, if it is not)."""
         self.wait()  # one save in flight at most; the previous one has normally finished long ago
+        state = sharded_state(model, optimizer)
+        self._refuse_nonfinite(state, step)
         final = self.root / _step_dir_name(step)
         tmp = self.root / (_step_dir_name(step) + ".tmp")
         if self.rank == 0:
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir(parents=True)
-        self.barrier()
+        self.comm.barrier()
         if self.asynchronous:
-            future = async_save_sharded(str(tmp), model, optimizer, process_group=self.async_group)
+            future, writer = async_save_state(str(tmp), state, process_group=self.async_group)
         else:
-            save_sharded(str(tmp), model, optimizer)
-        (tmp / f"rank_{self.rank:05d}.json").write_text(json.dumps(data_state))
-        torch.save(rng_state(), tmp / f"rank_{self.rank:05d}_rng.pt")
-        if self.rank == 0:
-            (tmp / TRAIN_STATE).write_text(json.dumps({**train_state, "world_size": self.world_size}, indent=1))
+            written = save_state(str(tmp), state)
+        own = self._write_rank_files(tmp, train_state, data_state)
         if self.asynchronous:
-            self.pending = (future, step, tmp, final)
+            self._finisher = self._finisher or ThreadPoolExecutor(max_workers=1, thread_name_prefix="ckpt-manifest")
+            done = self._finisher.submit(self._finish_async, future, writer, tmp, own)
+            self.pending = (done, step, tmp, final)
         else:
+            write_manifest(tmp, self.rank, self.world_size, written + own)
             self._commit(step, tmp, final)
         return final
 
+    def _refuse_nonfinite(self, state: dict, step: int) -> None:
+        bad = int(self.comm.all_reduce_sum(nonfinite_count(state, self.comm.device)).item())
+        if not bad:
+            return
+        names = [n for per_rank in self.comm.all_gather_object(nonfinite_names(state)) for n in per_rank][:3]
+        latest = self.latest()
+        raise NonFiniteStateError(
+            f"the model/optimizer state after step {step} holds non-finite values ({bad} tensor shard(s), e.g. "
+            f"{', '.join(names)}): it was not saved; the last good checkpoint is "
+            f"{latest if latest else 'none (no checkpoint yet)'}")
+
+    def _write_rank_files(self, tmp: Path, train_state: dict, data_state: dict) -> list[str]:
+        names = [f"rank_{self.rank:05d}.json", f"rank_{self.rank:05d}_rng.pt"]
+        (tmp / names[0]).write_text(json.dumps(data_state))
+        torch.save(rng_state(), tmp / names[1])
+        if self.rank == 0:
+            (tmp / TRAIN_STATE).write_text(json.dumps({**train_state, "world_size": self.world_size}, indent=1))
+            names.append(TRAIN_STATE)
+        return names
+
+    def _finish_async(self, future, writer, tmp: Path, own: list[str]) -> None:
+        future.result()
+        write_manifest(tmp, self.rank, self.world_size, writer.written + own)
+
     def poll(self) -> None:
         """Commit an asynchronous save once every rank's writer has finished (called at each step boundary)."""
-        if self.pending is not None and self.all_ranks(self.pending[0].done()):
+        if self.pending is not None and not self.comm.any_rank(not self.pending[0].done()):
             self.wait()
 
     def wait(self) -> None:
         """Finish and commit an asynchronous save (every rank calls it, at the same point of the loop)."""
         if self.pending is None:
             return
-        future, step, tmp, final = self.pending
+        done, step, tmp, final = self.pending
         self.pending = None
-        future.result()
+        done.result()
         self._commit(step, tmp, final)
 
     def _commit(self, step: int, tmp: Path, final: Path) -> None:
         maybe_crash("in_save", self.rank, step)
-        self.barrier()
+        self.comm.barrier()  # every rank's files and manifest are written
         if self.rank == 0:
-            (tmp / COMPLETE_MARKER).write_text(f"step {step}\n")
-            if final.exists():
-                shutil.rmtree(final)
+            (tmp / COMPLETE_MARKER).write_text(json.dumps({"step": step, "manifests": self.world_size}) + "\n")
+            if (final / COMPLETE_MARKER).exists():
+                shutil.rmtree(final)  # an older timeline's checkpoint of this step (the run resumed before it)
+            elif final.exists():  # not a checkpoint of ours (no marker): keep it, out of the way
+                self.log(f"moved the folder {final.name} (not a checkpoint: no {COMPLETE_MARKER} marker) to "
+                         f"{_aside(final, '.displaced').name}")
             tmp.rename(final)
-            for old in self.complete_checkpoints()[:-self.keep]:
+            for old in self.checkpoints()[:-self.keep]:  # ours only; the one just committed is the newest
                 shutil.rmtree(old, ignore_errors=True)
-        self.barrier()
+        self.comm.barrier()
 
-    # ---- load ------------------------------------------------------------------------------------------------
+    # ---- prove and load ----------------------------------------------------------------------------------------
+    def verify(self, path: Path) -> str | None:
+        """Collective: None if every file of ``path`` matches its manifest, else what is wrong (the same text on
+        every rank). Each rank checks every world_size-th file. A checkpoint written before manifests existed
+        (its COMPLETE marker is not JSON) has nothing to check against and passes; its load is the only test."""
+        problem = None
+        try:
+            marker = json.loads((path / COMPLETE_MARKER).read_text())
+            files = read_manifests(path, int(marker["manifests"]))
+        except (ValueError, TypeError, KeyError):
+            files = {}  # an older marker ("step N"): no manifests
+        except ManifestError as e:
+            problem, files = str(e), {}
+        except OSError as e:
+            problem, files = f"{COMPLETE_MARKER} cannot be read ({e.strerror})", {}
+        names = sorted(files)
+        if self.rank == 0 and sum(files[n]["bytes"] for n in names) > (1 << 30):
+            self.log(f"verifying {path.name}: {len(names)} files, "
+                     f"{sum(files[n]['bytes'] for n in names) / 2**30:.1f} GiB over {self.world_size} rank(s)")
+        for name in names[self.rank::self.world_size]:
+            problem = problem or check_file(path, name, files[name])
+            if problem:
+                break
+        return next((p for p in self.comm.all_gather_object(problem) if p), None)
+
     def read_train_state(self, path: Path) -> dict:
         return json.loads((path / TRAIN_STATE).read_text())
 
@@ -177,9 +253,66 @@ class Checkpointer:
         first = json.loads((path / "rank_00000.json").read_text())
         return train_state, (first if first.get("split") == "global" else None)
 
+    def resume(self, model, optimizer, check: Callable[[dict, Path], None]):
+        """Collective: load the newest checkpoint that proves good; return (path, train_state, data_state), or
+        None when there is no checkpoint. ``check(train_state, path)`` refuses (UserError) a checkpoint this run
+        cannot continue; that stops the run rather than trying an older one. Raises UserError when checkpoints
+        exist but none is good, naming each one's problem."""
+        found = self.checkpoints()
+        skipped: list[tuple[Path, str]] = []
+        for path in reversed(found):
+            problem = self.verify(path)
+            if problem is None:
+                try:
+                    train_state = self.read_train_state(path)
+                except (OSError, ValueError) as e:
+                    train_state, problem = None, f"{TRAIN_STATE} is unreadable ({type(e).__name__})"
+            if problem is None:
+                check(train_state, path)
+                problem, loaded = self._try_load(path, model, optimizer)
+            if problem is None:
+                self._set_aside([p for p, _ in skipped])
+                return path, *loaded
+            self.log(f"warning: skipping checkpoint {path.name}: {problem}")
+            skipped.append((path, problem))
+        if skipped:
+            raise UserError(f"no usable checkpoint in {self.root}: "
+                            + "; ".join(f"{p.name}: {why}" for p, why in skipped)
+                            + "; move checkpoints/ away (or choose another run.dir) to start over")
+        return None
+
+    def _try_load(self, path: Path, model, optimizer) -> tuple[str | None, tuple | None]:
+        """Load ``path``: (None, (train_state, data_state)), or the first failure on any rank as one line (the
+        same on every rank) and None."""
+        error, loaded = None, None
+        try:
+            loaded = self.load(path, model, optimizer)
+        except Exception as e:  # damage that only loading reveals (legacy checkpoints, bad pickles, ...)
+            text = str(e).strip().splitlines()
+            error = f"loading failed on rank {self.rank} ({type(e).__name__}: {text[0][:200] if text else ''})"
+        error = next((e for e in self.comm.all_gather_object(error) if e), None)
+        return error, (None if error else loaded)
+
+    def _set_aside(self, damaged: list[Path]) -> None:
+        """Rename skipped checkpoints to ``step_N.damaged`` (kept for inspection, never loaded or deleted)."""
+        if self.rank == 0:
+            for path in damaged:
+                self.log(f"set aside the damaged checkpoint {path.name} as {_aside(path, '.damaged').name}")
+        self.comm.barrier()
+
+
+def _aside(path: Path, suffix: str) -> Path:
+    """Rename ``path`` to ``path + suffix`` (``suffix1``, ``suffix2``, ... if taken); return the new path."""
+    target, n = path.with_name(path.name + suffix), 1
+    while target.exists():
+        target, n = path.with_name(f"{path.name}{suffix}{n}"), n + 1
+    return path.rename(target)
+
 
 def check_compatible(saved: dict, expected: dict, path: Path) -> None:
-    """Refuse a checkpoint written by another model or method, naming what differs."""
+    """Refuse a checkpoint written by another model or method, or with other state shapes or batch geometry
+    (``expected["resume"]``: key -> value; keys a checkpoint did not record are not compared), naming what
+    differs."""
     for key in ("model", "optim_method"):
         if saved.get(key) != expected.get(key):
             if key == "model":
@@ -188,3 +321,9 @@ def check_compatible(saved: dict, expected: dict, path: Path) -> None:
                 raise UserError(f"checkpoint {path} was written by another model ({'; '.join(diff)})")
             raise UserError(f"checkpoint {path} was written with optim method {saved.get(key)!r}, "
                             f"this run uses {expected.get(key)!r}")
+    for key, value in expected.get("resume", {}).items():
+        old = saved.get("resume", {}).get(key, value)
+        if old != value:
+            raise UserError(f"checkpoint {path} was written with {key}={old}, this run has {key}={value}: the "
+                            f"optimizer state's shapes and the data position depend on it, so the run cannot "
+                            f"continue; set {key}={old} again, or choose another run.dir")

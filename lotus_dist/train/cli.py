@@ -43,10 +43,12 @@ def main(argv=None) -> int:
             dry_run(cfg)
             return 0
         from lotus_dist.distributed.modes import build_parallelism
+        from lotus_dist.train.run_dir import RunDirectory
         from lotus_dist.train.trainer import Trainer
 
         parallel = build_parallelism(cfg)
-        result = Trainer(cfg, parallel).fit()
+        with RunDirectory.open(cfg.run.dir, parallel) as run:  # created and locked before anything is built
+            result = Trainer(cfg, parallel, run).fit()
         if parallel.rank == 0:
             shown = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in result.items())
             print(f"done: {shown}", flush=True)
@@ -58,6 +60,10 @@ def main(argv=None) -> int:
         sys.stderr.write(f"error: {e}\n")
         sys.stderr.flush()
         return 2
+    except KeyboardInterrupt:  # Ctrl-C before training started, or a second one during it (train/signals.py)
+        sys.stderr.write("error: interrupted: exiting at once, without saving (the last checkpoint is intact)\n")
+        sys.stderr.flush()
+        return 130
     finally:
         if parallel is not None:
             parallel.close()

@@ -7,6 +7,7 @@ Every key has a type; an unknown key or a value of the wrong type fails at start
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -104,6 +105,10 @@ class TrainConfig:
     eval_every: int = 50
     dtype: str = "auto"  # auto (bf16 autocast on CUDA, fp32 on CPU) | fp32 | bf16
     on_nonfinite: str = "stop"  # stop | skip
+    # skip gives up (saves and stops) after this many skipped steps in a row, or once more than this fraction of
+    # train.steps has been skipped in all
+    max_skipped: int = 10
+    max_skipped_fraction: float = 0.01
     stop_at: Optional[int] = None  # save and exit after this step (a job's time slice); the schedule follows steps
 
 
@@ -200,14 +205,19 @@ def _check_type(key: str, value: Any, annotation: Any) -> Any:
             return value
         raise ConfigError(f"config key '{key}': expected an integer, got {value!r}")
     if annotation is float:
+        number = None
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):  # YAML 1.1 reads 3e-4 (no dot) as a string
+            number = float(value)
+        elif isinstance(value, str):  # YAML 1.1 reads 3e-4 (no dot) as a string
             try:
-                return float(value)
+                number = float(value)
             except ValueError:
                 pass
-        raise ConfigError(f"config key '{key}': expected a number, got {value!r}")
+        if number is None:
+            raise ConfigError(f"config key '{key}': expected a number, got {value!r}")
+        if not math.isfinite(number):  # nan or inf reach the weights at step 1 and poison every later step
+            raise ConfigError(f"config key '{key}': expected a finite number, got {value!r}")
+        return number
     if annotation is str:
         if isinstance(value, str):
             return value
@@ -235,6 +245,24 @@ def _apply(obj: Any, prefix: str, mapping: dict) -> None:
         setattr(obj, key, value)
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """A YAML loader that refuses a key given twice in one mapping (PyYAML silently keeps the last)."""
+
+
+def _construct_unique_mapping(loader: yaml.SafeLoader, node: yaml.MappingNode, deep: bool = False) -> dict:
+    seen: dict = {}
+    for key_node, _ in node.value:
+        key = loader.construct_object(key_node, deep=deep)
+        if key in seen:
+            raise ConfigError(f"key '{key}' appears twice in one section (lines {seen[key] + 1} and "
+                              f"{key_node.start_mark.line + 1}); keep one")
+        seen[key] = key_node.start_mark.line
+    return loader.construct_mapping(node, deep=deep)
+
+
+_UniqueKeyLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_unique_mapping)
+
+
 def parse_override(text: str) -> tuple[list[str], Any]:
     """``optim.lr=3e-4`` -> (['optim', 'lr'], 0.0003). Values are parsed as YAML scalars."""
     if "=" not in text:
@@ -248,6 +276,18 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     except yaml.YAMLError:
         value = raw  # an unparsable scalar is taken as a string; the type check decides
     return key.split("."), value
+
+
+def merge_overrides(*groups: list[str]) -> list[str]:
+    """Compose override lists for a script, later groups replacing earlier ones key by key (a command line that
+    sets one key twice is refused by ``load_config``: there it is a mistake, here it is the intent)."""
+    merged: dict[str, str] = {}
+    for group in groups:
+        for text in group:
+            key = text.split("=", 1)[0].strip().lstrip("-")
+            merged.pop(key, None)  # the replacing value takes the later place, as it would on a command line
+            merged[key] = text
+    return list(merged.values())
 
 
 def _nest(path: list[str], value: Any) -> dict:
@@ -265,39 +305,50 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
         if not path.is_file():
             raise ConfigError(f"config file '{path}' does not exist")
         try:
-            data = yaml.safe_load(path.read_text())
+            data = yaml.load(path.read_text(), Loader=_UniqueKeyLoader)
+        except ConfigError as e:
+            raise ConfigError(f"config file '{path}': {e}") from None
         except yaml.YAMLError as e:
             mark = getattr(e, "problem_mark", None)
             where = f" line {mark.line + 1}" if mark is not None else ""
             problem = getattr(e, "problem", None) or str(e).splitlines()[0]
             raise ConfigError(f"config file '{path}'{where}: invalid YAML ({problem})") from None
-        if data is None:
-            data = {}
+        if data is None:  # an empty file (or comments only) is almost always a mistake, not "all defaults"
+            raise ConfigError(f"config file '{path}' is empty; give at least one section (an empty mapping "
+                              f"'{{}}' trains on the defaults)")
         if not isinstance(data, dict):
             raise ConfigError(f"config file '{path}': top level must be a mapping of sections")
         _apply(cfg, "", data)
+    given: dict[str, str] = {}
     for text in overrides:
         key_path, value = parse_override(text)
+        key = ".".join(key_path)
+        if key in given:
+            raise ConfigError(f"config key '{key}' is overridden twice on the command line ('{given[key]}', then "
+                              f"'{text}'); keep one")
+        given[key] = text
         _apply(cfg, "", _nest(key_path, value))
     validate(cfg)
     return cfg
 
 
+def _at_least(key: str, value, low, what: str = "") -> None:
+    if value is not None and value < low:
+        raise ConfigError(f"config key '{key}' must be >= {low}{what}, got {value}")
+
+
 def validate(cfg: Config) -> None:
-    """Cross-field checks that a single key's type cannot express."""
+    """Range and cross-field checks that a key's type cannot express; every message names the key and value."""
     t = cfg.train
     for key in ("steps", "batch_size", "micro_batch_size", "seq_len"):
-        if getattr(t, key) <= 0:
-            raise ConfigError(f"config key 'train.{key}' must be positive, got {getattr(t, key)}")
+        _at_least(f"train.{key}", getattr(t, key), 1)
     if t.batch_size % t.micro_batch_size:
         raise ConfigError(
             f"config key 'train.batch_size' ({t.batch_size}) must be a multiple of "
             f"'train.micro_batch_size' ({t.micro_batch_size})"
         )
-    if t.grad_clip < 0:
-        raise ConfigError(f"config key 'train.grad_clip' must be >= 0, got {t.grad_clip}")
-    if t.grad_clip_unit < 0:
-        raise ConfigError(f"config key 'train.grad_clip_unit' must be >= 0, got {t.grad_clip_unit}")
+    _at_least("train.grad_clip", t.grad_clip, 0)
+    _at_least("train.grad_clip_unit", t.grad_clip_unit, 0)
     if cfg.optim.per_layer and t.grad_clip > 0:
         raise ConfigError(
             f"train.grad_clip={t.grad_clip} clips by the global gradient norm, which is not known while "
@@ -308,17 +359,63 @@ def validate(cfg: Config) -> None:
                           "use train.grad_clip for the global norm")
     if not 0 <= t.warmup_ratio < 1:
         raise ConfigError(f"config key 'train.warmup_ratio' must be in [0, 1), got {t.warmup_ratio}")
-    if len(cfg.optim.betas) != 2:
-        raise ConfigError(f"config key 'optim.betas' must hold two numbers, got {cfg.optim.betas}")
-    if cfg.optim.rank <= 0:
-        raise ConfigError(f"config key 'optim.rank' must be positive, got {cfg.optim.rank}")
-    if cfg.checkpoint.keep < 1:
-        raise ConfigError(f"config key 'checkpoint.keep' must be >= 1, got {cfg.checkpoint.keep}")
+    if not 0 <= t.min_lr_ratio <= 1:
+        raise ConfigError(f"config key 'train.min_lr_ratio' must be in [0, 1], got {t.min_lr_ratio}")
+    _at_least("train.eval_every", t.eval_every, 0, " (0 = never)")
+    _at_least("train.stop_at", t.stop_at, 1, " (null = run to train.steps)")
+    _at_least("train.max_skipped", t.max_skipped, 1)
+    if not 0 <= t.max_skipped_fraction <= 1:
+        raise ConfigError(f"config key 'train.max_skipped_fraction' must be in [0, 1], got {t.max_skipped_fraction}")
+    _validate_optim(cfg.optim)
+    _validate_model(cfg.model)
+    d = cfg.data
+    _at_least("data.shuffle_buffer", d.shuffle_buffer, 0, " (0 or 1 = no shuffling)")
+    if t.eval_every and d.val_tokens < t.seq_len:
+        raise ConfigError(f"config key 'data.val_tokens' ({d.val_tokens}) must be at least train.seq_len "
+                          f"({t.seq_len}) to make one validation sequence; or set train.eval_every=0")
+    _at_least("dist.replicate", cfg.dist.replicate, 1)
+    _at_least("dist.world_size", cfg.dist.world_size, 1)
+    if cfg.dist.bucket_mb <= 0:
+        raise ConfigError(f"config key 'dist.bucket_mb' must be positive, got {cfg.dist.bucket_mb}")
+    _at_least("checkpoint.every", cfg.checkpoint.every, 0, " (0 = only at the end)")
+    _at_least("checkpoint.keep", cfg.checkpoint.keep, 1)
+    _at_least("log.every", cfg.log.every, 1)
+    if not cfg.run.dir.strip():
+        raise ConfigError("config key 'run.dir' is empty")
+
+
+def _validate_optim(o: OptimConfig) -> None:
+    from lotus_dist.optim.methods import resolve_parts
+
+    if o.lr < 0:
+        raise ConfigError(f"config key 'optim.lr' must be >= 0, got {o.lr}")
+    if len(o.betas) != 2 or not all(0 <= b < 1 for b in o.betas):
+        raise ConfigError(f"config key 'optim.betas' must be two numbers in [0, 1), got {o.betas}")
+    _at_least("optim.eps", o.eps, 0)
+    _at_least("optim.weight_decay", o.weight_decay, 0)
+    _at_least("optim.rank", o.rank, 1)
+    try:
+        resolve_parts(o)  # the method exists and its parts are valid (the messages name optim.<key>)
+    except ValueError as e:  # "optim.<key>: <problem>"
+        key, _, problem = str(e).partition(": ")
+        raise ConfigError(f"config key '{key}': {problem}") from None
+
+
+def _validate_model(m: ModelConfig) -> None:
+    from lotus_dist.model.llama import llama_config
+
+    for key in ("vocab_size", "dim", "n_layers", "n_heads", "ffn_dim", "max_seq_len"):
+        _at_least(f"model.{key}", getattr(m, key), 1)
+    for key in ("rope_theta", "norm_eps", "init_std"):
+        value = getattr(m, key)
+        if value is not None and value <= 0:
+            raise ConfigError(f"config key 'model.{key}' must be positive, got {value}")
+    fields = {k: v for k, v in dataclasses.asdict(m).items() if k != "name"}
+    try:
+        llama_config(m.name, **fields)  # a known size, and a shape it can build (dim divisible by n_heads, ...)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
 
 
 def to_dict(cfg: Config) -> dict:
     return dataclasses.asdict(cfg)
-
-
-def dump_config(cfg: Config, path: str | Path) -> None:
-    Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))

@@ -10,19 +10,38 @@ from pathlib import Path
 METRICS_FILE = "metrics.jsonl"
 
 
+def _refuse_constant(name: str):
+    raise ValueError(f"non-standard JSON constant {name}")
+
+
 def read_metrics(run_dir: str | Path) -> list[dict]:
+    """The records of ``metrics.jsonl``, parsed strictly (NaN/Infinity are not JSON; we write null)."""
     path = Path(run_dir) / METRICS_FILE
     if not path.exists():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return [json.loads(line, parse_constant=_refuse_constant) for line in path.read_text().splitlines() if line.strip()]
+
+
+def strict_json(record: dict) -> str:
+    """One JSON line; non-finite floats become null (bare NaN/Infinity are rejected by strict parsers)."""
+    clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in record.items()}
+    return json.dumps(clean, allow_nan=False)
 
 
 def truncate_metrics(run_dir: str | Path, last_step: int) -> None:
-    """Drop lines logged after ``last_step``: a run resumed from that step re-logs them identically."""
+    """Keep only lines of steps <= ``last_step`` (0: none): a run resumed from that step re-logs the rest, and a
+    fresh start over an old run directory must not append to the old run's lines. A line cut off by a kill
+    (the last one, unparsable) is dropped too."""
     path = Path(run_dir) / METRICS_FILE
     if not path.exists():
         return
-    kept = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= last_step]
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            if line.strip() and json.loads(line)["step"] <= last_step:
+                kept.append(line)
+        except (ValueError, KeyError, TypeError):
+            continue
     tmp = path.with_suffix(".tmp")
     tmp.write_text("".join(line + "\n" for line in kept))
     tmp.replace(path)
@@ -54,7 +73,7 @@ class MetricsLogger:
     def log(self, record: dict) -> None:
         if not self.enabled:
             return
-        self.file.write(json.dumps(record) + "\n")
+        self.file.write(strict_json(record) + "\n")
         if self.writer is not None:
             step = record["step"]
             for key, value in record.items():

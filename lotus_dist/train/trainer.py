@@ -9,20 +9,20 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import math
-import signal
 import time
-from pathlib import Path
 
 import torch
 
 from lotus_dist.errors import UserError
 from lotus_dist.model.llama import Llama, llama_config
-from lotus_dist.train.checkpoint import Checkpointer, check_compatible
-from lotus_dist.train.config import Config, dump_config
+from lotus_dist.train.checkpoint import Checkpointer, NonFiniteStateError, check_compatible
+from lotus_dist.train.config import Config, to_dict
 from lotus_dist.train.evaluate import evaluate
-from lotus_dist.train.faults import maybe_crash, maybe_poison_gradients
+from lotus_dist.train.faults import maybe_crash, maybe_poison_gradients, maybe_poison_weights
 from lotus_dist.train.metrics import MetricsLogger, truncate_metrics
+from lotus_dist.train.run_dir import RunDirectory
 from lotus_dist.train.schedule import lr_multiplier
+from lotus_dist.train.signals import StopSignals
 
 
 class NonFiniteError(UserError):
@@ -48,13 +48,29 @@ def model_fingerprint(cfg: Config, vocab_size: int) -> dict:
     return dataclasses.asdict(model_cfg)
 
 
+def resume_keys(cfg: Config) -> dict:
+    """Keys a resumed run must keep: the optimizer state's shapes (projected methods only) and the batch
+    geometry the data position and the token count are in. Recorded in every checkpoint (check_compatible)."""
+    from lotus_dist.optim.methods import resolve_parts
+
+    keys = {"train.batch_size": cfg.train.batch_size, "train.seq_len": cfg.train.seq_len}
+    parts = resolve_parts(cfg.optim)
+    if parts is not None:
+        keys["optim.rank"] = cfg.optim.rank
+        for key in ("proj_type", "granularity"):
+            if parts.get(key) is not None:
+                keys[f"optim.{key}"] = parts[key]
+    return keys
+
+
 class Trainer:
-    def __init__(self, cfg: Config, runtime):
+    def __init__(self, cfg: Config, runtime, run: RunDirectory):
         self.cfg = cfg
         self.rt = runtime
         self.device = runtime.device
         self.is_main = runtime.rank == 0
-        self.run_dir = Path(cfg.run.dir)
+        self.run = run  # created and locked (RunDirectory.open) before anything else is built
+        self.run_dir = run.path
         t = cfg.train
 
         per_step = t.micro_batch_size * runtime.world_size
@@ -71,7 +87,8 @@ class Trainer:
         from lotus_dist.data import build_train_stream, build_val_blocks, load_tokenizer
 
         self.tokenizer = load_tokenizer(cfg.data.tokenizer)
-        self.fingerprint = {"model": model_fingerprint(cfg, self.tokenizer.vocab_size), "optim_method": cfg.optim.name}
+        self.fingerprint = {"model": model_fingerprint(cfg, self.tokenizer.vocab_size), "optim_method": cfg.optim.name,
+                            "resume": resume_keys(cfg)}
         model_cfg = llama_config(**{"name": cfg.model.name, **self.fingerprint["model"]})
         if t.seq_len > model_cfg.max_seq_len:
             raise UserError(f"config key 'train.seq_len' ({t.seq_len}) exceeds the model's max_seq_len "
@@ -81,6 +98,8 @@ class Trainer:
         with torch.device(self.device):  # built where it trains: no full host copy per rank
             self.model = Llama(model_cfg)
         self.model.activation_checkpointing = t.activation_checkpointing
+        if self.is_main:
+            self.note_rank_clipping()
         self.model = runtime.wrap_model(self.model, cfg)
         self.optimizer = runtime.build_optimizer(self.model, cfg.optim)
         self.in_backward = None  # optim.per_layer: blocks update inside backward (optim/in_backward.py)
@@ -96,36 +115,50 @@ class Trainer:
         self.stream = build_train_stream(cfg.data, self.tokenizer, seq_len=t.seq_len, micro_batch_size=t.micro_batch_size,
                                          rank=runtime.rank, world_size=runtime.world_size, seed=cfg.seed)
         self.val_blocks = build_val_blocks(cfg.data, self.tokenizer, seq_len=t.seq_len) if t.eval_every else None
-        self.checkpointer = Checkpointer(self.run_dir, keep=cfg.checkpoint.keep, rank=runtime.rank,
-                                         world_size=runtime.world_size, barrier=runtime.barrier,
-                                         all_ranks=lambda flag: not runtime.any_rank(not flag),
+        self.checkpointer = Checkpointer(self.run_dir, keep=cfg.checkpoint.keep, comm=runtime,
                                          asynchronous=cfg.checkpoint.async_save)
         self.step = 0
         self.tokens = 0
-        self.stop_requested = False
+        self.signals = StopSignals()
         self.skipped_steps = 0  # non-finite steps skipped by this process (train.on_nonfinite=skip)
+        self.skipped_in_row = 0
         self.train_seconds = 0.0  # wall time in train steps since this process started (not evaluation, not saving)
 
+    def note_rank_clipping(self) -> None:
+        """Say once when optim.rank exceeds some matrices' projected side (the optimizer clips it there)."""
+        from lotus_dist.optim.methods import rank_above_size
+
+        clipped = rank_above_size(self.model, self.cfg.optim)
+        if clipped:
+            name, shape, r = clipped[0]
+            print(f"note: optim.rank={self.cfg.optim.rank} exceeds the projected side of {len(clipped)} matrices "
+                  f"(e.g. {name}, {shape[0]}x{shape[1]}); they are projected at their full side (rank {r}), which "
+                  f"saves no memory on them", flush=True)
+
     # ---- resume ----------------------------------------------------------------------------------------------
-    def resume_if_possible(self) -> None:
-        self.checkpointer.remove_partial()
+    def resume_if_possible(self) -> int | None:
+        """Continue from the newest good checkpoint (returns its step), or start fresh (None). Either way the
+        run directory's metrics are cut back to where this run continues from."""
         latest = self.checkpointer.latest()
-        if latest is None:
-            return
-        if not self.cfg.checkpoint.resume:
+        if latest is not None and not self.cfg.checkpoint.resume:
             raise UserError(f"run directory {self.run_dir} holds checkpoint {latest.name} and checkpoint.resume=false; "
                             f"choose another run.dir or remove {self.checkpointer.root}")
-        check_compatible(self.checkpointer.read_train_state(latest), self.fingerprint, latest)
-        train_state, data_state = self.checkpointer.load(latest, self.model, self.optimizer)
-        self.step, self.tokens = train_state["step"], train_state["tokens"]
-        if data_state is None:
-            raise UserError(f"checkpoint {latest} was written by {train_state['world_size']} ranks; this run has "
-                            f"{self.rt.world_size}, and per-rank data positions (data.split=node) do not carry over; "
-                            f"start runs with data.split=global to change the world size on resume")
-        self.stream.load_state_dict(data_state)
+        self.checkpointer.remove_partial()
+        resumed = self.checkpointer.resume(self.model, self.optimizer,
+                                           check=lambda saved, path: check_compatible(saved, self.fingerprint, path))
+        if resumed is not None:
+            path, train_state, data_state = resumed
+            self.step, self.tokens = train_state["step"], train_state["tokens"]
+            if data_state is None:
+                raise UserError(f"checkpoint {path} was written by {train_state['world_size']} ranks; this run has "
+                                f"{self.rt.world_size}, and per-rank data positions (data.split=node) do not carry "
+                                f"over; start runs with data.split=global to change the world size on resume")
+            self.stream.load_state_dict(data_state)
         if self.is_main:
-            truncate_metrics(self.run_dir, self.step)
-            print(f"resumed from {latest} at step {self.step}", flush=True)
+            truncate_metrics(self.run_dir, self.step)  # step 0: a fresh start over old metrics keeps none of them
+            if resumed is not None:
+                print(f"resumed from {resumed[0]} at step {self.step}", flush=True)
+        return None if resumed is None else self.step
 
     def save(self) -> None:
         train_state = {"step": self.step, "tokens": self.tokens, **self.fingerprint}
@@ -158,16 +191,34 @@ class Trainer:
             self.optimizer.zero_grad(set_to_none=True)
             if self.cfg.train.on_nonfinite == "stop":
                 raise NonFiniteError(f"non-finite loss ({loss_value}) or gradient norm ({norm_value}) at step "
-                                     f"{self.step + 1}; saved step {self.step}; train.on_nonfinite=skip would "
-                                     f"skip such steps")
+                                     f"{self.step + 1}; train.on_nonfinite=skip would skip such steps")
             # Skipped: no update, but the step, its data and its place in the schedule are spent.
             self.end_step()
-            self.skipped_steps += 1
+            self.count_skipped()
             return {"loss": loss_value, "lr": lr, "grad_norm": norm_value, "skipped": self.skipped_steps}
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.end_step()
+        self.skipped_in_row = 0
         return {"loss": loss_value, "lr": lr, "grad_norm": norm_value}
+
+    def count_skipped(self) -> None:
+        self.skipped_steps += 1
+        self.skipped_in_row += 1
+
+    def skip_limit(self) -> str | None:
+        """Why train.on_nonfinite=skip gives up now (past train.max_skipped in a row, or past
+        train.max_skipped_fraction of train.steps in all), else None."""
+        t = self.cfg.train
+        if self.skipped_in_row >= t.max_skipped:
+            return (f"train.on_nonfinite=skip gives up: {self.skipped_in_row} steps in a row were skipped for "
+                    f"non-finite values (steps {self.step - self.skipped_in_row + 1}-{self.step}; "
+                    f"train.max_skipped={t.max_skipped})")
+        if self.skipped_steps > t.max_skipped_fraction * t.steps:
+            return (f"train.on_nonfinite=skip gives up: {self.skipped_steps} step(s) skipped for non-finite values "
+                    f"by step {self.step}, more than train.max_skipped_fraction={t.max_skipped_fraction} of "
+                    f"train.steps={t.steps}")
+        return None
 
     def forward_backward(self) -> torch.Tensor:
         """Forward and backward over the step's micro-batches; returns this rank's loss, summed.
@@ -216,12 +267,15 @@ class Trainer:
                     f"non-finite loss ({loss_value}) or gradient in {report['nonfinite_units']} block(s) at step "
                     f"{self.step + 1} with optim.per_layer=true: blocks updated earlier in that backward cannot be "
                     f"undone, so this state is not saved; resume from the last checkpoint "
-                    f"({latest.name if latest else 'none yet'}); train.on_nonfinite=skip would skip such blocks",
+                    f"({latest if latest else 'none yet'}); train.on_nonfinite=skip would skip such blocks",
                     intact=False)
-            self.skipped_steps += 1
-            record["skipped"] = self.skipped_steps
+            self.end_step()
             record["skipped_units"] = report["nonfinite_units"]
+            self.count_skipped()
+            record["skipped"] = self.skipped_steps
+            return record
         self.end_step()
+        self.skipped_in_row = 0
         return record
 
     def _fault_in_unit(self, unit) -> None:
@@ -231,18 +285,14 @@ class Trainer:
             maybe_poison_gradients(unit, self.rt.rank, self.step + 1)
 
     # ---- the loop --------------------------------------------------------------------------------------------
-    def _on_sigterm(self, signum, frame):
-        self.stop_requested = True
-
     def fit(self) -> dict:
         cfg, t = self.cfg, self.cfg.train
-        self.resume_if_possible()
+        resumed_step = self.resume_if_possible()
         if self.is_main:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-            dump_config(cfg, self.run_dir / "config.yaml")
+            self.run.write_config(to_dict(cfg), resumed_step)
         self.logger = MetricsLogger(self.run_dir, enabled=self.is_main, tensorboard=cfg.log.tensorboard,
                                     progress=cfg.log.progress, total_steps=t.steps, start_step=self.step)
-        previous = signal.signal(signal.SIGTERM, self._on_sigterm) if self._is_main_thread() else None
+        self.signals.install()
         last_eval = {}
         try:
             from lotus_dist.optim import memory_report, solver_fallback_report, switch_report
@@ -255,12 +305,10 @@ class Trainer:
                 try:
                     record = self.train_step()
                 except NonFiniteError as error:
-                    if error.intact:
-                        self.save()  # the state before the bad step: nothing was applied from it
-                    self.checkpointer.wait()
-                    raise
+                    self.stop_after_nonfinite(error)
                 self.train_seconds += time.perf_counter() - started
                 maybe_crash("after_step", self.rt.rank, self.step)
+                maybe_poison_weights(self.model.parameters(), self.rt.rank, self.step)
                 self.checkpointer.poll()
                 self.logger.advance()
                 evaluate_now = t.eval_every and (self.step % t.eval_every == 0 or self.step == t.steps)
@@ -278,27 +326,36 @@ class Trainer:
                     record["train_s"] = self.train_seconds
                     self.logger.log({"step": self.step, **record})
                     clock, clock_tokens = time.perf_counter(), self.tokens
-                stop = self.rt.any_rank(self.stop_requested)
+                if record.get("skipped") and self.skip_limit():
+                    # Skips applied nothing, so the state is intact and is saved.
+                    self.stop_after_nonfinite(NonFiniteError(self.skip_limit()))
+                stop = self.rt.any_rank(self.signals.received is not None)
                 every = cfg.checkpoint.every
                 if (every and self.step % every == 0) or self.step == end or stop:
                     self.save()
                 if stop:
-                    self.logger.message(f"SIGTERM received: saved step {self.step}, exiting")
+                    self.logger.message(f"{self.signals.received or 'a stop signal (on another rank)'} received: "
+                                        f"saved step {self.step}, exiting")
                     break
             self.checkpointer.wait()
         finally:
-            if previous is not None:
-                signal.signal(signal.SIGTERM, previous)
+            self.signals.restore()
             self.logger.close()
         return {"step": self.step, "tokens": self.tokens, **last_eval}
+
+    def stop_after_nonfinite(self, error: NonFiniteError) -> None:
+        """Stop for a non-finite step (or too many skipped ones), saying what was saved; always raises."""
+        self.checkpointer.wait()
+        if not error.intact:
+            raise error
+        try:
+            self.save()  # the state before the bad step: nothing was applied from it
+        except NonFiniteStateError as state_error:  # ... unless an earlier step already broke the state
+            raise NonFiniteError(f"{error}; {state_error}", intact=False) from None
+        self.checkpointer.wait()
+        raise NonFiniteError(f"{error}; saved step {self.step} as {self.checkpointer.latest()}")
 
     def evaluate(self) -> dict:
         return evaluate(self.model, self.val_blocks, micro_batch_size=self.cfg.train.micro_batch_size, device=self.device,
                         autocast=self.autocast, rank=self.rt.rank, world_size=self.rt.world_size,
                         all_reduce=self.rt.all_reduce_sum if self.rt.world_size > 1 else None)
-
-    @staticmethod
-    def _is_main_thread() -> bool:
-        import threading
-
-        return threading.current_thread() is threading.main_thread()

@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 from dist_spawn import free_port
+from lotus_dist.train.config import merge_overrides
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -26,7 +27,7 @@ def env_for(extra: dict | None = None) -> dict:
 
 
 def command(nproc: int, args: list[str], max_restarts: int = 0) -> list[str]:
-    script = [str(REPO / "pretrain.py"), "--config", str(REPO / "configs/tiny.yaml"), *args]
+    script = [str(REPO / "pretrain.py"), "--config", str(REPO / "configs/tiny.yaml"), *merge_overrides(args)]
     if nproc == 0:  # a plain process, no torchrun
         return [sys.executable, *script]
     return [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", f"--max-restarts={max_restarts}",

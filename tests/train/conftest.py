@@ -9,3 +9,9 @@ SMALL = ["model.dim=64", "model.n_layers=2", "model.n_heads=4", "model.ffn_dim=1
 @pytest.fixture
 def small_overrides(tmp_path):
     return SMALL + [f"data.cache_dir={tmp_path / 'cache'}"]
+
+
+@pytest.fixture(scope="session")
+def small_args():
+    """SMALL, for module-scoped fixtures (which cannot use the function-scoped ``small_overrides``)."""
+    return list(SMALL)

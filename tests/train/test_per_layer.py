@@ -6,6 +6,7 @@ from pathlib import Path
 import pytest
 
 from lotus_dist.train.cli import main
+from lotus_dist.train.config import merge_overrides
 from lotus_dist.train.metrics import read_metrics
 
 REPO = Path(__file__).resolve().parents[2]
@@ -15,7 +16,7 @@ SWITCHING = ["optim.name=lotus", "optim.verify_gap=3", "optim.gamma=0.5", "train
 
 
 def run(args):
-    return main(["--config", str(REPO / "configs/tiny.yaml"), *args])
+    return main(["--config", str(REPO / "configs/tiny.yaml"), *merge_overrides(args)])
 
 
 def lines(run_dir):
@@ -65,7 +66,7 @@ def test_per_layer_resume_mid_run_is_bitwise_identical(tmp_path, small_overrides
 def test_nan_gradient_skips_one_block(tmp_path, small_overrides, monkeypatch):
     monkeypatch.setenv("LOTUS_FAULT", "nan_grad:rank=0:step=3")
     common = small_overrides + SWITCHING + ["train.steps=5", "optim.per_layer=true", "train.micro_batch_size=8"]
-    assert run(common + ["train.on_nonfinite=skip", f"run.dir={tmp_path / 'skip'}"]) == 0
+    assert run(common + ["train.on_nonfinite=skip", "train.max_skipped_fraction=0.5", f"run.dir={tmp_path / 'skip'}"]) == 0
     got = lines(tmp_path / "skip")
     assert got[3]["skipped"] == 1 and got[3]["skipped_units"] == 1
     assert "skipped" not in got[4] and all(l["loss"] == l["loss"] for l in got.values())

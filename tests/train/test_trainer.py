@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 
 from lotus_dist.train.cli import main
+from lotus_dist.train.config import merge_overrides
 from lotus_dist.train.metrics import read_metrics
 
 REPO = Path(__file__).resolve().parents[2]
@@ -14,7 +15,7 @@ TRAJECTORY_KEYS = ("step", "loss", "lr", "tokens", "val_loss", "optimizer_state_
 
 
 def run(args, capsys=None):
-    code = main(["--config", str(REPO / "configs/tiny.yaml"), *args])
+    code = main(["--config", str(REPO / "configs/tiny.yaml"), *merge_overrides(args)])
     return code
 
 
@@ -91,9 +92,9 @@ def test_cli_corrupt_yaml_in_a_real_process(tmp_path):
 def test_nonfinite_gradient_is_skipped_and_logged(tmp_path, small_overrides, monkeypatch):
     monkeypatch.setenv("LOTUS_FAULT", "nan_grad:rank=0:step=3")
     common = small_overrides + ["train.steps=6", "train.eval_every=0", "checkpoint.every=0"]
-    assert run(common + ["train.on_nonfinite=skip", f"run.dir={tmp_path / 'skip'}"]) == 0
+    assert run(common + ["train.on_nonfinite=skip", "train.max_skipped_fraction=0.5", f"run.dir={tmp_path / 'skip'}"]) == 0
     lines = {l["step"]: l for l in read_metrics(tmp_path / "skip")}
-    assert lines[3]["skipped"] == 1 and lines[3]["grad_norm"] != lines[3]["grad_norm"]  # NaN
+    assert lines[3]["skipped"] == 1 and lines[3]["grad_norm"] is None  # NaN, written as JSON null
     assert "skipped" not in lines[4] and all(l["loss"] == l["loss"] for l in lines.values())
     # The skipped step applied nothing: a run without the fault differs from step 4 on, not before.
     monkeypatch.delenv("LOTUS_FAULT")
