@@ -45,6 +45,8 @@ bench: install
 	$(PY) scripts/bench_train.py
 	@echo ">>> peak memory of one training step: adamw vs galore vs lotus vs lotus+per_layer on llama_60m"
 	$(PY) scripts/bench_memory.py
+	@echo ">>> fit at scale: start-up peak per rank (llama_60m, 1/2/4 gloo ranks) and optimizer state vs the planner"
+	$(PY) scripts/bench_sharding.py
 	@echo ">>> capacity planner: llama_7b on 64 ranks"
 	$(PY) pretrain.py --config configs/llama_7b.yaml --dry-run dist.world_size=64
 

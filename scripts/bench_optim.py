@@ -91,14 +91,14 @@ def _formula(model, r):
 def bench_memory(sizes):
     print("\n## optimizer-state memory (fp32 states, allocated on meta by init_state), GiB")
     print(f"{'model':>11} {'rank':>5} {'adamw':>8} {'galore':>8} {'formula':>8} {'=?':>3} {'lotus':>8} "
-          f"{'lotus-d_init':>12} {'galore/adamw':>12}")
+          f"{'lotus/formula':>13} {'lotus fp32 ref':>14} {'galore/adamw':>12}")
     for size in sizes:
         with torch.device("meta"):
             model = Llama(llama_config(size))
         r = RANKS[size]
         out = {}
-        for name in ("adamw", "galore", "lotus"):
-            opt = build_optimizer(model, OptimConfig(name=name, rank=r))
+        for name, extra in (("adamw", {}), ("galore", {}), ("lotus", {}), ("lotus_fp32", {"reference_dtype": "fp32"})):
+            opt = build_optimizer(model, OptimConfig(name=name.split("_")[0], rank=r, **extra))
             opt.init_state()
             out[name] = memory_report(opt)
         formula = _formula(model, r)
@@ -107,11 +107,11 @@ def bench_memory(sizes):
         print(
             f"{size:>11} {r:>5} {out['adamw']['total'] / gib:8.3f} {out['galore']['total'] / gib:8.3f} "
             f"{formula / gib:8.3f} {'yes' if ok else 'NO':>3} {out['lotus']['total'] / gib:8.3f} "
-            f"{(out['lotus']['total'] - out['lotus']['other']) / gib:12.3f} "
+            f"{out['lotus']['total'] / formula:13.3f} {out['lotus_fp32']['total'] / gib:14.3f} "
             f"{out['galore']['total'] / out['adamw']['total']:12.3f}"
         )
-    print("lotus = galore's formula + the displacement policy's d_init (long x r per matrix, in 'other');"
-          " 'lotus-d_init' = moments + projectors, equal to the formula.")
+    print("lotus = galore's formula + the displacement policy's d_init (long x r per matrix, in 'other'), stored in"
+          " bf16 (optim.reference_dtype, the default); 'lotus fp32 ref' = the exact fp32 d_init.")
 
 
 def bench_step(steps, size="llama_60m"):

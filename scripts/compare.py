@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import json
 import platform
 import shutil
 import statistics
@@ -28,6 +27,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from lotus_dist.train.config import merge_overrides  # noqa: E402  (after the path, for a plain checkout)
+from lotus_dist.train.metrics import read_metrics  # noqa: E402
 
 # name -> overrides. The ablation rows of the Lotus paper: svd+fixed is GaLore, rsvd+displacement is Lotus.
 RUNS = {
@@ -77,7 +77,7 @@ def run_one(name: str, overrides: list[str], preset: dict, out: Path, extra: lis
 
 
 def summarise(name: str, run_dir: Path) -> dict:
-    lines = [json.loads(l) for l in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    lines = read_metrics(run_dir)
     evals = [l for l in lines if "val_loss" in l]
     last = lines[-1]
     return {

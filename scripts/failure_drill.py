@@ -29,6 +29,7 @@ sys.path.insert(0, str(REPO))
 
 from lotus_dist.train.config import merge_overrides  # noqa: E402  (after the path, for a plain checkout)
 from lotus_dist.train.faults import flip_bit  # noqa: E402
+from lotus_dist.train.metrics import read_metrics  # noqa: E402
 SMALL = ["model.dim=64", "model.n_layers=2", "model.n_heads=4", "model.ffn_dim=172", "train.seq_len=32",
          "train.batch_size=8", "train.micro_batch_size=4", "data.val_tokens=2048", "log.every=1",
          "log.tensorboard=false", "log.progress=false", "optim.rank=8", "train.eval_every=0"]
@@ -75,8 +76,7 @@ def shown(code: int, out: str, err: str) -> str:
 
 
 def steps_of(run_dir: Path) -> list[int]:
-    path = run_dir / "metrics.jsonl"
-    return [json.loads(l)["step"] for l in path.read_text().splitlines()] if path.exists() else []
+    return [r["step"] for r in read_metrics(run_dir)]
 
 
 def listing(run_dir: Path) -> str:

@@ -15,7 +15,7 @@ Layers, each with an explicit, JSON-serialisable position so that a resumed stre
   last token of a block is the first of the next, so every token is a target exactly once and nothing is padded
   (Megatron's GPTDataset cuts its samples the same way). The remainder carries to the next block.
 
-Rank split (``data.split``): ``node`` follows ``datasets.distributed.split_dataset_by_node``: whole shards per rank
+Rank split (``data.split``, ``auto``: ``global`` for the embedded corpus, else ``node``): ``node`` follows ``datasets.distributed.split_dataset_by_node``: whole shards per rank
 when the shard count divides by the world size, else every world_size-th line; ``global``: every rank reads the
 whole stream and takes its slice of each global batch, so global batches do not depend on the world size.
 """
@@ -473,9 +473,18 @@ def text_source(data_cfg, split: str, *, rank: int, world_size: int, seed: int, 
                             shuffle_shards=shuffle_shards)
 
 
+def resolve_split(data_cfg) -> str:
+    """``data.split``, with ``auto`` resolved: ``global`` for the embedded corpus (a small local corpus every rank
+    can read whole: the same batches at any world size), ``node`` for C4 (each rank reads only its part)."""
+    split = getattr(data_cfg, "split", "node")
+    if split == "auto":
+        return "global" if data_cfg.source == "embedded" else "node"
+    return split
+
+
 def build_text_stream(data_cfg, tokenizer, *, seq_len: int, micro_batch_size: int, rank: int, world_size: int,
                       seed: int) -> TokenStream:
-    split = getattr(data_cfg, "split", "node")
+    split = resolve_split(data_cfg)
     # Global split: every rank reads the one stream of a world of size 1.
     read_rank, read_world = (rank, world_size) if split == "node" else (0, 1)
     source = text_source(data_cfg, "train", rank=read_rank, world_size=read_world, seed=seed)

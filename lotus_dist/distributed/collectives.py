@@ -7,8 +7,10 @@ under HSDP every replica group holds the same gradient shards and works on its o
   rsvd sketches (n x k) and the k x k Gram; the Gaussian sketch is drawn whole from the shared seed and each rank
   takes its rows (uneven shards included);
 - fallback (a left projector on a ``Shard(0)`` matrix: the projected side is sharded): ``R = Σ_i A_iᵀ G_i`` is
-  all-reduced every step, the states are replicated, and rsvd orthonormalises the row-sharded sketch by
-  CholeskyQR2 (two k x k all-reduces) before all-gathering the new basis;
+  reduce-scattered by columns every step, so each rank keeps a 1/W column slice of the r x n state (moments,
+  ``d_init``, path-efficiency buffers) and runs Adam on it; the update N is all-gathered for the back-projection
+  (the bytes of one all-reduce, 1/W of the memory). rsvd orthonormalises the row-sharded sketch by CholeskyQR2
+  (two k x k all-reduces) before all-gathering the new basis;
 - the exact ``svd`` solver gathers G on the plan's owner rank, which solves and broadcasts the projector;
 - ``projectors="shard"``: each rank stores a 1/W row slice of the projector, all-gathered before use.
 
@@ -30,14 +32,33 @@ def chunk_sizes(n: int, world: int) -> list[int]:
     return [max(0, min(size, n - i * size)) for i in range(world)]
 
 
-def all_gather_rows(t: torch.Tensor, sizes: list[int], group) -> torch.Tensor:
-    """Concatenate every rank's rows (``sizes[i]`` rows on rank i); gloo needs equal sizes, so pad to the max."""
+def reduce_scatter_rows(t: torch.Tensor, sizes: list[int], group) -> torch.Tensor:
+    """Sum ``t`` over the ranks and keep this rank's rows (``sizes[i]`` rows for rank i, in order); the list form
+    of reduce-scatter with chunks padded to the largest, which gloo and NCCL both take on every torch version."""
     rows = max(sizes)
-    buf = t.new_zeros((rows, *t.shape[1:]))
-    buf[: t.shape[0]] = t
-    outs = [torch.empty_like(buf) for _ in sizes]
-    dist.all_gather(outs, buf, group=group)
-    return torch.cat([o[:s] for o, s in zip(outs, sizes)])
+    chunks = []
+    for chunk in t.split(sizes):
+        padded = t.new_zeros((rows, *t.shape[1:]))
+        padded[: chunk.shape[0]] = chunk
+        chunks.append(padded)
+    out = t.new_empty((rows, *t.shape[1:]))
+    dist.reduce_scatter(out, chunks, group=group)
+    return out[: sizes[dist.get_rank(group)]]
+
+
+def all_gather_rows(t: torch.Tensor, sizes: list[int], group) -> torch.Tensor:
+    """Concatenate every rank's rows (``sizes[i]`` rows on rank i, ``chunk_sizes`` layout); gloo needs equal sizes,
+    so each rank sends its rows padded to the largest. The ranks' blocks land in one buffer, and since only the tail
+    ranks are short (chunk layout) the result is a view of its first rows: one full-size tensor, no concatenation."""
+    rows = max(sizes)
+    if t.shape[0] == rows and t.is_contiguous():
+        send = t
+    else:
+        send = t.new_zeros((rows, *t.shape[1:]))
+        send[: t.shape[0]] = t
+    out = t.new_empty((rows * len(sizes), *t.shape[1:]))
+    dist.all_gather(list(out.chunk(len(sizes))), send, group=group)
+    return out[: sum(sizes)]
 
 
 class StatsComm(Comm):
@@ -67,11 +88,14 @@ class MatrixComm(Comm):
         self.shape, self.side, self.r, self.shard_dim, self.fallback = tuple(shape), side, rank, shard_dim, fallback
         self.owner = owner
         self.projectors = projectors
+        self.gathers_projector = projectors == "shard"
         self.sizes = chunk_sizes(self.shape[shard_dim], self.world)  # this matrix's shard sizes
         self.offset = sum(self.sizes[: self.me])
         self.full_projector = (self.shape[0], rank) if side == "left" else (rank, self.shape[1])
         self.proj_sizes = chunk_sizes(self.full_projector[0], self.world)  # projectors="shard": row slices
         self.proj_offset = sum(self.proj_sizes[: self.me])
+        # fallback: this rank's column slice of the r x n low-rank state (DTensor's Shard(1) rule)
+        self.long_sizes = chunk_sizes(self.shape[1], self.world)
         if fallback != (side == "left" and shard_dim == 0):
             raise ValueError(f"inconsistent plan: side {side}, Shard({shard_dim}), fallback {fallback}")
 
@@ -89,7 +113,18 @@ class MatrixComm(Comm):
         return self.reduce(t) if self.fallback else t
 
     def reduce_projected(self, R: torch.Tensor) -> torch.Tensor:
-        return self.reduce(R) if self.fallback else R  # the fallback's per-step all-reduce of Aᵀ G (r x n)
+        if not self.fallback:
+            return R
+        # The fallback's per-step Σ_i A_iᵀ G_i (r x n), reduce-scattered: this rank's r x n_j column slice.
+        return reduce_scatter_rows(R.T.contiguous(), self.long_sizes, self.group).T.contiguous()
+
+    def state_piece(self, shape, side):
+        return (shape[0], self.long_sizes[self.me]) if self.fallback else tuple(shape)
+
+    def gather_long(self, N: torch.Tensor) -> torch.Tensor:
+        if not self.fallback:
+            return N
+        return all_gather_rows(N.T.contiguous(), self.long_sizes, self.group).T
 
     # --------------------------------------------------------------------------------------------- solvers
 
@@ -167,4 +202,4 @@ class MatrixComm(Comm):
         return P[self.offset : self.offset + self.sizes[self.me]] if self.fallback else P
 
 
-__all__ = ["MatrixComm", "StatsComm", "all_gather_rows", "chunk_sizes"]
+__all__ = ["MatrixComm", "StatsComm", "all_gather_rows", "chunk_sizes", "reduce_scatter_rows"]

@@ -123,7 +123,7 @@ class DeepSpeedMode(Collective):
             raise UserError(f"dist.mode=deepspeed: DeepSpeed's accelerator is '{accelerator}' but this run trains "
                             f"on {self.device.type} (dist.backend={cfg.dist.backend}); set DS_ACCELERATOR="
                             f"{self.device.type}")
-        return model
+        return self.materialize(model, cfg)
 
     def build_optimizer(self, model, optim_cfg):
         deepspeed = self.deepspeed

@@ -74,6 +74,23 @@ def apply_fsdp(
     return model
 
 
+def local_part(p: torch.Tensor, full: torch.Tensor) -> torch.Tensor:
+    """This rank's part of ``full`` (a parameter's whole value) for the DTensor parameter ``p``: for every
+    ``Shard(d)`` placement, chunk ``d`` as DTensor and FSDP2 lay shards out (``torch.chunk``, uneven tail ranks
+    shorter or empty) and take this rank's coordinate on that mesh dim; ``Replicate`` keeps it whole."""
+    from torch.distributed.tensor import DTensor, Shard
+
+    if not isinstance(p, DTensor):
+        return full
+    part = full
+    for mesh_dim, placement in enumerate(p.placements):
+        if isinstance(placement, Shard):
+            chunks = torch.chunk(part, p.device_mesh.size(mesh_dim), dim=placement.dim)
+            index = p.device_mesh.get_local_rank(mesh_dim)
+            part = chunks[index] if index < len(chunks) else part.narrow(placement.dim, 0, 0)
+    return part
+
+
 def check_placements(model: nn.Module, plan: Plan) -> None:
     """Assert every parameter carries the placement the plan asked for (a cheap start-up self-check)."""
     from torch.distributed.tensor import DTensor, Shard
@@ -87,4 +104,4 @@ def check_placements(model: nn.Module, plan: Plan) -> None:
             raise AssertionError(f"{name}: placement {p.placements}, the plan wants {want}")
 
 
-__all__ = ["apply_fsdp", "mixed_precision", "check_placements"]
+__all__ = ["apply_fsdp", "mixed_precision", "check_placements", "local_part"]

@@ -1,5 +1,10 @@
 """How the trainer runs across processes: one object per ``dist.mode`` with the same small interface.
 
+``wrap_model`` takes the model as the trainer builds it, on the ``meta`` device: each mode shards it first where it
+shards (FSDP2), then gives it storage on its device and initialises it (``materialize``: every rank writes only its
+own shards, and gets the weights one process would for the same seed). A model that already has storage is used
+as it is.
+
 The trainer only calls ``wrap_model``, ``build_optimizer``, ``update_units`` (optim.per_layer), ``no_sync``,
 ``all_reduce_mean``, ``all_reduce_sum``, ``any_rank``, ``all_gather_object``, ``barrier``, ``close`` and reads
 ``rank``, ``world_size``, ``device``.
@@ -25,6 +30,17 @@ class SingleProcess:
         self.rank, self.world_size, self.device = runtime.rank, runtime.world_size, runtime.device
 
     def wrap_model(self, model, cfg):
+        return self.materialize(model, cfg)
+
+    def materialize(self, model, cfg, local_part=None):
+        """Storage on this rank's device for a model built on ``meta`` (its shards, once sharded), initialised by
+        ``init_parameters`` one parameter at a time; a model that has storage already is returned untouched."""
+        if not any(p.is_meta for p in model.parameters()):
+            return model
+        from lotus_dist.model.llama import init_parameters
+
+        model.to_empty(device=self.device)
+        init_parameters(model, cfg.seed, local_part)
         return model
 
     def build_optimizer(self, model, optim_cfg):
@@ -94,7 +110,7 @@ class FullyShardedDataParallel(Collective):
     """``dist.mode=fsdp``: FSDP2 per block with the side-aware plan (HSDP when ``dist.replicate > 1``)."""
 
     def wrap_model(self, model, cfg):
-        from lotus_dist.distributed.fsdp import apply_fsdp, mixed_precision
+        from lotus_dist.distributed.fsdp import apply_fsdp, local_part, mixed_precision
         from lotus_dist.distributed.plan import plan_for_model
 
         mesh = build_mesh(self.runtime, cfg.dist.replicate)
@@ -104,7 +120,8 @@ class FullyShardedDataParallel(Collective):
         param_dtype, reduce_dtype = mixed_precision(cfg.train.dtype, self.device)
         log = print if self.rank == 0 else (lambda line: None)
         self.plan = plan
-        return apply_fsdp(model, mesh, plan, param_dtype=param_dtype, reduce_dtype=reduce_dtype, log_fn=log)
+        model = apply_fsdp(model, mesh, plan, param_dtype=param_dtype, reduce_dtype=reduce_dtype, log_fn=log)
+        return self.materialize(model, cfg, local_part)  # sharded first: no rank ever holds the whole model
 
     def update_units(self, model):
         from lotus_dist.optim import units_of

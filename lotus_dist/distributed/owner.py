@@ -313,6 +313,7 @@ class OwnerDataParallel(Collective):
     the full averaged gradient, so the trainer's ``clip_grad_norm_`` over all parameters is already global."""
 
     def wrap_model(self, model, cfg):
+        model = self.materialize(model, cfg)  # whole on every rank (DDP), initialised as one process would
         self.bucket_mb = cfg.dist.bucket_mb
         device_ids = [self.device.index] if self.device.type == "cuda" else None
         # gradient_as_bucket_view: the gradients live in DDP's buckets, no second full-size copy.

@@ -14,8 +14,9 @@ the back-projection stay local to each rank:
 FSDP2 (torch 2.13, ``_fsdp_param.py``, ``FSDPParam._init_sharded_param``) pads an uneven ``Shard(0)`` but raises
 ``NotImplementedError("FSDP does not support uneven sharding on dim 1")`` when a ``Shard(dim > 0)`` size is not
 divisible by the *shard* mesh size (the inner dim of an HSDP mesh). Such a matrix falls back to ``Shard(0)``: its
-rows are sharded while its states need whole columns, so ``R = Aᵀ G = Σ_i A_iᵀ G_i`` is all-reduced (r×n) every
-step and the r×n states are replicated.
+rows are sharded while its states run along the columns, so ``R = Aᵀ G = Σ_i A_iᵀ G_i`` is reduce-scattered by
+columns every step (each rank keeps a 1/W column slice of the r×n states) and the update is all-gathered for the
+back-projection: the bytes of one r×n all-reduce, 1/W of the memory.
 """
 
 from __future__ import annotations
@@ -48,7 +49,7 @@ class MatrixPlan:
     side: str  # "left" (A, m×r; states r×n) or "right" (B, r×n; states m×r)
     rank: int  # effective rank: min(rank_r, short side)
     shard_dim: int  # FSDP2 placement actually used
-    fallback: bool  # True: wanted Shard(1), got Shard(0) + per-step all-reduce of Aᵀ G
+    fallback: bool  # True: wanted Shard(1), got Shard(0) + per-step reduce-scatter of Aᵀ G / all-gather of N
     reason: str  # why a fallback happened ("" otherwise)
     owner: int  # shard-group rank that runs the exact solver when optim.refresh=owner
     cost: float  # relative solver cost used for the owner balance
@@ -212,7 +213,8 @@ def build_plan(
             dim, fallback = 0, True
             reason = (
                 f"n={n} not divisible by shard size {shard} (FSDP2 needs even Shard(1)); "
-                f"Shard(0) + per-step all-reduce of A^T G ({r}x{n})"
+                f"Shard(0); the {r}x{n} state is sharded by columns (per step: reduce-scatter of A^T G, "
+                f"all-gather of the update)"
             )
         drafts[name] = dict(name=name, shape=(m, n), side=side, rank=r, shard_dim=dim, fallback=fallback,
                             reason=reason, cost=solver_cost(m, n, r, solver))

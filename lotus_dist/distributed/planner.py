@@ -30,6 +30,7 @@ from .plan import DistConfigError, Plan, default_projected, plan_for_model
 
 METHODS = ("adamw", "galore", "lotus")
 STATE_BYTES = 4  # optimizer states and projectors are fp32 (ALGORITHMS.md section 3)
+REFERENCE_BYTES = {"bf16": 2, "fp32": 4}  # lotus's switch reference d_init (optim.reference_dtype)
 SWITCH_STATS = 2  # displacement policy: partial sums of |R|^2 and <R, d_init> per matrix
 
 
@@ -78,8 +79,9 @@ def _method_numbers(cfg, model: nn.Module, plan: Plan, method: str, gather_bytes
     k_over = cfg.optim.oversample or 8
     shard_projectors = cfg.optim.projectors == "shard"
     owner_refresh = method == "galore" or cfg.optim.refresh == "owner"
+    reference_bytes = REFERENCE_BYTES[cfg.optim.reference_dtype or "bf16"]
 
-    params = grads = moments = projectors = switch_state = 0
+    params = grads = moments = projectors = switch_state = transient = 0
     step_extra = switch = refresh = 0.0
     owner_in = [0.0] * w
     for name, p in model.named_parameters():
@@ -93,19 +95,24 @@ def _method_numbers(cfg, model: nn.Module, plan: Plan, method: str, gather_bytes
         m, n = mp.shape
         r = mp.rank
         short, long_ = min(m, n), max(m, n)
+        # The long side this rank's low-rank state covers: its shard of the weight's, or for a fallback (rows
+        # sharded, states r×n) a column slice, since R = Σ_i A_iᵀ G_i is reduce-scattered by columns and the update
+        # all-gathered (together the bytes of one r×n all-reduce). Rank 0's slice is the largest.
+        long_local = math.ceil(n / w) if mp.fallback else local.shape[mp.state_dim]
+        moments += 2 * long_local * r * STATE_BYTES
         if mp.fallback:
-            # Rows sharded but states r×n: R = Σ_i A_iᵀ G_i is all-reduced and the states are replicated.
-            moments += 2 * r * n * STATE_BYTES
             step_extra += 2 * _ring(w) * r * n * STATE_BYTES
-        else:
-            moments += 2 * local.shape[mp.state_dim] * r * STATE_BYTES
         proj = mp.projector_shape[0] * mp.projector_shape[1]
-        projectors += (math.ceil(proj / w) if shard_projectors else proj) * STATE_BYTES
+        # sharded: rank 0's row slice (collectives.MatrixComm.projector_storage), the largest
+        stored = math.ceil(mp.projector_shape[0] / w) * mp.projector_shape[1] if shard_projectors else proj
+        projectors += stored * STATE_BYTES
+        if shard_projectors:  # one projector is whole at a time during a step (LowRankAdamW._prepare)
+            transient = max(transient, proj * STATE_BYTES)
         if method == "lotus":
             switch += 2 * _ring(w) * SWITCH_STATS * STATE_BYTES
             # Algorithm 1 compares each low-rank gradient with the one at the last switch (d_init), kept like a
-            # moment: sharded with the weight, replicated r×n for a fallback.
-            switch_state += (r * n if mp.fallback else local.shape[mp.state_dim] * r) * STATE_BYTES
+            # moment (sharded the same way), in optim.reference_dtype.
+            switch_state += long_local * r * reference_bytes
         k = min(r + k_over, short)
         if owner_refresh:
             owner_in[mp.owner] += _ring(w) * m * n * STATE_BYTES  # full G into the owner
@@ -131,7 +138,8 @@ def _method_numbers(cfg, model: nn.Module, plan: Plan, method: str, gather_bytes
     opt = moments + projectors + switch_state
     return dict(
         params=params, grads=grads, moments=moments, projectors=projectors, switch_state=switch_state, optimizer=opt,
-        total=params + grads + opt, all_gather=all_gather, reduce_scatter=reduce_scatter,
+        projector_transient=transient, total=params + grads + opt + transient, all_gather=all_gather,
+        reduce_scatter=reduce_scatter,
         lowrank_step=step_extra, switch_check=switch, refresh=refresh,
         fallbacks=len(plan.fallbacks), projected=len(plan.matrices),
     )
@@ -158,7 +166,8 @@ def _per_layer_grads(model: nn.Module, plan: Plan, accum: int) -> int:
             kept += nbytes
         else:
             projected[unit] = projected.get(unit, 0) + nbytes
-            kept += (mp.rank * mp.shape[1] if mp.fallback else local.shape[mp.state_dim] * mp.rank) * STATE_BYTES
+            kept += (mp.rank * math.ceil(mp.shape[1] / plan.shard_size) if mp.fallback
+                     else local.shape[mp.state_dim] * mp.rank) * STATE_BYTES
     if accum == 1:
         return max(units.values())
     return kept + max(projected.values(), default=0)
@@ -166,7 +175,18 @@ def _per_layer_grads(model: nn.Module, plan: Plan, accum: int) -> int:
 
 def _per_layer_numbers(lotus: dict, model: nn.Module, plan: Plan, accum: int) -> dict:
     grads = _per_layer_grads(model, plan, accum)
-    return {**lotus, "grads": grads, "total": lotus["params"] + grads + lotus["optimizer"]}
+    # Per-layer steps hold one unit's gathered projectors at a time (the largest block's).
+    transient = _per_layer_projectors(model, plan) if lotus["projector_transient"] else 0
+    return {**lotus, "grads": grads, "projector_transient": transient,
+            "total": lotus["params"] + grads + lotus["optimizer"] + transient}
+
+
+def _per_layer_projectors(model: nn.Module, plan: Plan) -> int:
+    per_unit: dict[str, int] = {}
+    for name, mp in plan.matrices.items():
+        unit = ".".join(name.split(".")[:2])
+        per_unit[unit] = per_unit.get(unit, 0) + mp.projector_shape[0] * mp.projector_shape[1] * STATE_BYTES
+    return max(per_unit.values(), default=0)
 
 
 def _fmt(b: float) -> str:
@@ -185,6 +205,7 @@ ROWS = [
     ("projectors", "projectors"),
     ("switch reference (d_init)", "switch_state"),
     ("optimizer state", "optimizer"),
+    ("projector in use (peak)", "projector_transient"),
     ("TOTAL per rank", "total"),
     ("FSDP all-gather / micro", "all_gather"),
     ("FSDP reduce-scatter / micro", "reduce_scatter"),

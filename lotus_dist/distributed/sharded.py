@@ -5,10 +5,11 @@
 - a ``MatrixComm`` per projected matrix (collectives.py) from the plan's side / shard dim / fallback / owner;
 - a ``StatsComm``: the step's one batched all-reduce of switch statistics, on check steps only;
 - state-dict hooks: the step keeps the low-rank state as plain local tensors, but ``state_dict()`` hands them out
-  as DTensors with their global shape (moments sharded like the weight, fallback moments and replicated
-  projectors ``Replicate()``, sharded projectors ``Shard(0)``), so DCP stores per-rank-distinct tensors (plain
-  tensors with one key are deduplicated!) and reshards them across world sizes; ``load_state_dict`` turns them
-  back into local tensors. Scalars (step, tau, n_bases, index, ...) stay primitives.
+  as DTensors with their global shape (moments ``Shard`` along their long side: the weight's own placement,
+  except for a fallback matrix, whose r x n state is sharded by columns while its weight is sharded by rows;
+  replicated projectors ``Replicate()``, sharded projectors ``Shard(0)``), so DCP stores per-rank-distinct
+  tensors (plain tensors with one key are deduplicated!) and reshards them across world sizes;
+  ``load_state_dict`` turns them back into local tensors. Scalars (step, tau, n_bases, ...) stay primitives.
 
 Plain parameters are AdamW on their local shards (the fused kernel, no communication).
 
@@ -50,7 +51,7 @@ class _Layout:
     mesh: DeviceMesh
     moment_placements: tuple
     state_dim: int
-    long_size: int | None  # global size of the sharded state dim; None: moments replicated (fallback)
+    long_size: int  # global size of the sharded state dim
     projector_placements: tuple
     projector_shape: tuple[int, int]
 
@@ -59,8 +60,7 @@ class _Layout:
             return t
         if key in MOMENT_LIKE:
             shape = list(t.shape)
-            if self.long_size is not None:
-                shape[self.state_dim] = self.long_size
+            shape[self.state_dim] = self.long_size
             placements = self.moment_placements
         elif key in PROJECTOR_LIKE:
             shape, placements = list(self.projector_shape), self.projector_placements
@@ -119,9 +119,9 @@ def build_sharded_optimizer(model: nn.Module, optim_cfg, plan: Plan, mesh: Devic
             proj_pl = replicated if projectors == "replicate" else replicated[:-1] + (Shard(0),)
             layouts[id(p)] = _Layout(
                 mesh=p.device_mesh,
-                moment_placements=replicated if mp.fallback else tuple(p.placements),
+                moment_placements=replicated[:-1] + (Shard(mp.state_dim),),  # the fallback's too: by columns
                 state_dim=mp.state_dim,
-                long_size=None if mp.fallback else mp.shape[mp.state_dim],
+                long_size=mp.shape[mp.state_dim],
                 projector_placements=proj_pl,
                 projector_shape=comm.full_projector,
             )

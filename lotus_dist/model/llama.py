@@ -1,13 +1,16 @@
 """LLaMA as GaLore and Lotus pre-train it: RMSNorm, SwiGLU MLP, rotary embeddings, causal SDPA, untied head.
 
 Built from a dataclass; constructible on the ``meta`` device (``with torch.device("meta"): Llama(cfg)``) so that a
-7B model can be planned without memory, then materialised with ``to_empty`` + ``init_weights``.
+7B model can be planned and sharded without memory, then materialised with ``to_empty`` + ``init_parameters``
+(the trainer's path: each rank initialises only its shards, and gets the weights one process would).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -179,6 +182,40 @@ class Llama(nn.Module):
         return F.cross_entropy(logits.float().view(-1, logits.shape[-1]), targets.reshape(-1))
 
 
+def parameter_seed(seed: int, name: str) -> int:
+    """The seed of one parameter's generator: a stable hash of (run seed, parameter name)."""
+    digest = hashlib.sha256(f"{seed}/{name}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
+
+
+@torch.no_grad()
+def init_parameters(model: Llama, seed: int,
+                    local_part: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None) -> None:
+    """Sharding-invariant initialisation (HF LLaMA's rule: Linear and Embedding ~ N(0, init_std), norms = 1).
+
+    Each parameter's full tensor is drawn on its device from a generator of its own, seeded by (``seed``, its
+    name), one parameter at a time, and this process keeps its part of it (``local_part(param, full)``, the whole
+    tensor by default; a DTensor's local shard is written through ``to_local()``). So the same seed gives the same
+    weights at any world size and sharding, and the transient is one full matrix, never the model.
+    """
+    std = model.cfg.init_std
+    for module_name, module in model.named_modules():
+        if not isinstance(module, (nn.Linear, nn.Embedding, RMSNorm)):
+            continue
+        p = module.weight
+        local = p.to_local() if hasattr(p, "to_local") else p  # duck-typed: the model never imports distributed
+        if isinstance(module, RMSNorm):
+            local.fill_(1.0)
+            continue
+        gen = torch.Generator(device=local.device).manual_seed(parameter_seed(seed, f"{module_name}.weight"))
+        if local_part is None:  # the whole tensor is this process's: draw in place (the same values, no copy)
+            local.normal_(0.0, std, generator=gen)
+            continue
+        full = torch.empty(p.shape, dtype=local.dtype, device=local.device).normal_(0.0, std, generator=gen)
+        local.copy_(local_part(p, full))
+        del full
+
+
 def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
@@ -189,4 +226,5 @@ def flops_per_token(cfg: LlamaConfig, seq_len: int) -> float:
     return 6 * n + 12 * cfg.n_layers * cfg.dim * seq_len
 
 
-__all__ = ["LlamaConfig", "NAMED_SIZES", "llama_config", "Llama", "RMSNorm", "count_parameters", "flops_per_token"]
+__all__ = ["LlamaConfig", "NAMED_SIZES", "llama_config", "Llama", "RMSNorm", "count_parameters", "flops_per_token",
+           "init_parameters", "parameter_seed"]

@@ -57,16 +57,19 @@ LOWRANK_DEFAULTS: dict[str, Any] = dict(
     oversample=8,
     power_iters=2,
     geodesic_step=0.1,
+    reference_dtype="bf16",  # the displacement policy's d_init: bf16 (half the bytes) or fp32 (exact)
     seed=0,
 )
 MOMENT_POLICIES = ("keep", "reset", "rotate")
 RESIDUALS = ("none", "fira")
+REFERENCE_DTYPES = ("bf16", "fp32")
 CHOICES: dict[str, tuple[str, ...]] = {
     "proj_type": PROJ_TYPES,
     "solver": SOLVERS,
     "switch": tuple(POLICIES),
     "moments": MOMENT_POLICIES,
     "residual": RESIDUALS,
+    "reference_dtype": REFERENCE_DTYPES,
 }
 _POSITIVE_INT = ("rank", "update_gap", "verify_gap", "t_min", "window")
 _NONNEG_INT = ("oversample", "power_iters", "seed")
@@ -81,6 +84,12 @@ _FUSED_ADAMW = hasattr(torch, "_fused_adamw_")
 MOMENT_KEYS = frozenset({"exp_avg", "exp_avg_sq", "v_row", "v_col"})
 PROJECTOR_KEYS = frozenset({"projector"})
 FP32_KEYS = frozenset({"pe_acc", "pe_sketch", "fira_norm"})  # statistics kept in fp32 whatever the param dtype
+OWN_DTYPE_KEYS = frozenset({"d_init"})  # kept in the dtype they were saved in (optim.reference_dtype)
+
+
+def reference_dtype(name: str, param_dtype: torch.dtype) -> torch.dtype:
+    """The switch reference's dtype: bf16, or ``fp32`` = the exact form (the parameter's dtype, at least fp32)."""
+    return torch.bfloat16 if name == "bf16" else torch.promote_types(param_dtype, torch.float32)
 
 
 def check_options(opts: dict, prefix: str = "") -> None:
@@ -121,15 +130,16 @@ def _sq_norm(t: torch.Tensor) -> torch.Tensor:
 class _Job:
     """Transient per-step work item of one projected matrix (never stored in the state)."""
 
-    __slots__ = ("group", "p", "state", "side", "r", "R", "P", "action", "row", "switch")
+    __slots__ = ("group", "p", "state", "side", "r", "R", "P", "action", "row", "switch", "done")
 
     def __init__(self, group, p, state, side, r):
         self.group, self.p, self.state, self.side, self.r = group, p, state, side, r
         self.R = None
-        self.P = None  # the full projector for this step (all-gathered when stored sharded), dropped after
+        self.P = None  # the full projector while in use (all-gathered when stored sharded), dropped after
         self.action = None
         self.row = -1
         self.switch = False
+        self.done = False  # updated already in _prepare (nothing to decide)
 
 
 class LowRankAdamW(Optimizer):
@@ -229,19 +239,21 @@ class LowRankAdamW(Optimizer):
         side, r = self._geometry(p, group)
         # side and r follow the global matrix; tensors have the local (long-side shard) shape, see _local
         shape, dtype, device = tuple(_local(p).shape), p.dtype, p.device
+        piece = self.comm_for(p).state_piece(shape, side)  # the long side this rank's state covers
         st = self.state[p]
         st["step"] = 0
         st["index"] = self._index_of(p)
         st["n_bases"] = 0
         st["solver_fallbacks"] = 0  # solves that failed (degenerate gradient) and kept the previous basis
-        st["exp_avg"] = torch.zeros(lowrank_shape(shape, side, r), dtype=dtype, device=device)
-        st["exp_avg_sq"] = torch.zeros(lowrank_shape(shape, side, r), dtype=dtype, device=device)
+        st["exp_avg"] = torch.zeros(lowrank_shape(piece, side, r), dtype=dtype, device=device)
+        st["exp_avg_sq"] = torch.zeros(lowrank_shape(piece, side, r), dtype=dtype, device=device)
         # the projector follows the global matrix (p.shape is global for a DTensor); the Comm decides what part
         # of it this rank stores (all of it, or a 1/W slice)
         stored = self.comm_for(p).projector_storage(projector_shape(tuple(p.shape), side, r))
         st["projector"] = torch.zeros(stored, dtype=dtype, device=device)
         short = self.comm_for(p).short_size(projected_dim(shape, side))
-        POLICIES[group["switch"]].allocate(st, shape, side, r, dtype, device, short=short)
+        POLICIES[group["switch"]].allocate(st, piece, side, r, dtype, device, short=short,
+                                           reference_dtype=reference_dtype(group["reference_dtype"], dtype))
         if group["residual"] == "fira":
             st["fira_norm"] = torch.zeros((), dtype=torch.float32, device=device)
             st["fira_ready"] = 0
@@ -252,8 +264,9 @@ class LowRankAdamW(Optimizer):
         return st
 
     def load_state_dict(self, state_dict: dict) -> None:
-        """torch's load, except that the fp32 statistic buffers are not cast to the parameter dtype (torch casts
-        every floating state tensor to it, which would make a bf16-parameter resume lossy)."""
+        """torch's load, except that the fp32 statistic buffers and the switch reference keep their dtype (torch
+        casts every floating state tensor to the parameter's, which would make a bf16-parameter resume lossy and a
+        bf16 reference grow back to fp32)."""
         state = dict(state_dict["state"])
         # saved keys (ints, or FQNs when DCP's set_state_dict calls us) map to parameters by group order, as in torch
         saved = [k for group in state_dict["param_groups"] for k in group["params"]]
@@ -265,7 +278,7 @@ class LowRankAdamW(Optimizer):
             if p is not None and id(p) in projected:
                 # a sharded checkpoint hands projected-matrix state over as DTensors; the step runs on local tensors
                 st = state[key] = {k: _local(v) for k, v in st.items()}
-            extra = {k: v for k, v in st.items() if k in FP32_KEYS} if p is not None else {}
+            extra = {k: v for k, v in st.items() if k in FP32_KEYS | OWN_DTYPE_KEYS} if p is not None else {}
             if extra:
                 kept[key] = extra
                 state[key] = {k: v for k, v in st.items() if k not in extra}
@@ -274,7 +287,7 @@ class LowRankAdamW(Optimizer):
         for key, extra in kept.items():
             p = params[key]
             for k, v in extra.items():
-                self.state[p][k] = v.to(device=p.device, dtype=torch.float32)
+                self.state[p][k] = v.to(device=p.device, dtype=torch.float32 if k in FP32_KEYS else v.dtype)
 
     def _projected_ids(self) -> set[int]:
         return {id(p) for group in self.param_groups if group.get("rank") is not None for p in group["params"]}
@@ -302,7 +315,7 @@ class LowRankAdamW(Optimizer):
         for group, params in plain:
             self._adamw_group(group, params)
         if jobs:
-            rows = self._prepare(jobs)
+            rows = self._prepare(jobs, settle=True)
             stats = self.stats_comm.reduce_stats(torch.stack(rows).float()).tolist() if rows else []
             self._apply(jobs, stats)
         return loss
@@ -443,9 +456,17 @@ class LowRankAdamW(Optimizer):
             denom = (st["exp_avg_sq"].sqrt() / bc2_sqrt).add_(eps)
             p.addcdiv_(st["exp_avg"], denom, value=-lr / bc1)
 
-    def _prepare(self, jobs: list[_Job], projected: dict[int, torch.Tensor] | None = None) -> list[torch.Tensor]:
+    def _prepare(self, jobs: list[_Job], projected: dict[int, torch.Tensor] | None = None,
+                 settle: bool = False) -> list[torch.Tensor]:
         """Phase 1: project with the current basis and collect the statistics rows (host counters untouched, so a
-        unit whose gradient turns out non-finite can be left exactly as it was)."""
+        unit whose gradient turns out non-finite can be left exactly as it was).
+
+        ``settle`` (whole-model steps, whose gradients were checked before the step): a matrix with nothing to
+        decide (a stay, or a scheduled switch) is updated right away, so its projector and R are freed before the
+        next matrix is projected, and a projector stored sharded is all-gathered once per step and only one is
+        ever whole at a time. A checking matrix keeps R for its decision and gives its gathered projector back
+        (gathered again in ``_update``).
+        """
         rows: list[torch.Tensor] = []
         for job in jobs:
             st, G = job.state, _local(job.p.grad)
@@ -455,31 +476,43 @@ class LowRankAdamW(Optimizer):
                 gsq = _sq_norm(G)
                 rows.append(torch.cat([gsq.reshape(1), gsq.new_zeros(STATS_WIDTH - 1)]))
                 continue
-            job.P = self.comm_for(job.p).use_projector(st["projector"])
+            comm = self.comm_for(job.p)
+            job.P = comm.use_projector(st["projector"])
             job.R = self._project(job.p, G, job.P, job.side)
             if projected and id(job.p) in projected:
                 job.R.add_(projected[id(job.p)])
             job.action = POLICIES[job.group["switch"]].peek(st, job.group)
+            if settle and job.action != CHECK:
+                self._finish(job, None)
+                job.done = True
+                continue
             if job.action == CHECK:
                 job.row = len(rows)
                 rows.append(POLICIES[job.group["switch"]].statistics(st, job.group, job.R))
+                if settle and comm.gathers_projector:
+                    job.P = None
         return rows
 
     def _apply(self, jobs: list[_Job], stats: list[list[float]]) -> None:
         """Phase 3, after the one host sync on the reduced [L, STATS_WIDTH] statistics: decide, switch, update."""
         for job in jobs:
-            if job.action == "init":
-                if stats[job.row][0] <= 0.0:
-                    job.P = job.R = None
-                    continue  # zero gradient (e.g. DCP's initialising step): no projector, no step
-                job.switch = True
-            else:
-                policy = POLICIES[job.group["switch"]]
-                action = policy.advance(job.state, job.group)
-                assert action == job.action, (action, job.action)
-                job.switch = policy.decide(job.state, job.group, stats[job.row]) if action == CHECK else action == SWITCH
-            self._update(job)
-            job.P = job.R = None
+            if not job.done:
+                self._finish(job, stats)
+
+    def _finish(self, job: _Job, stats: list[list[float]] | None) -> None:
+        """Decide (from the reduced statistics row, on a check), switch if so, update; then free P and R."""
+        if job.action == "init":
+            if stats[job.row][0] <= 0.0:
+                job.P = job.R = None
+                return  # zero gradient (e.g. DCP's initialising step): no projector, no step
+            job.switch = True
+        else:
+            policy = POLICIES[job.group["switch"]]
+            action = policy.advance(job.state, job.group)
+            assert action == job.action, (action, job.action)
+            job.switch = policy.decide(job.state, job.group, stats[job.row]) if action == CHECK else action == SWITCH
+        self._update(job)
+        job.P = job.R = None
 
     def _new_projector(self, job: _Job, G: torch.Tensor) -> None:
         group, st, side = job.group, job.state, job.side
@@ -549,6 +582,8 @@ class LowRankAdamW(Optimizer):
         online = group["solver"] == "online_pca" and st["n_bases"] > 0
         R = job.R
         comm = self.comm_for(job.p)
+        if job.P is None and st["n_bases"] > 0:  # given back after a check (see _prepare): gathered again
+            job.P = comm.use_projector(st["projector"])
         if job.switch and not online:
             self._new_projector(job, G)
             R = self._project(job.p, G, job.P, side)
@@ -564,10 +599,10 @@ class LowRankAdamW(Optimizer):
         M, V = st["exp_avg"], st["exp_avg_sq"]
         M.mul_(beta1).add_(R, alpha=1.0 - beta1)
         V.mul_(beta2).addcmul_(R, R, value=1.0 - beta2)
-        N = M / V.sqrt().add_(eps)
+        N = comm.gather_long(M / V.sqrt().add_(eps))  # over this rank's piece of W (the fallback gathers slices)
         step_size = lr * math.sqrt(1.0 - beta2**t) / (1.0 - beta1**t)
         if group["residual"] == "fira":
-            W.add_(self._fira_residual(st, G, R, N, P_local, side, comm), alpha=-step_size)
+            W.add_(self._fira_residual(st, G, comm.gather_long(R), N, P_local, side, comm), alpha=-step_size)
         add_project_back_(W, N, P_local, side, alpha=-step_size * group["scale"])
         if wd > 0.0:
             W.add_(W, alpha=-lr * wd)

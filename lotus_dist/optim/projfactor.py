@@ -56,7 +56,7 @@ class ProjFactor(LowRankAdamW):
     def _geometry(p, group):
         return "right", 0  # unused: ProjFactor has its own geometry (_dims)
 
-    def _prepare(self, jobs, projected=None):
+    def _prepare(self, jobs, projected=None, settle=False):
         if projected:
             raise ValueError("ProjFactor accumulates full gradients: it has no fixed basis to accumulate R in")
         return []  # no switch statistics: the random projector is redrawn on a schedule

@@ -67,6 +67,8 @@ class Comm:
         return svd_projector(G, side, r)
 
     # -- projector hooks (LowRankAdamW)
+    gathers_projector = False  # True when use_projector assembles a new full tensor (projectors stored sharded)
+
     def projector_storage(self, shape: tuple[int, int]) -> tuple[int, int]:
         """Shape this rank stores for a full projector of ``shape``."""
         return shape
@@ -84,8 +86,21 @@ class Comm:
         return P
 
     def reduce_projected(self, R: torch.Tensor) -> torch.Tensor:
-        """R from this rank's partial projection (a sum only when the projected side is sharded)."""
+        """This rank's part of R from its partial projection. Where the projected side is sharded (the FSDP
+        fallback) the partial products are summed over the ranks and each keeps its slice of the long side, so the
+        low-rank state stays sharded; otherwise R is already this rank's."""
         return R
+
+    def state_piece(self, shape: tuple[int, int], side: str) -> tuple[int, int]:
+        """The shape of the matrix piece whose long side this rank's low-rank state covers, given this rank's
+        piece of G: the same piece, except in the fallback, where it is the whole projected side and a slice of
+        the long side."""
+        return shape
+
+    def gather_long(self, N: torch.Tensor) -> torch.Tensor:
+        """A low-rank tensor over this rank's whole piece of G from this rank's part of it (the fallback gathers
+        the long-side slices; otherwise the identity)."""
+        return N
 
 
 IDENTITY = Comm()

@@ -31,8 +31,10 @@ class Policy:
     name = ""
     default_gamma: float | None = None
 
-    def allocate(self, state: dict, shape, side: str, r: int, dtype, device, short: int | None = None) -> None:
-        """``shape`` is this rank's piece of the matrix; ``short`` the global size of its projected side."""
+    def allocate(self, state: dict, shape, side: str, r: int, dtype, device, short: int | None = None,
+                 reference_dtype=None) -> None:
+        """``shape`` is this rank's piece of the matrix; ``short`` the global size of its projected side;
+        ``reference_dtype`` the dtype of a stored reference gradient (optim.reference_dtype)."""
 
     def peek(self, state: dict, group: dict) -> str:
         """What ``advance`` will return, without changing the state."""
@@ -84,14 +86,17 @@ class Displacement(Policy):
 
     ``d_init`` stores R of the switch step unnormalised (normalising needs the global norm, i.e. a collective);
     the statistics row [‖R‖², ⟨R, D⟩, ‖D‖²] gives ‖R/‖R‖ − D/‖D‖‖² = 2 − 2⟨R, D⟩ / (‖R‖ ‖D‖) after reduction.
+    ``d_init`` is stored in bf16 by default (optim.reference_dtype): it only enters through a normalised inner
+    product, where bf16's 2^-9 relative rounding moves the distance by far less than the gap to γ·τ that a decision
+    needs; the statistics are accumulated in fp32.
     """
 
     name = "displacement"
     default_gamma = 0.01
 
-    def allocate(self, state, shape, side, r, dtype, device, short=None):
+    def allocate(self, state, shape, side, r, dtype, device, short=None, reference_dtype=None):
         state["tau"] = 0
-        state["d_init"] = torch.zeros(lowrank_shape(shape, side, r), dtype=dtype, device=device)
+        state["d_init"] = torch.zeros(lowrank_shape(shape, side, r), dtype=reference_dtype or dtype, device=device)
 
     def peek(self, state, group):
         return CHECK if (state["tau"] + 1) % group["verify_gap"] == 0 else STAY
@@ -139,7 +144,7 @@ class PathEfficiency(Policy):
     def sketch_rows(shape, side, short=None):
         return min(PE_SKETCH_ROWS, projected_dim(shape, side) if short is None else short)
 
-    def allocate(self, state, shape, side, r, dtype, device, short=None):
+    def allocate(self, state, shape, side, r, dtype, device, short=None, reference_dtype=None):
         s = self.sketch_rows(shape, side, short)
         state["pe_acc"] = torch.zeros(lowrank_shape(shape, side, r), dtype=torch.float32, device=device)
         state["pe_sketch"] = torch.zeros(lowrank_shape(shape, side, s), dtype=torch.float32, device=device)
@@ -188,9 +193,9 @@ class PathEfficiency(Policy):
         d = comm.short_size(projected_dim(tuple(G.shape), side))  # Ψ spans the whole projected side
         seeded(gen, derive_seed(group["seed"], state["index"], state["n_bases"], SALT_PE + state["pe_window"]))
         psi = torch.randn(s, d, generator=gen, device=G.device, dtype=torch.float32) / math.sqrt(s)
-        if side == "left":  # Ψ (I − A Aᵀ) G = Ψ G − (Ψ A) R; Ψ G sums over the projected side (sharded: fallback)
-            psi_local = comm.local_projector(psi.T, side).T
-            sk = comm.reduce_short(psi_local @ Gf) - (psi @ Pf) @ Rf
+        if side == "left":  # Ψ (I − A Aᵀ) G = Ψ G − (Ψ A) R; Ψ G sums over the projected side (sharded: fallback),
+            psi_local = comm.local_projector(psi.T, side).T  # reduced and sliced along the long side like R
+            sk = comm.reduce_projected(psi_local @ Gf) - (psi @ Pf) @ Rf
         else:  # G (I − Bᵀ B) Ψᵀ = G Ψᵀ − R (B Ψᵀ)
             sk = Gf @ psi.T - Rf @ (Pf @ psi.T)
         state["pe_acc"].add_(Rf * inv)

@@ -63,6 +63,7 @@ class OptimConfig:
     power_iters: Optional[int] = None  # q of rsvd
     geodesic_step: Optional[float] = None  # eta_g of grasswalk
     granularity: Optional[int] = None  # c of projfactor
+    reference_dtype: Optional[str] = None  # bf16 | fp32: the displacement policy's stored reference (d_init)
     seed: int = 0  # seed of every random basis (with matrix index and switch count)
     # Update each block (FSDP unit) inside backward and free its gradients at once (single, fsdp): no full-model
     # gradient; with train.grad_accum > 1 projected matrices accumulate R (long x r), not G. Clip with
@@ -86,8 +87,9 @@ class DataConfig:
     blend: Optional[list] = None  # indexed: [weight, prefix, weight, prefix, ...]
     cache_dir: Optional[str] = None  # embedded corpus / indexed-dataset caches; null: ~/.cache/lotus_dist
     # node: each rank reads its own shards/examples (split_dataset_by_node); global: every rank reads the whole
-    # stream and takes its slice of each global batch (world-size-invariant batches, exact resume at any size).
-    split: str = "node"
+    # stream and takes its slice of each global batch (world-size-invariant batches, exact resume at any size);
+    # auto: global for the (small, local) embedded corpus, node for c4 and indexed data.
+    split: str = "auto"
     val_path: Optional[str] = None  # indexed: validation .bin/.idx prefix; null: the '*validation*' sibling
 
 
@@ -162,10 +164,11 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "optim.switch": ("fixed", "displacement", "path_efficiency", "every_step"),
     "optim.moments": ("keep", "reset", "rotate"),
     "optim.residual": ("none", "fira"),
+    "optim.reference_dtype": ("bf16", "fp32"),
     "optim.projectors": ("replicate", "shard"),
     "optim.refresh": ("distributed", "owner"),
     "data.source": ("embedded", "c4", "indexed"),
-    "data.split": ("node", "global"),
+    "data.split": ("auto", "node", "global"),
     "train.dtype": ("auto", "fp32", "bf16"),
     "train.on_nonfinite": ("stop", "skip"),
     "dist.mode": ("auto", "single", "fsdp", "ddp", "deepspeed"),

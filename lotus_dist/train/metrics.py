@@ -1,4 +1,8 @@
-"""Where a run's numbers go: metrics.jsonl, TensorBoard scalars and a progress bar (rank 0 only)."""
+"""Where a run's numbers go: metrics.jsonl, TensorBoard scalars and a progress bar (rank 0 only).
+
+metrics.jsonl holds one JSON object per logged step, and event records marked ``"event"`` (``startup``: written
+when a run starts or resumes, with the step it starts from); ``read_metrics`` returns the step records only.
+"""
 
 from __future__ import annotations
 
@@ -14,12 +18,21 @@ def _refuse_constant(name: str):
     raise ValueError(f"non-standard JSON constant {name}")
 
 
-def read_metrics(run_dir: str | Path) -> list[dict]:
-    """The records of ``metrics.jsonl``, parsed strictly (NaN/Infinity are not JSON; we write null)."""
+def _records(run_dir: str | Path) -> list[dict]:
     path = Path(run_dir) / METRICS_FILE
     if not path.exists():
         return []
     return [json.loads(line, parse_constant=_refuse_constant) for line in path.read_text().splitlines() if line.strip()]
+
+
+def read_metrics(run_dir: str | Path) -> list[dict]:
+    """The step records of ``metrics.jsonl``, parsed strictly (NaN/Infinity are not JSON; we write null)."""
+    return [r for r in _records(run_dir) if "event" not in r]
+
+
+def read_events(run_dir: str | Path, event: str) -> list[dict]:
+    """The records of one kind of event (``startup``: one per start of the run, at the step it starts from)."""
+    return [r for r in _records(run_dir) if r.get("event") == event]
 
 
 def strict_json(record: dict) -> str:

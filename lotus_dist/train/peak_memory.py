@@ -52,7 +52,9 @@ class _StorageAccount(TorchDispatchMode):
         # dispatch, out of this mode's sight: count those through the subclass.
         if is_traceable_wrapper_subclass(t):
             for name in t.__tensor_flatten__()[0]:
-                self.count(getattr(t, name))
+                inner = getattr(t, name)
+                if isinstance(inner, torch.Tensor):  # some subclasses flatten non-tensor attributes too
+                    self.count(inner)
             return
         s = _storage(t, self.device_type)
         if s is None:

@@ -20,6 +20,7 @@ from lotus_dist.train.config import Config, to_dict
 from lotus_dist.train.evaluate import evaluate
 from lotus_dist.train.faults import maybe_crash, maybe_poison_gradients, maybe_poison_weights
 from lotus_dist.train.metrics import MetricsLogger, truncate_metrics
+from lotus_dist.train.peak_memory import PeakMemory
 from lotus_dist.train.run_dir import RunDirectory
 from lotus_dist.train.schedule import lr_multiplier
 from lotus_dist.train.signals import StopSignals
@@ -84,8 +85,21 @@ class Trainer:
                             f"train.batch_size / world size ({t.batch_size // runtime.world_size}), or "
                             f"train.grad_clip_unit=0")
 
+        # Everything built before step 1 is measured: the most tensor bytes held, for the startup record.
+        with PeakMemory(self.device) as self.startup_memory:
+            self.build(cfg, runtime)
+        self.step = 0
+        self.tokens = 0
+        self.signals = StopSignals()
+        self.skipped_steps = 0  # non-finite steps skipped by this process (train.on_nonfinite=skip)
+        self.skipped_in_row = 0
+        self.train_seconds = 0.0  # wall time in train steps since this process started (not evaluation, not saving)
+
+    def build(self, cfg: Config, runtime) -> None:
+        """Tokenizer, model (built on ``meta``, sharded, then materialised shard by shard), optimizer, data."""
         from lotus_dist.data import build_train_stream, build_val_blocks, load_tokenizer
 
+        t = cfg.train
         self.tokenizer = load_tokenizer(cfg.data.tokenizer)
         self.fingerprint = {"model": model_fingerprint(cfg, self.tokenizer.vocab_size), "optim_method": cfg.optim.name,
                             "resume": resume_keys(cfg)}
@@ -94,9 +108,10 @@ class Trainer:
             raise UserError(f"config key 'train.seq_len' ({t.seq_len}) exceeds the model's max_seq_len "
                             f"({model_cfg.max_seq_len}); raise model.max_seq_len")
 
-        torch.manual_seed(cfg.seed)  # the same initial weights on every rank and in every mode
-        with torch.device(self.device):  # built where it trains: no full host copy per rank
+        torch.manual_seed(cfg.seed)
+        with torch.device("meta"):  # no storage yet: wrap_model shards it, then each rank materialises its shards
             self.model = Llama(model_cfg)
+        self.model_bytes = sum(p.numel() * p.element_size() for p in self.model.parameters())
         self.model.activation_checkpointing = t.activation_checkpointing
         if self.is_main:
             self.note_rank_clipping()
@@ -117,12 +132,6 @@ class Trainer:
         self.val_blocks = build_val_blocks(cfg.data, self.tokenizer, seq_len=t.seq_len) if t.eval_every else None
         self.checkpointer = Checkpointer(self.run_dir, keep=cfg.checkpoint.keep, comm=runtime,
                                          asynchronous=cfg.checkpoint.async_save)
-        self.step = 0
-        self.tokens = 0
-        self.signals = StopSignals()
-        self.skipped_steps = 0  # non-finite steps skipped by this process (train.on_nonfinite=skip)
-        self.skipped_in_row = 0
-        self.train_seconds = 0.0  # wall time in train steps since this process started (not evaluation, not saving)
 
     def note_rank_clipping(self) -> None:
         """Say once when optim.rank exceeds some matrices' projected side (the optimizer clips it there)."""
@@ -287,11 +296,13 @@ class Trainer:
     # ---- the loop --------------------------------------------------------------------------------------------
     def fit(self) -> dict:
         cfg, t = self.cfg, self.cfg.train
-        resumed_step = self.resume_if_possible()
+        with PeakMemory(self.device) as resume_memory:
+            resumed_step = self.resume_if_possible()
         if self.is_main:
             self.run.write_config(to_dict(cfg), resumed_step)
         self.logger = MetricsLogger(self.run_dir, enabled=self.is_main, tensorboard=cfg.log.tensorboard,
                                     progress=cfg.log.progress, total_steps=t.steps, start_step=self.step)
+        self.log_startup(max(self.startup_memory.peak_bytes, resume_memory.peak_bytes))
         self.signals.install()
         last_eval = {}
         try:
@@ -342,6 +353,15 @@ class Trainer:
             self.signals.restore()
             self.logger.close()
         return {"step": self.step, "tokens": self.tokens, **last_eval}
+
+    def log_startup(self, peak_bytes: int) -> None:
+        """The startup record (metrics.jsonl, before the steps): the most tensor bytes any rank held before step 1
+        (CUDA allocator peak on GPU, the storage account of peak_memory.py on CPU) against the model's bytes."""
+        peak = max(self.rt.all_gather_object(int(peak_bytes)))
+        self.logger.log({"event": "startup", "step": self.step, "startup_peak_bytes": peak,
+                         "model_bytes": self.model_bytes, "world_size": self.rt.world_size})
+        self.logger.message(f"start-up: at most {peak / 2**20:.1f} MiB of tensors on a rank before step "
+                            f"{self.step + 1} (the model is {self.model_bytes / 2**20:.1f} MiB)")
 
     def stop_after_nonfinite(self, error: NonFiniteError) -> None:
         """Stop for a non-finite step (or too many skipped ones), saying what was saved; always raises."""

@@ -98,6 +98,27 @@ def check_equivalence(model, rank: int, world: int) -> dict:
     return res, opt
 
 
+def check_meta_init(rt, replicate: int) -> dict:
+    """The trainer's start-up path: a model built on meta, sharded and materialised by the fsdp mode (each rank
+    draws and keeps only its shards) has exactly the weights of one process's init_parameters for that seed."""
+    from lotus_dist.distributed.modes import FullyShardedDataParallel
+    from lotus_dist.model.llama import init_parameters
+    from lotus_dist.train.config import Config
+
+    cfg = Config(seed=3)
+    cfg.optim.rank, cfg.dist.replicate, cfg.train.dtype = RANK_R, replicate, "fp32"
+    with torch.device("meta"):
+        model = Llama(CFG)
+    model = FullyShardedDataParallel(rt).wrap_model(model, cfg)
+    with torch.device("meta"):
+        ref = Llama(CFG)
+    ref.to_empty(device="cpu")
+    init_parameters(ref, seed=3)
+    ref_params = dict(ref.named_parameters())
+    return {"meta_init_equal": all(torch.equal(full(p.detach()), ref_params[n]) for n, p in model.named_parameters()),
+            "meta_init_dtensors": all(isinstance(p, DTensor) for p in model.parameters())}
+
+
 def main() -> None:
     options, workdir = json.loads(sys.argv[1]), Path(sys.argv[2])
     if options.get("entry"):  # another worker module beside this one (e.g. owner_workers): its main(options, workdir)
@@ -118,6 +139,7 @@ def main() -> None:
     replicate = options.get("replicate", 1)
     mesh = build_mesh(rt, replicate)
     result: dict = {"world": rt.world_size, "mesh": list(mesh.mesh_dim_names)}
+    result.update(check_meta_init(rt, replicate))
 
     model, plan = sharded_model(mesh, replicate, seed=0)
     result["placements"] = {n: [repr(pl) for pl in p.placements] for n, p in model.named_parameters()}

@@ -26,8 +26,8 @@ def env_for(extra: dict | None = None) -> dict:
     return env
 
 
-def command(nproc: int, args: list[str], max_restarts: int = 0) -> list[str]:
-    script = [str(REPO / "pretrain.py"), "--config", str(REPO / "configs/tiny.yaml"), *merge_overrides(args)]
+def command(nproc: int, args: list[str], max_restarts: int = 0, config: str = "configs/tiny.yaml") -> list[str]:
+    script = [str(REPO / "pretrain.py"), "--config", str(REPO / config), *merge_overrides(args)]
     if nproc == 0:  # a plain process, no torchrun
         return [sys.executable, *script]
     return [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", f"--max-restarts={max_restarts}",
@@ -35,8 +35,8 @@ def command(nproc: int, args: list[str], max_restarts: int = 0) -> list[str]:
 
 
 def launch(nproc: int, args: list[str], *, env: dict | None = None, max_restarts: int = 0, timeout: float = 240,
-           check: bool = True) -> subprocess.CompletedProcess:
-    cmd = command(nproc, args, max_restarts)
+           check: bool = True, config: str = "configs/tiny.yaml") -> subprocess.CompletedProcess:
+    cmd = command(nproc, args, max_restarts, config)
     # Its own session, so that a timeout kills torchrun's workers too, not only the agent.
     with subprocess.Popen(cmd, cwd=REPO, env=env_for(env), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                           start_new_session=True) as popen:

@@ -92,7 +92,7 @@ def sharded_model(mesh, method: str, replicate: int = 1, **extra):
     torch.manual_seed(0)
     model = Llama(CFG).to(DTYPE)
     cfg = optim_cfg(method, **extra)
-    plan = plan_for_model(model, dist.get_world_size(), RANK_R, solver=cfg.solver or "rsvd", replicate=replicate)
+    plan = plan_for_model(model, dist.get_world_size(), cfg.rank, solver=cfg.solver or "rsvd", replicate=replicate)
     apply_fsdp(model, mesh, plan, log_fn=lambda s: None)
     for module in model.modules():
         if isinstance(module, FSDPModule):
@@ -126,7 +126,7 @@ def counting(ops: list):
 
 def step_facts(opt, plan, names) -> dict:
     """What the budget depends on, read from the state before a step."""
-    facts = {"rows": 0, "fallback_live": 0, "live": 0}
+    facts = {"rows": 0, "checks": 0, "fallback_live": 0, "live": 0}
     for g in opt.param_groups:
         if g.get("rank") is None:
             continue
@@ -138,6 +138,7 @@ def step_facts(opt, plan, names) -> dict:
                 facts["rows"] += 1  # init row (the first basis waits for a non-zero gradient)
             elif g["switch"] == "displacement" and (st["tau"] + 1) % g["verify_gap"] == 0:
                 facts["rows"] += 1
+                facts["checks"] += 1
             facts["live"] += n_bases > 0
             facts["fallback_live"] += fb and n_bases > 0
     return facts
@@ -152,6 +153,7 @@ def train(model, opt, plan, steps: range, rank: int, world: int, record: list | 
         loss_of(model, x[rank * per:(rank + 1) * per], y[rank * per:(rank + 1) * per], world).backward()
         facts = step_facts(opt, plan, names)
         before = [opt.state.get(p, {}).get("n_bases", 0) for p in projected(opt)]
+        steps_before = [opt.state.get(p, {}).get("step", 0) for p in projected(opt)]
         ops: list = []
         with counting(ops):
             opt.step()
@@ -162,6 +164,8 @@ def train(model, opt, plan, steps: range, rank: int, world: int, record: list | 
             fb = [plan.matrices[names[id(p)]].fallback for p in projected(opt)]
             facts["switched"] = sum(1 for b, a, f in zip(before, after, fb) if a > b and not f)
             facts["switched_fallback"] = sum(1 for b, a, f in zip(before, after, fb) if a > b and f)
+            steps_after = [opt.state[p].get("step", 0) for p in projected(opt)]
+            facts["updated_fallback"] = sum(1 for b, a, f in zip(steps_before, steps_after, fb) if a > b and f)
             record.append({"step": step, "ops": ops, **facts})
     return log
 
@@ -203,6 +207,36 @@ def rsvd_check(rank: int, world: int) -> dict:
     return out
 
 
+def projector_peaks(mesh, rank: int, world: int) -> dict:
+    """Measured peak bytes of one optimizer step (a plain one, and a check step) with projectors replicated and
+    sharded, on this rank; and the projectors' bytes. Rank 32 makes the projectors the bulk of the state."""
+    import gc
+
+    from lotus_dist.train.peak_memory import PeakMemory
+
+    out = {}
+    for mode in ("replicate", "shard"):
+        model, opt, plan = sharded_model(mesh, "lotus", projectors=mode, rank=32, verify_gap=3, gamma=1e-6)
+        per = GLOBAL_BATCH // world
+        peaks = []
+        for step in range(3):  # step 0 builds the bases; step 1 is a plain step; step 2 checks (tau 3)
+            x, y = batch(step)
+            loss_of(model, x[rank * per:(rank + 1) * per], y[rank * per:(rank + 1) * per], world).backward()
+            gc.collect()
+            with PeakMemory("cpu") as pm:
+                opt.step()
+            peaks.append(pm.peak_bytes - pm.start_bytes)
+            opt.zero_grad(set_to_none=True)
+        full = [m.projector_shape[0] * m.projector_shape[1] * 8 for m in plan.matrices.values()]  # fp64
+        resting = sum(opt.state[p]["projector"].numel() * 8 for p in projected(opt))
+        # what differs between the modes: the projectors at rest plus what a step adds on top of the rest
+        out[mode] = {"plain": resting + peaks[1], "check": resting + peaks[2], "resting": resting}
+        out["projector_bytes"], out["largest"] = sum(full), max(full)
+        del model, opt
+        gc.collect()
+    return out
+
+
 def main(options: dict, workdir: Path, rt) -> None:
     rank, world = rt.rank, rt.world_size
     meshes: dict = {}
@@ -229,6 +263,10 @@ def main(options: dict, workdir: Path, rt) -> None:
                 log += train(model, opt, plan, range(SAVE_AT, STEPS), rank, world, record)
         logs = [None] * world
         dist.all_gather_object(logs, log)
+        down = opt.state[dict(model.named_parameters())["layers.0.mlp.down_proj.weight"]]
+        shapes = [None] * world  # each rank's share of the down_proj state (a fallback at world 3)
+        dist.all_gather_object(shapes, list(down["exp_avg"].shape))
+        result[f"{key}.fallback_state"] = shapes
         result[f"{key}.decisions_agree"] = all(l == logs[0] for l in logs)
         result[f"{key}.decisions"] = log
         result[f"{key}.budget"] = record if rank == 0 else None
@@ -240,6 +278,8 @@ def main(options: dict, workdir: Path, rt) -> None:
             params[f"{key}.resumed"] = params_of(model2)
     if options.get("rsvd"):
         result["rsvd"] = rsvd_check(rank, world)
+    if options.get("peak"):
+        result["peak"] = projector_peaks(build_mesh(rt, 1) if 1 not in meshes else meshes[1], rank, world)
     if rank == 0:
         tag = options.get("tag", "run")
         torch.save(params, workdir / f"{tag}.params.pt")

@@ -7,6 +7,7 @@ import time
 import torch.distributed as dist
 
 from lotus_dist.distributed.planner import METHODS, dry_run
+from lotus_dist.model.llama import Llama, llama_config
 from lotus_dist.train.config import load_config
 
 
@@ -32,13 +33,28 @@ def test_tiny_world4_param_bytes_add_up():
 
 
 def test_fallback_and_hsdp_and_sharded_projectors():
-    # tiny's down_proj is 128 x 344; 344 does not split over 3 shards: all-reduce of A^T G every step.
+    # tiny's down_proj is 128 x 344; 344 does not split over 3 shards: reduce-scatter of A^T G every step, the
+    # 16 x 344 state sharded by columns (115 on rank 0): the moments are those of a Shard(1) plan at this size.
     res, lines = run("model.name=tiny", "dist.world_size=6", "dist.replicate=2", "optim.rank=16")
-    assert res["lotus"]["fallbacks"] == 4 and res["lotus"]["lowrank_step"] > 0
+    assert res["lotus"]["fallbacks"] == 4 and res["lotus"]["lowrank_step"] == 4 * 2 * (2 / 3) * 16 * 344 * 4
+    expected = 0  # rank 0's moments from the shapes: Shard(0) rows ceil(m/3); the fallbacks' columns ceil(344/3)
+    for name, p in Llama(llama_config("tiny")).named_parameters():
+        rows = -(-p.shape[0] // 3)
+        if name.endswith("mlp.down_proj.weight"):
+            expected += 2 * 16 * -(-344 // 3) * 4
+        elif p.dim() == 2 and name.split(".")[-2].endswith("_proj"):
+            expected += 2 * rows * 16 * 4
+        else:
+            expected += 2 * rows * (p.numel() // p.shape[0]) * 4
+    assert res["lotus"]["moments"] == expected
     assert any("fallback layers.0.mlp.down_proj.weight" in line for line in lines)
     replicated, _ = run("model.name=tiny", "dist.world_size=4", "optim.rank=16")
     sharded, _ = run("model.name=tiny", "dist.world_size=4", "optim.rank=16", "optim.projectors=shard")
     assert abs(sharded["lotus"]["projectors"] * 4 - replicated["lotus"]["projectors"]) < 64 * 4 * 4
+    # a step gathers one projector at a time (every projector of tiny at r=16 is 16 x 128 fp32)
+    assert sharded["lotus"]["projector_transient"] == 16 * 128 * 4 and replicated["lotus"]["projector_transient"] == 0
+    assert sharded["lotus"]["total"] == sum(sharded["lotus"][k] for k in ("params", "grads", "optimizer",
+                                                                          "projector_transient"))
 
 
 def test_llama_7b_at_64_ranks_is_fast():

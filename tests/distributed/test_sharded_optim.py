@@ -3,7 +3,8 @@ on every rank, distributed rsvd = single-process rsvd, the per-step collective b
 at other world sizes.
 
 Three launches (world 2, 3, 4). 172 = the FFN width does not split over 3 ranks, so world 3 runs the two
-``down_proj`` matrices as fallbacks (Shard(0) + per-step all-reduce of Aᵀ G) with uneven row shards (22/22/20),
+``down_proj`` matrices as fallbacks (Shard(0); Aᵀ G reduce-scattered by columns, the r x 172 state sharded 58/58/56,
+the update all-gathered) with uneven row shards (22/22/20),
 and the ``gate``/``up`` rows shard unevenly (58/58/56); ``projectors=shard`` slices r = 8 rows unevenly over 3.
 """
 
@@ -28,15 +29,16 @@ RHO = dict(window=4, t_min=4, gamma=0.6)  # lotus_rho (path_efficiency): some wi
 def references():
     out = {m: sw.reference_run(m) for m in METHODS}
     out["rho"] = sw.reference_run("lotus_rho", **RHO)
-    for m in ("lotus", "galore", "rho"):
+    out["fira"] = sw.reference_run("fira")
+    for m in ("lotus", "galore", "rho", "fira"):
         assert out[m][1][-1] and min(out[m][1][-1]) >= 2, f"{m}: the run must switch bases: {out[m][1][-1]}"
     return out
 
 
-def _launch(world: int, work, extra_runs: list) -> tuple[dict, dict]:
+def _launch(world: int, work, extra_runs: list, **options) -> tuple[dict, dict]:
     runs = [{"key": m, "method": m} for m in METHODS] + extra_runs
-    res = run_workers(world, {"suite": "sharded_optim", "tag": f"w{world}", "rsvd": True, "runs": runs}, work,
-                      timeout=200)
+    res = run_workers(world, {"suite": "sharded_optim", "tag": f"w{world}", "rsvd": True, "runs": runs, **options},
+                      work, timeout=200)
     return res, torch.load(work / f"w{world}.params.pt")
 
 
@@ -46,7 +48,7 @@ def world2(tmp_path_factory):
     ckpt = work / "ckpt_lotus_w2"
     extra = [{"key": "lotus_saved", "method": "lotus", "save": str(ckpt), "same_world_resume": True},
              {"key": "lotus_shardproj", "method": "lotus", "extra": {"projectors": "shard"}}]
-    res, params = _launch(2, work, extra)
+    res, params = _launch(2, work, extra, peak=True)
     return work, ckpt, res, params
 
 
@@ -55,7 +57,8 @@ def world3(world2):
     work, ckpt, _, _ = world2
     extra = [{"key": "lotus_resumed", "method": "lotus", "resume": str(ckpt)},
              {"key": "lotus_shardproj", "method": "lotus", "extra": {"projectors": "shard"}},
-             {"key": "rho", "method": "lotus_rho", "extra": RHO}]
+             {"key": "rho", "method": "lotus_rho", "extra": RHO},
+             {"key": "fira", "method": "fira"}]  # its residual needs the fallback's whole R and N: all-gathered
     return _launch(3, work, extra)
 
 
@@ -89,16 +92,21 @@ def _check_budget(record: list, method: str, shard_projectors: bool = False):
     """The collectives optimizer.step() issued, step by step, against ALGORITHMS.md section 7's budget."""
     for r in record:
         ops, rows, fb, sw_n, sw_f = r["ops"], r["rows"], r["fallback_live"], r["switched"], r["switched_fallback"]
-        gathers = r["live"] if shard_projectors else 0  # projector all-gathers, one per live matrix
+        # projector all-gathers: one per live matrix, and a second for a checking one (it gives its projector back
+        # while the step's decisions wait for the statistics)
+        gathers = r["live"] + r["checks"] if shard_projectors else 0
+        # fallback: R reduce-scattered by columns (each step, and again after a switch); the update all-gathered
+        fallback = {"reduce_scatter": fb + sw_f, "all_gather": r["updated_fallback"]}
         if method == "adamw":
-            want = {"all_reduce": 0, "all_gather": 0, "gather": 0, "broadcast": 0}
+            want = {"all_reduce": 0, "all_gather": 0, "gather": 0, "broadcast": 0, "reduce_scatter": 0}
         elif method == "galore":  # exact svd on the owner: gather G there, broadcast the projector
-            want = {"all_reduce": (rows > 0) + fb + sw_f, "all_gather": gathers, "gather": sw_n + sw_f,
-                    "broadcast": sw_n + sw_f}
+            want = {"all_reduce": int(rows > 0), "all_gather": gathers + fallback["all_gather"], "gather": sw_n + sw_f,
+                    "broadcast": sw_n + sw_f, "reduce_scatter": fallback["reduce_scatter"]}
         else:  # rsvd sketch: q+2 all-reduces (normal); fallback: 2 per CholeskyQR2 (q+1 of them), q power-step
-            # sums, Qᵀ G, the new R, and one all-gather of the new basis
-            want = {"all_reduce": (rows > 0) + fb + sw_n * (Q + 2) + sw_f * (3 * Q + 4),
-                    "all_gather": gathers + sw_f, "gather": 0, "broadcast": 0}
+            # sums and Qᵀ G, and one all-gather of the new basis
+            want = {"all_reduce": (rows > 0) + sw_n * (Q + 2) + sw_f * (3 * Q + 3),
+                    "all_gather": gathers + sw_f + fallback["all_gather"], "gather": 0, "broadcast": 0,
+                    "reduce_scatter": fallback["reduce_scatter"]}
         got = {k: _count(ops, k) for k in want}
         assert got == want and len(ops) == sum(want.values()), (method, r)
         if rows:  # the one batched statistics all-reduce: [L, 3] fp32, L = the matrices checking this step
@@ -116,6 +124,18 @@ def test_world2_equivalence_decisions_budget(world2, references):
     _check_budget(res["lotus_shardproj.budget"], "lotus", shard_projectors=True)
     plain = [r for r in res["lotus.budget"] if r["rows"] == 0 and r["switched"] == 0]
     assert plain and all(r["ops"] == [] for r in plain)  # steps without checks or switches: no communication
+
+
+def test_world2_sharded_projectors_lower_the_measured_step_peak(world2, references):
+    """optim.projectors=shard: a step gathers one projector at a time and frees it, so the measured peak of a step
+    (projectors at rest + what the step adds) is below the replicated one by the projectors' (W-1)/W, less one
+    bucket: the largest projector, whole, plus the slice this rank sends for it."""
+    peak = world2[2]["peak"]
+    bucket = peak["largest"] * (1 + 1 / 2)
+    saved = peak["projector_bytes"] * (2 - 1) / 2 - bucket
+    assert peak["shard"]["resting"] * 2 == peak["replicate"]["resting"] == peak["projector_bytes"]
+    for step in ("plain", "check"):
+        assert peak["replicate"][step] - peak["shard"][step] >= saved, (step, peak)
 
 
 def test_world2_state_dict_layout_and_same_world_resume(world2, references):
@@ -136,12 +156,14 @@ def test_world3_fallback_equivalence_budget_and_resume(world3, references):
     res, params = world3
     assert res["fallbacks"] == ["layers.0.mlp.down_proj.weight", "layers.1.mlp.down_proj.weight"]
     # lotus_rho: path_efficiency's sketch Ψ G sums over the sharded rows of the fallback (all-reduced)
-    _check_equivalence(res, params, references, ["lotus", "galore", "adamw", "lotus_shardproj", "rho"])
+    _check_equivalence(res, params, references, ["lotus", "galore", "adamw", "lotus_shardproj", "rho", "fira"])
     _check_budget(res["lotus.budget"], "lotus")
     _check_budget(res["galore.budget"], "galore")
     _check_budget(res["lotus_shardproj.budget"], "lotus", shard_projectors=True)
     assert all(r["fallback_live"] == 2 for r in res["lotus.budget"][1:])
-    # 2 -> 3: Shard(1) states become replicated fallback states; the trajectory goes on as in one process
+    # the fallback's r x 172 state is sharded by columns (58/58/56), like a moment of a normal matrix
+    assert res["lotus.fallback_state"] == [[sw.RANK_R, c] for c in (58, 58, 56)]
+    # 2 -> 3: Shard(1) states stay Shard(1), now by columns of a row-sharded weight; the trajectory goes on
     assert _rel_diff(params["lotus_resumed"], references["lotus"][0]) < TOL
     assert res["lotus_resumed.decisions"] == references["lotus"][1][sw.SAVE_AT:]
     assert res["lotus_resumed.decisions_agree"]

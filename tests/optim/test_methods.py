@@ -63,14 +63,15 @@ def test_config_errors_name_the_key():
 
 
 def _formula(model, r, bytes_per=4):
-    """Σ(2·long·r + short·r)·bytes over projected matrices + 2·(unprojected numel)·bytes."""
+    """Σ(2·long·r + short·r)·bytes over projected matrices + 2·(unprojected numel)·bytes; and the d_init bytes
+    (long·r per matrix in bf16, optim.reference_dtype's default)."""
     total, d_init = 0, 0
     for name, p in model.named_parameters():
         if p.dim() == 2 and name.split(".")[-2].endswith("_proj"):
             long, short = max(p.shape), min(p.shape)
             rr = min(r, short)
             total += (2 * long * rr + short * rr) * bytes_per
-            d_init += long * rr * bytes_per
+            d_init += long * rr * 2
         else:
             total += 2 * p.numel() * bytes_per
     return total, d_init
@@ -90,7 +91,7 @@ def test_memory_report_equals_formula(device):
             assert mem["total"] == mem["moments"] == 2 * 4 * sum(p.numel() for p in model.parameters())
         else:
             assert mem["moments"] + mem["projectors"] == formula
-            assert mem["other"] == extra  # lotus: the displacement policy's d_init (long x r)
+            assert mem["other"] == extra  # lotus: the displacement policy's d_init (long x r, bf16)
     if device == "cpu":  # a real step allocates the same
         opt = build_optimizer(model, OptimConfig(name="galore", rank=8))
         for p in model.parameters():

@@ -146,3 +146,79 @@ def test_path_efficiency_switch_rule():
         w2.grad = torch.randn(16, 40, generator=gen)
         opt2.step()
     assert opt2.state[w2]["n_bases"] == 1
+
+
+def _recorded_gradients(steps: int = 60) -> dict[str, list[torch.Tensor]]:
+    """The projected matrices' gradients of a small LLaMA trained with AdamW on a fixed random Markov chain: a real
+    gradient sequence (its direction drifts as the model learns), recorded once per step."""
+    from lotus_dist.model.llama import Llama, llama_config
+
+    torch.manual_seed(0)
+    vocab = 64
+    model = Llama(llama_config("tiny", vocab_size=vocab, dim=32, n_layers=2, n_heads=2, ffn_dim=48))
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    chain = torch.softmax(torch.randn(vocab, vocab) * 3, dim=-1)
+    gen = torch.Generator().manual_seed(1)
+    recorded = {n: [] for n, p in model.named_parameters() if p.dim() == 2 and n.split(".")[-2].endswith("_proj")}
+    for _ in range(steps):
+        tokens = [torch.randint(0, vocab, (8,), generator=gen)]
+        for _ in range(32):
+            tokens.append(torch.multinomial(chain[tokens[-1]], 1, generator=gen).squeeze(1))
+        batch = torch.stack(tokens, dim=1)
+        loss = model(batch[:, :-1], batch[:, 1:])
+        opt.zero_grad()
+        loss.backward()
+        for n, p in model.named_parameters():
+            if n in recorded:
+                recorded[n].append(p.grad.detach().clone())
+        opt.step()
+    return recorded
+
+
+def test_a_bf16_switch_reference_makes_the_same_decisions_as_fp32():
+    """optim.reference_dtype=bf16 (the default) stores d_init in bf16: on recorded gradient sequences every check
+    decides as with the exact fp32 reference, for thresholds that make both switches and stays happen."""
+    recorded = _recorded_gradients()
+    switches = stays = 0
+    for gamma in (0.02, 0.05, 0.1):
+        for name, grads in recorded.items():
+            bases = {}
+            for ref in ("bf16", "fp32"):
+                w = torch.nn.Parameter(torch.zeros_like(grads[0]))
+                opt = LowRankAdamW([{"params": [w], "rank": 4, "switch": "displacement", "gamma": gamma,
+                                     "verify_gap": 4, "reference_dtype": ref}])
+                seq = []
+                for g in grads:
+                    w.grad = g.clone()
+                    opt.step()
+                    seq.append(opt.state[w]["n_bases"])
+                assert opt.state[w]["d_init"].dtype == (torch.bfloat16 if ref == "bf16" else torch.float32)
+                bases[ref] = seq
+            assert bases["bf16"] == bases["fp32"], (name, gamma)
+            checks = len(grads) // 4
+            switches += bases["fp32"][-1] - 1
+            stays += checks - (bases["fp32"][-1] - 1)
+    assert switches > 20 and stays > 20, (switches, stays)  # both kinds of decision were made, many times
+
+
+def test_lotus_state_at_llama_60m_is_within_4_percent_of_galores_formula():
+    from lotus_dist.model.llama import Llama, llama_config
+    from lotus_dist.optim import build_optimizer, memory_report
+    from lotus_dist.train.config import OptimConfig
+
+    with torch.device("meta"):
+        model = Llama(llama_config("llama_60m"))
+    formula = 0
+    for name, p in model.named_parameters():
+        if p.dim() == 2 and name.split(".")[-2].endswith("_proj"):
+            long, short = max(p.shape), min(p.shape)
+            formula += (2 * long * 128 + short * 128) * 4  # GaLore: two moments (long x r) + projector (short x r)
+        else:
+            formula += 2 * p.numel() * 4
+    opt = build_optimizer(model, OptimConfig(name="lotus", rank=128))
+    opt.init_state()
+    lotus = memory_report(opt)["total"]
+    assert lotus <= 1.04 * formula, lotus / formula
+    exact = build_optimizer(model, OptimConfig(name="lotus", rank=128, reference_dtype="fp32"))
+    exact.init_state()
+    assert memory_report(exact)["total"] > 1.07 * formula  # what the fp32 reference costs
