@@ -47,6 +47,10 @@ bench: install
 	$(PY) scripts/bench_memory.py
 	@echo ">>> fit at scale: start-up peak per rank (llama_60m, 1/2/4 gloo ranks) and optimizer state vs the planner"
 	$(PY) scripts/bench_sharding.py
+	@echo ">>> basis refresh at 7B shapes on 2 gloo ranks: all switching matrices together vs one after another"
+	$(PY) scripts/bench_refresh.py
+	@echo ">>> data pipeline: tokens/s with and without prefetch, per rank by world size, against a GPU's need"
+	$(PY) scripts/bench_data.py
 	@echo ">>> capacity planner: llama_7b on 64 ranks"
 	$(PY) pretrain.py --config configs/llama_7b.yaml --dry-run dist.world_size=64
 

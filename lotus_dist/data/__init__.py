@@ -1,8 +1,12 @@
 """The data pipeline: tokenizer, training streams and validation blocks for the three ``data.source`` kinds.
 
     load_tokenizer(path_or_name) -> Tokenizer
-    build_train_stream(data_cfg, tokenizer, *, seq_len, micro_batch_size, rank, world_size, seed) -> stream
+    build_train_stream(data_cfg, tokenizer, *, seq_len, micro_batch_size, rank, world_size, seed,
+                       pin_memory=False) -> stream
         next(stream) -> LongTensor [micro_batch_size, seq_len + 1]; stream.state_dict() / load_state_dict(d)
+        With data.prefetch > 0 (default 2) the stream is a PrefetchStream (prefetch.py): a background thread keeps
+        data.prefetch micro-batches ready (pinned when pin_memory and CUDA), and state_dict() is still the position
+        of the batches the trainer took, so resume stays bitwise exact. close() stops the thread.
     build_val_blocks(data_cfg, tokenizer, *, seq_len) -> LongTensor [n, seq_len + 1], n = val_tokens // seq_len
 """
 
@@ -12,23 +16,31 @@ import torch
 
 from .c4 import TokenStream, build_text_stream, build_text_val_blocks
 from .errors import DataError
+from .prefetch import PrefetchStream
 from .tokenizer import Tokenizer, load_tokenizer
 
-__all__ = ["DataError", "Tokenizer", "TokenStream", "load_tokenizer", "build_train_stream", "build_val_blocks"]
+__all__ = ["DataError", "PrefetchStream", "Tokenizer", "TokenStream", "load_tokenizer", "build_train_stream",
+           "build_val_blocks"]
 
 
 def build_train_stream(data_cfg, tokenizer, *, seq_len: int, micro_batch_size: int, rank: int, world_size: int,
-                       seed: int):
-    """The endless, resumable training stream of this rank (see c4.py and indexed.py for the semantics)."""
+                       seed: int, pin_memory: bool = False):
+    """The endless, resumable training stream of this rank (see c4.py and indexed.py for the semantics), prefetched
+    by a background thread when ``data.prefetch`` > 0. ``pin_memory``: pin the batches (only done under CUDA)."""
     if not 0 <= rank < world_size:
         raise DataError(f"rank {rank} is not in a world of size {world_size}")
     if data_cfg.source == "indexed":
         from .indexed import build_indexed_stream  # megatron-core is optional
 
-        return build_indexed_stream(data_cfg, tokenizer, seq_len=seq_len, micro_batch_size=micro_batch_size,
-                                    rank=rank, world_size=world_size, seed=seed)
-    return build_text_stream(data_cfg, tokenizer, seq_len=seq_len, micro_batch_size=micro_batch_size, rank=rank,
-                             world_size=world_size, seed=seed)
+        stream = build_indexed_stream(data_cfg, tokenizer, seq_len=seq_len, micro_batch_size=micro_batch_size,
+                                      rank=rank, world_size=world_size, seed=seed)
+    else:
+        stream = build_text_stream(data_cfg, tokenizer, seq_len=seq_len, micro_batch_size=micro_batch_size,
+                                   rank=rank, world_size=world_size, seed=seed)
+    depth = getattr(data_cfg, "prefetch", 0)  # config objects without the key (older callers): no thread
+    if depth > 0:
+        return PrefetchStream(stream, depth=depth, pin_memory=pin_memory)
+    return stream
 
 
 def build_val_blocks(data_cfg, tokenizer, *, seq_len: int) -> torch.Tensor:

@@ -177,8 +177,7 @@ class IndexedStream:
             epoch_samples += (tokens - 1) // seq_len
         self.round_size = max(epoch_samples, micro_batch_size * world_size)
         self.sample = 0  # global samples consumed, the whole stream position
-        self._round: Optional[int] = None
-        self._dataset = None
+        self._datasets: dict = {}  # round -> its built dataset: the rounds of the current global batch
 
     def _build(self, round_: int):
         from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
@@ -196,17 +195,36 @@ class IndexedStream:
             create_attention_mask=False,  # a [seq, seq] mask per sample; the model is causal anyway
         )
         # Distributed-aware: under an initialised process group rank 0 builds the cache first and all ranks sync,
-        # which is safe because every rank reaches a new round at the same global sample.
+        # which is safe because every rank builds a round at the same global batch (_build_rounds), on the
+        # training thread (PrefetchStream runs collective_work() there).
         with _rank_zero_without_process_group():
             train, _, _ = BlendedMegatronDatasetBuilder(GPTDataset, [self.round_size, None, None], lambda: True,
                                                         config).build()
         return train
 
+    def _rounds_of_next_batch(self) -> range:
+        global_batch = self.micro_batch_size * self.world_size
+        return range(self.sample // self.round_size, (self.sample + global_batch - 1) // self.round_size + 1)
+
+    def _build_rounds(self) -> None:
+        """Build the rounds the next *global* batch reads, on every rank alike: under a process group each build
+        is collective (rank 0 first, then a barrier), so all ranks must build at the same batch, even a rank whose
+        own samples all lie in the previous round."""
+        needed = self._rounds_of_next_batch()
+        self._datasets = {r: d for r, d in self._datasets.items() if r in needed}
+        for round_ in needed:
+            if round_ not in self._datasets:
+                self._datasets[round_] = self._build(round_)
+
+    def collective_work(self):
+        """What must run on the training thread before the next batch (PrefetchStream's protocol): building a
+        round, which synchronises the ranks; None when the next batch's rounds are built."""
+        missing = any(r not in self._datasets for r in self._rounds_of_next_batch())
+        return self._build_rounds if missing else None
+
     def _get(self, global_index: int) -> torch.Tensor:
         round_, index = divmod(global_index, self.round_size)
-        if round_ != self._round:
-            self._dataset, self._round = self._build(round_), round_
-        item = self._dataset[index]
+        item = self._datasets[round_][index]
         # add_extra_token_to_sequence: tokens = text[:-1], labels = text[1:]; rebuild the seq_len + 1 block.
         return torch.cat([item["tokens"], item["labels"][-1:]])
 
@@ -214,6 +232,7 @@ class IndexedStream:
         return self
 
     def __next__(self) -> torch.Tensor:
+        self._build_rounds()  # nothing to do unless the global batch reaches a new round
         first = self.sample + self.rank * self.micro_batch_size
         batch = torch.stack([self._get(first + j) for j in range(self.micro_batch_size)])
         self.sample += self.micro_batch_size * self.world_size

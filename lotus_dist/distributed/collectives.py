@@ -12,10 +12,14 @@ under HSDP every replica group holds the same gradient shards and works on its o
   (the bytes of one all-reduce, 1/W of the memory). rsvd orthonormalises the row-sharded sketch by CholeskyQR2
   (two k x k all-reduces) before all-gathering the new basis;
 - the exact ``svd`` solver gathers G on the plan's owner rank, which solves and broadcasts the projector;
+- a refresh step solves every switching matrix together (``subspace.run_batched``): each solver stage's sums are
+  one flat all-reduce for all of them, the owner solves are one gather per owner, every owner solving its own
+  matrices at the same time, then one broadcast per owner of its new bases (``execute``);
 - ``projectors="shard"``: each rank stores a 1/W row slice of the projector, all-gathered before use.
 
 Every call goes through ``torch.distributed``'s module functions (``dist.all_reduce`` ...), so a test can count
-them by patching the module.
+them by patching the module, and is counted in ``lotus_dist.counters.COUNTERS`` (collectives and the bytes this rank
+sends) for the step's metrics.
 """
 
 from __future__ import annotations
@@ -23,7 +27,13 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from lotus_dist.optim.subspace import Comm, svd_projector
+from lotus_dist.counters import COUNTERS, nbytes, to_host
+from lotus_dist.optim.subspace import Comm, Request, svd_projector
+
+
+def counted(kind: str, whole_bytes: int, group) -> None:
+    """Count one collective of ``kind`` on a whole tensor of ``whole_bytes`` over ``group``."""
+    COUNTERS.collective(kind, whole_bytes, dist.get_world_size(group))
 
 
 def chunk_sizes(n: int, world: int) -> list[int]:
@@ -42,6 +52,7 @@ def reduce_scatter_rows(t: torch.Tensor, sizes: list[int], group) -> torch.Tenso
         padded[: chunk.shape[0]] = chunk
         chunks.append(padded)
     out = t.new_empty((rows, *t.shape[1:]))
+    counted("reduce_scatter", nbytes(out) * len(sizes), group)
     dist.reduce_scatter(out, chunks, group=group)
     return out[: sizes[dist.get_rank(group)]]
 
@@ -57,6 +68,7 @@ def all_gather_rows(t: torch.Tensor, sizes: list[int], group) -> torch.Tensor:
         send = t.new_zeros((rows, *t.shape[1:]))
         send[: t.shape[0]] = t
     out = t.new_empty((rows * len(sizes), *t.shape[1:]))
+    counted("all_gather", nbytes(out), group)
     dist.all_gather(list(out.chunk(len(sizes))), send, group=group)
     return out[: sum(sizes)]
 
@@ -68,6 +80,7 @@ class StatsComm(Comm):
         self.group = group
 
     def reduce_stats(self, t: torch.Tensor) -> torch.Tensor:
+        counted("all_reduce", nbytes(t), self.group)
         dist.all_reduce(t, group=self.group)
         return t
 
@@ -103,6 +116,7 @@ class MatrixComm(Comm):
 
     def reduce(self, t: torch.Tensor) -> torch.Tensor:
         t = t.contiguous()
+        counted("all_reduce", nbytes(t), self.group)
         dist.all_reduce(t, group=self.group)
         return t
 
@@ -148,7 +162,7 @@ class MatrixComm(Comm):
         Q = Y.double()
         for _ in range(2):
             L, info = torch.linalg.cholesky_ex(self.reduce(Q.T @ Q))
-            if int(info):  # identical Gram on every rank: every rank takes this branch together
+            if to_host(info):  # identical Gram on every rank: every rank takes this branch together
                 full = all_gather_rows(Y.contiguous(), self.sizes, self.group)
                 return super().orth(full)[self.offset : self.offset + Y.shape[0]]
             Q = torch.linalg.solve_triangular(L, Q.T, upper=False).T
@@ -165,6 +179,7 @@ class MatrixComm(Comm):
         mine = dist.get_global_rank(self.group, self.owner) if self.group is not None else self.owner
         is_owner = dist.get_rank() == mine
         parts = [torch.empty_like(buf) for _ in self.sizes] if is_owner else None
+        counted("gather", nbytes(buf) * len(self.sizes), self.group)
         dist.gather(buf, parts, dst=mine, group=self.group)
         if is_owner:
             full = torch.cat([p[:s] for p, s in zip(parts, self.sizes)]).movedim(0, self.shard_dim)
@@ -176,8 +191,49 @@ class MatrixComm(Comm):
                 P = G.new_full(self.full_projector, float("nan"))
         else:
             P = G.new_empty(self.full_projector)
+        counted("broadcast", nbytes(P), self.group)
         dist.broadcast(P, src=mine, group=self.group)
         return P
+
+    # ----------------------------------------------------------------------- batched solver hooks (run_batched)
+
+    @property
+    def batch_key(self):
+        return id(self.group)  # every matrix of one optimizer shares the shard group: their requests batch
+
+    def sum_long(self, t):
+        if self.fallback:
+            return t
+        return (yield Request("sum", self, (t,)))
+
+    def sum_short(self, t):
+        if not self.fallback:
+            return t
+        return (yield Request("sum", self, (t,)))
+
+    def orth_steps(self, Y):
+        if not self.fallback:
+            return super().orth(Y)
+        Q = Y.double()  # CholeskyQR2, as ``orth``, with its sums and its definiteness check batched
+        for _ in range(2):
+            L, info = torch.linalg.cholesky_ex((yield Request("sum", self, (Q.T @ Q,))))
+            if (yield Request("host", self, (info,))):
+                full = yield Request("gather_rows", self, (Y.contiguous(), self.sizes))
+                return super().orth(full)[self.offset : self.offset + Y.shape[0]]
+            Q = torch.linalg.solve_triangular(L, Q.T, upper=False).T
+        return Q.to(Y.dtype)
+
+    def gather_short_steps(self, S):
+        if not self.fallback:
+            return S
+        return (yield Request("gather_rows", self, (S.contiguous(), self.sizes)))
+
+    def svd_steps(self, G, side, r):
+        return (yield Request("owner_svd", self, (G, side, r)))
+
+    def execute(self, kind: str, requests: list[Request]) -> list:
+        return {"sum": _sum_all, "host": _host_all, "gather_rows": _gather_rows_all,
+                "owner_svd": _owner_svd_all}[kind](self.group, requests)
 
     # ------------------------------------------------------------------------------------------ projectors
 
@@ -200,6 +256,94 @@ class MatrixComm(Comm):
     def local_projector(self, P: torch.Tensor, side: str) -> torch.Tensor:
         # fallback: A's rows that multiply this rank's rows of G
         return P[self.offset : self.offset + self.sizes[self.me]] if self.fallback else P
+
+
+def _sum_all(group, requests: list[Request]) -> list[torch.Tensor]:
+    """Sum every request's tensor over ``group``: one flat all-reduce per dtype for all of them."""
+    out: list = [None] * len(requests)
+    by_dtype: dict[torch.dtype, list[int]] = {}
+    for i, req in enumerate(requests):
+        by_dtype.setdefault(req.args[0].dtype, []).append(i)
+    for indices in by_dtype.values():
+        flat = torch.cat([requests[i].args[0].reshape(-1) for i in indices])
+        counted("all_reduce", nbytes(flat), group)
+        dist.all_reduce(flat, group=group)
+        for i, piece in zip(indices, flat.split([requests[i].args[0].numel() for i in indices])):
+            out[i] = piece.view_as(requests[i].args[0])
+    return out
+
+
+def _host_all(group, requests: list[Request]) -> list:
+    """Read every request's scalar on the host: one sync for all of them."""
+    return to_host(torch.stack([req.args[0].reshape(()).to(torch.float64) for req in requests]))
+
+
+def _gather_rows_all(group, requests: list[Request]) -> list[torch.Tensor]:
+    """``all_gather_rows`` of every request (tensor, row sizes per rank) in one all-gather: each rank sends its
+    pieces padded to their largest, one after the other."""
+    padded = []
+    for req in requests:
+        t, sizes = req.args
+        buf = t.new_zeros((max(sizes), *t.shape[1:]))
+        buf[: t.shape[0]] = t
+        padded.append(buf)
+    send = torch.cat([b.reshape(-1) for b in padded])
+    world = dist.get_world_size(group)
+    recv = send.new_empty(send.numel() * world)
+    counted("all_gather", nbytes(recv), group)
+    dist.all_gather(list(recv.chunk(world)), send, group=group)
+    blocks = [block.split([b.numel() for b in padded]) for block in recv.chunk(world)]
+    return [torch.cat([blocks[r][i].view_as(padded[i])[: req.args[1][r]] for r in range(world)])
+            for i, req in enumerate(requests)]
+
+
+def _owner_svd_all(group, requests: list[Request]) -> list[torch.Tensor]:
+    """The exact svd of every request's matrix on its owner, all owners at once: one gather per owner of the
+    (padded) shards of all its matrices, every owner solves its own, one broadcast per owner of its new bases."""
+    me, world = dist.get_rank(group), dist.get_world_size(group)
+    pieces = []  # this rank's padded shard of each matrix, shard rows first
+    for req in requests:
+        comm, (G, _, _) = req.comm, req.args
+        Gt = G.movedim(comm.shard_dim, 0).contiguous()
+        buf = Gt.new_zeros((max(comm.sizes), *Gt.shape[1:]))
+        buf[: Gt.shape[0]] = Gt
+        pieces.append(buf)
+    owners = sorted({req.comm.owner for req in requests})
+    mine = {}  # index -> the whole matrix, on its owner
+    for owner in owners:
+        idx = [i for i, req in enumerate(requests) if req.comm.owner == owner]
+        send = torch.cat([pieces[i].reshape(-1) for i in idx])
+        parts = [torch.empty_like(send) for _ in range(world)] if owner == me else None
+        counted("gather", nbytes(send) * world, group)
+        dist.gather(send, parts, dst=dist.get_global_rank(group, owner), group=group)
+        if owner == me:
+            split = [part.split([pieces[i].numel() for i in idx]) for part in parts]
+            for j, i in enumerate(idx):
+                comm = requests[i].comm
+                rows = [split[r][j].view_as(pieces[i])[: comm.sizes[r]] for r in range(world)]
+                mine[i] = torch.cat(rows).movedim(0, comm.shard_dim)
+    solved = {}
+    for i, full in mine.items():  # every owner solves only its own matrices, all owners at the same time
+        comm, (G, side, r) = requests[i].comm, requests[i].args
+        try:
+            solved[i] = svd_projector(full, side, r).to(G.dtype).contiguous()
+        except torch.linalg.LinAlgError:
+            # a NaN basis, broadcast like any other: every rank then takes the solver fallback together
+            solved[i] = G.new_full(comm.full_projector, float("nan"))
+    out: list = [None] * len(requests)
+    for owner in owners:
+        idx = [i for i, req in enumerate(requests) if req.comm.owner == owner]
+        sizes = [requests[i].comm.full_projector[0] * requests[i].comm.full_projector[1] for i in idx]
+        dtype = requests[idx[0]].args[0].dtype
+        if owner == me:
+            flat = torch.cat([solved[i].reshape(-1) for i in idx])
+        else:
+            flat = torch.empty(sum(sizes), dtype=dtype, device=requests[idx[0]].args[0].device)
+        counted("broadcast", nbytes(flat), group)
+        dist.broadcast(flat, src=dist.get_global_rank(group, owner), group=group)
+        for i, piece in zip(idx, flat.split(sizes)):
+            out[i] = piece.view(requests[i].comm.full_projector)
+    return out
 
 
 __all__ = ["MatrixComm", "StatsComm", "all_gather_rows", "chunk_sizes", "reduce_scatter_rows"]

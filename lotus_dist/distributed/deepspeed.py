@@ -27,6 +27,7 @@ import json
 import os
 from pathlib import Path
 
+from lotus_dist.counters import COUNTERS
 from lotus_dist.distributed.modes import Collective
 from lotus_dist.distributed.owner import BUCKET_MB, build_owner_optimizer
 from lotus_dist.errors import UserError
@@ -148,10 +149,24 @@ class DeepSpeedMode(Collective):
         # The trainer owns the accumulation loop: this is the boundary (the engine's own micro-step counter is
         # not advanced, since engine.backward/step are not called).
         engine.set_gradient_accumulation_boundary(True)
+        bucket = max(int(self.bucket_mb * 2**20 / 4), 1)
         try:
-            engine.allreduce_gradients(bucket_size=max(int(self.bucket_mb * 2**20 / 4), 1))
+            engine.allreduce_gradients(bucket_size=bucket)
         finally:
             engine.set_gradient_accumulation_boundary(None)
+        self._count_gradient_reduction(bucket)
+
+    def _count_gradient_reduction(self, bucket_numel: int) -> None:
+        """The engine's gradient all-reduce, counted from its layout (buckets of ``bucket_numel`` elements per
+        dtype): DeepSpeed issues the collectives itself, through its own comm module."""
+        totals: dict = {}
+        for p in self.engine.module.parameters():
+            if p.grad is not None:
+                numel, size = totals.get(p.grad.dtype, (0, p.grad.element_size()))
+                totals[p.grad.dtype] = (numel + p.grad.numel(), size)
+        for numel, size in totals.values():
+            for start in range(0, numel, bucket_numel):
+                COUNTERS.collective("all_reduce", min(bucket_numel, numel - start) * size, self.world_size)
 
     def close(self) -> None:
         self.engine = None

@@ -18,6 +18,7 @@ import importlib
 import torch
 import torch.distributed as dist
 
+from lotus_dist.counters import to_host
 from lotus_dist.distributed.runtime import Runtime, build_mesh, init_distributed
 from lotus_dist.errors import UserError
 
@@ -95,7 +96,7 @@ class Collective(SingleProcess):
     def any_rank(self, flag: bool) -> bool:
         t = torch.tensor([1.0 if flag else 0.0], device=self.device)
         dist.all_reduce(t, op=dist.ReduceOp.MAX)
-        return bool(t.item())
+        return bool(to_host(t)[0])
 
     def all_gather_object(self, obj) -> list:
         gathered = [None] * self.world_size

@@ -27,6 +27,8 @@ import torch.distributed as dist
 from torch import nn
 from torch.optim import Optimizer
 
+from lotus_dist.counters import COUNTERS, nbytes, to_host
+from lotus_dist.distributed.collectives import counted
 from lotus_dist.distributed.modes import Collective
 from lotus_dist.distributed.plan import solver_cost
 from lotus_dist.errors import UserError
@@ -245,7 +247,7 @@ class OwnerOptimizer(Optimizer):
         self._sync_hparams()  # the trainer sets lr on the full groups
         self.local.step()
         self._broadcast_weights()
-        self._sync_switch_counts()
+        self._counts_stale = True  # the n_bases mirrors are refreshed when a report asks (refresh_report)
         return loss
 
     def _broadcast_weights(self) -> None:
@@ -255,6 +257,7 @@ class OwnerOptimizer(Optimizer):
                 flat = torch.cat([p.detach().reshape(-1) for p in b.params])
             else:
                 flat = torch.empty(b.numel, dtype=b.dtype, device=b.device)
+            counted("broadcast", nbytes(flat), self.group)
             work = dist.broadcast(flat, src=self._src[b.owner], group=self.group, async_op=True)
             pending.append((b, flat, work))
             if len(pending) > IN_FLIGHT:
@@ -268,6 +271,13 @@ class OwnerOptimizer(Optimizer):
             torch._foreach_copy_([p.detach() for p in b.params],
                                  [v.view_as(p) for v, p in zip(flat.split(b.sizes), b.params)])
 
+    def refresh_report(self) -> None:
+        """Bring the ``n_bases`` mirrors up to date for ``switch_report`` (only when a report asks, not every step:
+        it costs a collective and a host sync)."""
+        if getattr(self, "_counts_stale", True):
+            self._sync_switch_counts()
+            self._counts_stale = False
+
     def _sync_switch_counts(self) -> None:
         """Refresh the ``n_bases`` mirrors (switch_report); one all-reduce of a small int vector. Reporting only:
         no decision reads it."""
@@ -276,8 +286,9 @@ class OwnerOptimizer(Optimizer):
         device = self._projected[0].device
         counts = torch.tensor([int(self.state[p].get("n_bases", 0)) if self.owned(p) else 0 for p in self._projected],
                               dtype=torch.int64, device=device)
+        counted("all_reduce", nbytes(counts), self.group)
         dist.all_reduce(counts, group=self.group)
-        for p, n in zip(self._projected, counts.tolist()):
+        for p, n in zip(self._projected, to_host(counts)):
             if not self.owned(p):
                 self.state[p]["n_bases"] = n
 
@@ -307,6 +318,14 @@ def build_owner_optimizer(model: nn.Module, optim_cfg, *, group=None, bucket_mb:
     return OwnerOptimizer(full, group=group, bucket_mb=bucket_mb)
 
 
+def _counted_allreduce(state, bucket):
+    """DDP's own averaging all-reduce of a gradient bucket, counted as an optimizer-path collective."""
+    from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
+
+    COUNTERS.collective("all_reduce", nbytes(bucket.buffer()), dist.get_world_size())
+    return allreduce_hook(None, bucket)
+
+
 class OwnerDataParallel(Collective):
     """``dist.mode=ddp``: torch DDP all-reduces the gradients (overlapped with backward, ``no_sync`` between
     micro-batches); the optimizer state is sharded by owner (``OwnerOptimizer``). Every rank ends the backward with
@@ -317,8 +336,10 @@ class OwnerDataParallel(Collective):
         self.bucket_mb = cfg.dist.bucket_mb
         device_ids = [self.device.index] if self.device.type == "cuda" else None
         # gradient_as_bucket_view: the gradients live in DDP's buckets, no second full-size copy.
-        return nn.parallel.DistributedDataParallel(model, device_ids=device_ids, forward_sync_buffers=False,
-                                                   gradient_as_bucket_view=True)
+        ddp = nn.parallel.DistributedDataParallel(model, device_ids=device_ids, forward_sync_buffers=False,
+                                                  gradient_as_bucket_view=True)
+        ddp.register_comm_hook(state=None, hook=_counted_allreduce)
+        return ddp
 
     def build_optimizer(self, model, optim_cfg):
         return build_owner_optimizer(model, optim_cfg, bucket_mb=getattr(self, "bucket_mb", BUCKET_MB))

@@ -7,6 +7,12 @@ under FSDP2 it fires on the sharded parameter right after the unit's reduce-scat
 together. When a unit's last gradient arrives, ``LowRankAdamW.step_unit`` updates it with one statistics reduction
 (switch consensus, non-finite check, optional per-unit clipping) and the gradients are dropped.
 
+No host sync per unit on ordinary steps: a unit with nothing to decide (no switch, no check) steps on the device
+(``step_unit(defer=True)``: its norm, clipping and non-finite mask stay device scalars), and the caller reads every
+unit's norm and finiteness in the step's one host sync (``finish_step`` -> ``StepReport.device_values`` ->
+``resolve``), which also rolls back the host counters of a unit found non-finite. Units that check or switch this
+step decide on the host, one sync each, as their decisions need.
+
 Gradient accumulation over k micro-batches: a projected matrix whose step will neither switch nor check keeps only
 R = project(G) (long side x r) between micro-batches instead of G (m x n), so accumulation keeps the saving. A
 matrix that needs G this step (its first basis, a scheduled switch, a displacement check step that may switch,
@@ -23,6 +29,10 @@ from typing import Callable, Iterable
 
 import torch
 from torch import nn
+
+from lotus_dist.counters import to_host
+
+from .lowrank import UnitStep
 
 
 def units_of(model: nn.Module, root_as_one_unit: bool = False) -> list[list[nn.Parameter]]:
@@ -77,6 +87,8 @@ class OptimizerInBackward:
 
     # ---- per step ------------------------------------------------------------------------------------------
     def _start_step(self) -> None:
+        self._deferred = []  # UnitSteps of units updated on the device this step
+        self._ok_so_far = None  # on_nonfinite=stop: device bool, no unit of the step so far was non-finite
         self._seen = [0] * len(self.units)
         self._done = [False] * len(self.units)
         self._accumulated: dict[int, torch.Tensor] = {}
@@ -97,7 +109,14 @@ class OptimizerInBackward:
         self._last = index == self.grad_accum - 1
 
     def end_step(self) -> dict:
-        """Update the units whose gradients did not all arrive (unused parameters), then report the step:
+        """``finish_step`` and its report read at once (one host sync; the trainer folds it into its own)."""
+        report = self.finish_step()
+        values = report.device_values
+        return report.resolve(to_host(torch.stack(values)) if values else [])
+
+    def finish_step(self) -> "StepReport":
+        """Update the units whose gradients did not all arrive (unused parameters), then report the step: a
+        ``StepReport`` whose ``device_values`` the caller reads on the host and hands to ``resolve`` for
         ``grad_norm`` (global, before clipping; None when some matrices only kept R), ``nonfinite_units``,
         ``halted`` (on_nonfinite=stop met a non-finite gradient)."""
         for u, unit in enumerate(self.units):
@@ -108,12 +127,8 @@ class OptimizerInBackward:
                     p.grad = torch.zeros_like(p)  # micro-batch: its R is all there is to apply
             if any(p.grad is not None for p in unit):
                 self._step(u)
-        exact = not self._projected_ids
-        report = {
-            "grad_norm": math.sqrt(self._norm_sq) if exact or not math.isfinite(self._norm_sq) else None,
-            "nonfinite_units": self._nonfinite_units,
-            "halted": self._halted,
-        }
+        report = StepReport(self._deferred, self._norm_sq, self._nonfinite_units, self._halted,
+                            exact=not self._projected_ids, stop=self.on_nonfinite == "stop")
         self._start_step()
         return report
 
@@ -139,17 +154,62 @@ class OptimizerInBackward:
     def _step(self, u: int) -> None:
         unit = self.units[u]
         self._done[u] = True
+        stop = self.on_nonfinite == "stop"
+        if stop and self._ok_so_far is not None and not self._halted and not self.optimizer.can_defer(unit):
+            # a unit that decides on the host (a check or switch step) first learns whether an earlier unit
+            # stepped on the device was non-finite: then it must not update either
+            self._halted = not to_host(self._ok_so_far)
         if not self._halted:
             if self.before_update is not None:
                 self.before_update(unit)
             projected = {id(p): self._accumulated.pop(id(p)) for p in unit if id(p) in self._accumulated}
-            norm_sq = self.optimizer.step_unit(unit, projected=projected, max_norm=self.max_unit_norm)
-            self._norm_sq += norm_sq
-            if not math.isfinite(norm_sq):
-                self._nonfinite_units += 1
-                self._halted = self.on_nonfinite == "stop"
+            out = self.optimizer.step_unit(unit, projected=projected, max_norm=self.max_unit_norm, defer=True,
+                                           gate=self._ok_so_far if stop else None)
+            if isinstance(out, UnitStep):  # stepped on the device: read with the step's one host sync
+                self._deferred.append(out)
+                if stop:  # the units after a non-finite one are masked too (ok = finite and all before ok)
+                    self._ok_so_far = out.ok
+            else:
+                self._norm_sq += out
+                if not math.isfinite(out):
+                    self._nonfinite_units += 1
+                    self._halted = self.on_nonfinite == "stop"
         for p in unit:
             p.grad = None
 
 
-__all__ = ["OptimizerInBackward", "units_of"]
+class StepReport:
+    """One optimizer step of ``OptimizerInBackward``: what the host-decided units reported, and the device scalars
+    of the units stepped on the device (``device_values``: their summed squared norm, then each one's finiteness),
+    which the caller reads in its one host sync and passes to ``resolve``."""
+
+    def __init__(self, deferred: list, norm_sq: float, nonfinite_units: int, halted: bool, *, exact: bool,
+                 stop: bool):
+        self.deferred = deferred
+        self.norm_sq, self.nonfinite_units, self.halted = norm_sq, nonfinite_units, halted
+        self.exact, self.stop = exact, stop
+
+    @property
+    def device_values(self) -> list[torch.Tensor]:
+        if not self.deferred:
+            return []
+        return [torch.stack([u.norm_sq.float() for u in self.deferred]).sum(),
+                *[u.ok.float() for u in self.deferred], *[u.finite.float() for u in self.deferred]]
+
+    def resolve(self, values: list[float]) -> dict:
+        norm_sq, bad = self.norm_sq, self.nonfinite_units
+        if self.deferred:
+            n = len(self.deferred)
+            norm_sq += values[0]
+            for unit, ok, finite in zip(self.deferred, values[1:1 + n], values[1 + n:]):
+                if not ok:  # masked on the device: its weights and moments did not move; now its counters
+                    unit.undo()
+                bad += not finite
+        return {
+            "grad_norm": math.sqrt(norm_sq) if self.exact or not math.isfinite(norm_sq) else None,
+            "nonfinite_units": bad,
+            "halted": self.halted or (self.stop and bad > self.nonfinite_units),
+        }
+
+
+__all__ = ["OptimizerInBackward", "StepReport", "units_of"]

@@ -20,6 +20,8 @@ from typing import Any, Iterable
 import torch
 from torch.optim import Optimizer
 
+from lotus_dist.counters import to_host
+
 from .subspace import (
     IDENTITY,
     PROJ_TYPES,
@@ -33,13 +35,14 @@ from .subspace import (
     lowrank_shape,
     online_pca_update_,
     project,
+    projector_steps,
+    run_batched,
     project_back,
     projected_dim,
     projector_shape,
-    seeded,
     side_for,
 )
-from .switching import CHECK, POLICIES, STATS_WIDTH, SWITCH
+from .switching import CHECK, POLICIES, STATS_WIDTH, STAY, SWITCH
 
 # The Lotus method (ALGORITHMS.md section 6); gamma None = the switch policy's own default.
 LOWRANK_DEFAULTS: dict[str, Any] = dict(
@@ -75,6 +78,7 @@ _POSITIVE_INT = ("rank", "update_gap", "verify_gap", "t_min", "window")
 _NONNEG_INT = ("oversample", "power_iters", "seed")
 _POSITIVE_FLOAT = ("gamma", "geodesic_step")
 FIRA_LIMIT = 1.01  # ζ, Fira's norm-growth limiter
+REFRESH_BATCH_BYTES = 256 << 20  # solver workspace of the matrices one batched refresh solves together
 ONLINE_PCA_WD = 0.01
 SALT_BASIS = 0x42
 
@@ -130,7 +134,7 @@ def _sq_norm(t: torch.Tensor) -> torch.Tensor:
 class _Job:
     """Transient per-step work item of one projected matrix (never stored in the state)."""
 
-    __slots__ = ("group", "p", "state", "side", "r", "R", "P", "action", "row", "switch", "done")
+    __slots__ = ("group", "p", "state", "side", "r", "R", "P", "action", "row", "switch", "done", "refreshed")
 
     def __init__(self, group, p, state, side, r):
         self.group, self.p, self.state, self.side, self.r = group, p, state, side, r
@@ -140,6 +144,23 @@ class _Job:
         self.row = -1
         self.switch = False
         self.done = False  # updated already in _prepare (nothing to decide)
+        self.refreshed = False  # its new basis was solved this step (_refresh)
+
+
+class UnitStep:
+    """A unit stepped on the device (``LowRankAdamW.step_unit(defer=True)``): its squared gradient norm, whether
+    it was applied (``ok``) and whether its gradient was finite, as device scalars; ``undo()`` restores the host
+    counters (step, tau) of a unit that was not applied."""
+
+    def __init__(self, norm_sq: torch.Tensor, ok: torch.Tensor, finite: torch.Tensor,
+                 counters: list[tuple[dict, int, int | None]]):
+        self.norm_sq, self.ok, self.finite, self._counters = norm_sq, ok, finite, counters
+
+    def undo(self) -> None:
+        for st, step, tau in self._counters:
+            st["step"] = step
+            if tau is not None:
+                st["tau"] = tau
 
 
 class LowRankAdamW(Optimizer):
@@ -174,6 +195,7 @@ class LowRankAdamW(Optimizer):
         self._indices: dict[int, int] | None = None
         self._groups: dict[int, dict] | None = None
         self._timer = Timer()
+        self.refresh_batch_bytes = REFRESH_BATCH_BYTES
         super().__init__(params, dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay))
 
     @staticmethod
@@ -316,13 +338,13 @@ class LowRankAdamW(Optimizer):
             self._adamw_group(group, params)
         if jobs:
             rows = self._prepare(jobs, settle=True)
-            stats = self.stats_comm.reduce_stats(torch.stack(rows).float()).tolist() if rows else []
+            stats = to_host(self.stats_comm.reduce_stats(torch.stack(rows).float())) if rows else []
             self._apply(jobs, stats)
         return loss
 
     @torch.no_grad()
     def step_unit(self, params: Iterable[torch.Tensor], *, projected: dict[int, torch.Tensor] | None = None,
-                  max_norm: float = 0.0) -> float:
+                  max_norm: float = 0.0, defer: bool = False, gate: torch.Tensor | None = None) -> "float | UnitStep":
         """Update only ``params``: one unit (an FSDP unit / block) of optimizer-in-backward (``in_backward.py``).
 
         ``projected`` maps id(param) -> R accumulated over earlier micro-batches (added to R of ``param.grad``).
@@ -330,6 +352,13 @@ class LowRankAdamW(Optimizer):
         the non-finite check and per-unit clipping (``max_norm`` > 0) cost one reduction and one host sync per
         unit. Returns that squared norm summed across ranks (of R for matrices given in ``projected``): if it is
         not finite, nothing of the unit is updated.
+
+        ``defer``: when nothing in the unit needs a host decision this step (no check, no switch; see
+        ``_deferrable``), the unit updates without any host sync and returns a ``UnitStep`` whose norm and
+        finiteness stay on the device: a non-finite unit is masked on the device (its weights and moments are left
+        as they were) and ``UnitStep.undo()`` rolls back its host counters once the caller has read the flag.
+        ``gate`` (a device bool): the unit is also masked where it is False (on_nonfinite=stop after an earlier
+        non-finite unit of the step).
         """
         projected = projected or {}
         plain, jobs = self._collect({id(p) for p in params})
@@ -344,8 +373,10 @@ class LowRankAdamW(Optimizer):
             sum((_sq_norm(projected[id(p)]) for p in unit if id(p) in projected), zero),
             zero,
         ])
+        if defer and self._deferrable(plain, jobs):
+            return self._step_unit_on_device(plain, jobs, grads, norm_row, projected, max_norm, gate)
         rows = [norm_row] + self._prepare(jobs, projected)
-        stats = self.stats_comm.reduce_stats(torch.stack(rows).float()).tolist()
+        stats = to_host(self.stats_comm.reduce_stats(torch.stack(rows).float()))
         norm_sq = stats[0][0] + stats[0][1]
         if not math.isfinite(norm_sq):
             return norm_sq
@@ -361,6 +392,53 @@ class LowRankAdamW(Optimizer):
             self._adamw_group(group, ps)
         self._apply(jobs, stats[1:])
         return norm_sq
+
+    def _deferrable(self, plain: list[tuple[dict, list]], jobs: list[_Job]) -> bool:
+        """Whether a unit can step without a host decision: every plain parameter takes the fused AdamW kernel
+        (its ``found_inf`` skips a non-finite unit), and every projected matrix has a basis and stays this step
+        with a policy and method whose state a device mask covers (not Fira, online PCA or path efficiency)."""
+        if not _FUSED_ADAMW:
+            return False
+        for _, ps in plain:
+            if any(type(_local(p)) not in (torch.Tensor, torch.nn.Parameter) or p.device.type not in ("cpu", "cuda")
+                   for p in ps):
+                return False
+        for job in jobs:
+            group, st = job.group, job.state
+            if st["n_bases"] == 0 or group["residual"] != "none" or group["solver"] == "online_pca":
+                return False
+            if group["switch"] == "path_efficiency" or POLICIES[group["switch"]].peek(st, group) != STAY:
+                return False
+        return True
+
+    def can_defer(self, params: Iterable[torch.Tensor]) -> bool:
+        """Whether ``step_unit(params, defer=True)`` would step on the device (ask before a host-path unit)."""
+        plain, jobs = self._collect({id(p) for p in params})
+        return self._deferrable(plain, jobs)
+
+    def _step_unit_on_device(self, plain, jobs, grads, norm_row, projected, max_norm, gate) -> "UnitStep":
+        """``step_unit`` without a host sync: the norm is reduced and checked on the device, clipping and the
+        non-finite mask are device scalars (see ``step_unit``)."""
+        self._prepare(jobs, projected)
+        reduced = self.stats_comm.reduce_stats(norm_row.reshape(1, -1).float())[0]
+        norm_sq = reduced[0] + reduced[1]
+        finite = torch.isfinite(norm_sq)
+        ok = finite if gate is None else finite & gate
+        if max_norm > 0.0:  # torch.nn.utils.clip_grad_norm_'s rule, per unit, as a device scalar (1 when not clipping)
+            coef = (max_norm / (norm_sq.sqrt() + 1e-6)).clamp(max=1.0)
+            for g in grads:
+                g.mul_(coef.to(g.dtype))
+            for job in jobs:
+                job.R.mul_(coef.to(job.R.dtype))
+        states = [self.state[p] or self._init_adamw_state(p) for _, ps in plain for p in ps]
+        counters = [(st, st["step"], st.get("tau")) for st in states + [job.state for job in jobs]]
+        for group, ps in plain:
+            self._adamw_group(group, ps, found_inf=(~ok).float())
+        for job in jobs:
+            self._decide(job, None)
+            self._update(job, ok=ok)
+            job.P = job.R = None
+        return UnitStep(norm_sq, ok, finite, counters)
 
     def _collect(self, ids: set[int] | None) -> tuple[list[tuple[dict, list]], list[_Job]]:
         """(plain groups with their parameters that have a gradient, projected jobs), limited to ``ids``."""
@@ -409,12 +487,12 @@ class LowRankAdamW(Optimizer):
         comm = self.comm_for(p)
         return comm.reduce_projected(project(G, comm.local_projector(P, side), side))
 
-    def _adamw_group(self, group: dict, params: list[torch.Tensor]) -> None:
+    def _adamw_group(self, group: dict, params: list[torch.Tensor], found_inf: torch.Tensor | None = None) -> None:
         """torch.optim.AdamW semantics: decoupled decay first, bias-corrected denominator.
 
         Uses torch's fused AdamW kernel (one pass over memory, ~8x faster than the op-by-op form on CPU) for
         tensors of one device/dtype/step, DTensors through their local shards; anything else takes the op-by-op
-        loop.
+        loop. ``found_inf`` (a device scalar, only with the fused kernel) skips the update where it is non-zero.
         """
         lr, (beta1, beta2), eps, wd = group["lr"], group["betas"], group["eps"], group["weight_decay"]
         buckets: dict[tuple, list[torch.Tensor]] = {}
@@ -443,7 +521,10 @@ class LowRankAdamW(Optimizer):
                 eps=eps,
                 amsgrad=False,
                 maximize=False,
+                **({} if found_inf is None else {"found_inf": found_inf.to(device)}),
             )
+        if loop and found_inf is not None:
+            raise RuntimeError("found_inf needs the fused AdamW kernel for every parameter (see _deferrable)")
         for p in loop:
             g = p.grad
             st = self.state[p]
@@ -461,11 +542,12 @@ class LowRankAdamW(Optimizer):
         """Phase 1: project with the current basis and collect the statistics rows (host counters untouched, so a
         unit whose gradient turns out non-finite can be left exactly as it was).
 
-        ``settle`` (whole-model steps, whose gradients were checked before the step): a matrix with nothing to
-        decide (a stay, or a scheduled switch) is updated right away, so its projector and R are freed before the
-        next matrix is projected, and a projector stored sharded is all-gathered once per step and only one is
-        ever whole at a time. A checking matrix keeps R for its decision and gives its gathered projector back
-        (gathered again in ``_update``).
+        A scheduled switch is not projected here (its R is taken in the new basis): it waits for ``_apply``, where
+        the step's switches are solved together. ``settle`` (whole-model steps, whose gradients were checked
+        before the step): a matrix with nothing to decide and no switch is updated right away, so its projector
+        and R are freed before the next matrix is projected, and a projector stored sharded is all-gathered once
+        per step and only one is ever whole at a time. A checking matrix keeps R for its decision and gives its
+        gathered projector back (gathered again when it is used).
         """
         rows: list[torch.Tensor] = []
         for job in jobs:
@@ -476,14 +558,19 @@ class LowRankAdamW(Optimizer):
                 gsq = _sq_norm(G)
                 rows.append(torch.cat([gsq.reshape(1), gsq.new_zeros(STATS_WIDTH - 1)]))
                 continue
+            job.action = POLICIES[job.group["switch"]].peek(st, job.group)
+            online = job.group["solver"] == "online_pca"  # its switch is an update of P: it needs R and P now
+            if job.action == SWITCH and not online:
+                continue
             comm = self.comm_for(job.p)
             job.P = comm.use_projector(st["projector"])
             job.R = self._project(job.p, G, job.P, job.side)
             if projected and id(job.p) in projected:
                 job.R.add_(projected[id(job.p)])
-            job.action = POLICIES[job.group["switch"]].peek(st, job.group)
             if settle and job.action != CHECK:
-                self._finish(job, None)
+                self._decide(job, None)
+                self._update(job)
+                job.P = job.R = None
                 job.done = True
                 continue
             if job.action == CHECK:
@@ -494,61 +581,96 @@ class LowRankAdamW(Optimizer):
         return rows
 
     def _apply(self, jobs: list[_Job], stats: list[list[float]]) -> None:
-        """Phase 3, after the one host sync on the reduced [L, STATS_WIDTH] statistics: decide, switch, update."""
-        for job in jobs:
-            if not job.done:
-                self._finish(job, stats)
+        """Phase 3, after the one host sync on the reduced [L, STATS_WIDTH] statistics: decide; solve the new bases
+        of every matrix that switches, together (``_refresh``); update."""
+        pending = [job for job in jobs if not job.done]
+        for job in pending:
+            self._decide(job, stats)
+        self._refresh([job for job in pending if job.switch and job.action != "skip"
+                       and not (job.group["solver"] == "online_pca" and job.state["n_bases"] > 0)])
+        for job in pending:
+            if job.action != "skip":
+                self._update(job)
+            job.P = job.R = None
 
-    def _finish(self, job: _Job, stats: list[list[float]] | None) -> None:
-        """Decide (from the reduced statistics row, on a check), switch if so, update; then free P and R."""
+    def _decide(self, job: _Job, stats: list[list[float]] | None) -> None:
+        """Advance the policy's counters and set ``job.switch`` (from the reduced statistics row, on a check); a
+        first basis waiting for a non-zero gradient becomes a "skip" (e.g. DCP's zero-gradient initialising step)."""
         if job.action == "init":
             if stats[job.row][0] <= 0.0:
-                job.P = job.R = None
-                return  # zero gradient (e.g. DCP's initialising step): no projector, no step
-            job.switch = True
-        else:
-            policy = POLICIES[job.group["switch"]]
-            action = policy.advance(job.state, job.group)
-            assert action == job.action, (action, job.action)
-            job.switch = policy.decide(job.state, job.group, stats[job.row]) if action == CHECK else action == SWITCH
-        self._update(job)
-        job.P = job.R = None
-
-    def _new_projector(self, job: _Job, G: torch.Tensor) -> None:
-        group, st, side = job.group, job.state, job.side
-        P, comm = job.P, self.comm_for(job.p)
-        first = st["n_bases"] == 0
-        gen = seeded(self._gen(G.device), derive_seed(group["seed"], st["index"], st["n_bases"], SALT_BASIS))
-        with self._timer:
-            try:
-                new = compute_projector(
-                    group["solver"],
-                    G,
-                    side,
-                    job.r,
-                    gen=gen,
-                    prev=None if first else P,
-                    oversample=group["oversample"],
-                    power_iters=group["power_iters"],
-                    geodesic_step=group["geodesic_step"],
-                    comm=comm,
-                )
-                # One sync per refresh (not per step). Under sharding every rank holds the same all-reduced or
-                # broadcast basis, so every rank takes the same branch below.
-                solved = bool(torch.isfinite(new).all())
-            except torch.linalg.LinAlgError:
-                solved = False
-        if not solved:
-            # A degenerate gradient broke the solver: never store a NaN basis. Keep the current basis (no switch),
-            # or start from a random orthonormal one; counted in the state for the logs.
-            st["solver_fallbacks"] += 1
-            if not first:
+                job.action = "skip"
                 return
-            new = compute_projector("random", G, side, job.r, gen=gen, comm=comm)
-        if not first:
-            self._apply_moment_policy(group, st, P, new, side)
-        job.P = comm.store_projector(st["projector"], new)
-        st["n_bases"] += 1
+            job.switch = True
+            return
+        policy = POLICIES[job.group["switch"]]
+        action = policy.advance(job.state, job.group)
+        assert action == job.action, (action, job.action)
+        job.switch = policy.decide(job.state, job.group, stats[job.row]) if action == CHECK else action == SWITCH
+
+    def _refresh(self, jobs: list[_Job]) -> None:
+        """New bases for every matrix switching this step, solved together: the solvers run in lockstep
+        (``run_batched``), so each solver stage costs one collective for a batch of matrices, and one host sync
+        checks every new basis. Batches are capped at ``refresh_batch_bytes`` of solver workspace."""
+        for batch in self._refresh_batches(jobs):
+            with self._timer:
+                solvers, gens = [], []
+                for job in batch:
+                    group, st, comm = job.group, job.state, self.comm_for(job.p)
+                    first = st["n_bases"] == 0
+                    if not first and job.P is None and (group["solver"] == "grasswalk" or group["moments"] != "keep"):
+                        job.P = comm.use_projector(st["projector"])  # the old basis is needed: prev / rotation
+                    seed = derive_seed(group["seed"], st["index"], st["n_bases"], SALT_BASIS)
+                    gens.append(torch.Generator(device=job.p.device).manual_seed(seed))
+                    solvers.append(projector_steps(
+                        group["solver"], _local(job.p.grad), job.side, job.r, gen=gens[-1],
+                        prev=None if first else job.P, oversample=group["oversample"],
+                        power_iters=group["power_iters"], geodesic_step=group["geodesic_step"], comm=comm))
+                news = run_batched(solvers)
+                # One sync per refresh, for the whole batch (every rank holds the same reduced or broadcast bases,
+                # so every rank takes the same branches below).
+                finite = torch.stack([torch.isfinite(n).all() if isinstance(n, torch.Tensor)
+                                      else torch.zeros((), dtype=torch.bool, device=job.p.device)
+                                      for n, job in zip(news, batch)])
+                solved = to_host(finite)
+            for job, gen, new, ok in zip(batch, gens, news, solved):
+                self._switch_basis(job, new if ok else None, gen)
+
+    def _refresh_batches(self, jobs: list[_Job]) -> list[list[_Job]]:
+        batches, size = [[]], 0
+        for job in jobs:
+            G = _local(job.p.grad)
+            if job.group["solver"] in ("svd", "online_pca"):
+                need = G.numel() * 4  # the owner gathers the whole matrix
+            else:
+                need = (sum(G.shape) + self.comm_for(job.p).short_size(0)) * (job.r + job.group["oversample"]) * 8
+            if batches[-1] and size + need > self.refresh_batch_bytes:
+                batches.append([])
+                size = 0
+            batches[-1].append(job)
+            size += need
+        return [b for b in batches if b]
+
+    def _switch_basis(self, job: _Job, new: torch.Tensor | None, gen: torch.Generator) -> None:
+        """Keep the new basis (apply the moment policy, R in the new basis, the policy's reference), or after a
+        failed solve keep the current one, or for a first basis start from a random orthonormal one."""
+        group, st, side, comm = job.group, job.state, job.side, self.comm_for(job.p)
+        G = _local(job.p.grad)
+        first = st["n_bases"] == 0
+        if new is None:
+            # A degenerate gradient broke the solver: never store a NaN basis. Counted in the state for the logs.
+            st["solver_fallbacks"] += 1
+            if first:
+                new = compute_projector("random", G, side, job.r, gen=gen, comm=comm)
+        if new is not None:
+            if not first:
+                self._apply_moment_policy(group, st, job.P, new, side)
+            job.P = comm.store_projector(st["projector"], new)
+            st["n_bases"] += 1
+            job.refreshed = True
+        elif job.P is None:
+            job.P = comm.use_projector(st["projector"])
+        job.R = self._project(job.p, G, job.P, side)
+        POLICIES[group["switch"]].on_switch(st, group, job.R)
 
     @staticmethod
     def _apply_moment_policy(group, st, old, new, side) -> None:
@@ -575,19 +697,18 @@ class LowRankAdamW(Optimizer):
         M.copy_(CM)
         V.copy_(V_new)
 
-    def _update(self, job: _Job) -> None:
+    def _update(self, job: _Job, ok: torch.Tensor | None = None) -> None:
+        """Low-rank Adam on R and the back-projection into W (then online PCA's projector step). ``ok`` (a device
+        bool, ``step_unit(defer=True)``): where it is False the moments and W are left as they were, with the same
+        arithmetic as the unmasked step where it is True."""
         group, st, side = job.group, job.state, job.side
         W, G = _local(job.p), _local(job.p.grad)
         policy = POLICIES[group["switch"]]
-        online = group["solver"] == "online_pca" and st["n_bases"] > 0
-        R = job.R
+        online = group["solver"] == "online_pca" and not job.refreshed  # its first basis is an svd one
+        R = job.R  # after a switch, in the new basis (_switch_basis)
         comm = self.comm_for(job.p)
-        if job.P is None and st["n_bases"] > 0:  # given back after a check (see _prepare): gathered again
+        if job.P is None:  # given back after a check (see _prepare): gathered again
             job.P = comm.use_projector(st["projector"])
-        if job.switch and not online:
-            self._new_projector(job, G)
-            R = self._project(job.p, G, job.P, side)
-            policy.on_switch(st, group, R)
         P = job.P  # full projector; P_local multiplies this rank's piece of G
         P_local = comm.local_projector(P, side)
         policy.observe(st, group, R, G, P, side, self._gen(G.device), comm)
@@ -597,15 +718,24 @@ class LowRankAdamW(Optimizer):
         st["step"] += 1
         t = st["step"]
         M, V = st["exp_avg"], st["exp_avg_sq"]
-        M.mul_(beta1).add_(R, alpha=1.0 - beta1)
-        V.mul_(beta2).addcmul_(R, R, value=1.0 - beta2)
+        if ok is None:
+            M.mul_(beta1).add_(R, alpha=1.0 - beta1)
+            V.mul_(beta2).addcmul_(R, R, value=1.0 - beta2)
+        else:  # decays of 1 and a zero R leave the moments as they were where not ok
+            one = torch.ones((), dtype=M.dtype, device=M.device)
+            R = torch.where(ok, R, torch.zeros((), dtype=R.dtype, device=R.device))
+            M.mul_(torch.where(ok, torch.tensor(beta1, dtype=M.dtype, device=M.device), one)).add_(R, alpha=1.0 - beta1)
+            V.mul_(torch.where(ok, torch.tensor(beta2, dtype=V.dtype, device=V.device), one)).addcmul_(
+                R, R, value=1.0 - beta2)
         N = comm.gather_long(M / V.sqrt().add_(eps))  # over this rank's piece of W (the fallback gathers slices)
+        if ok is not None:
+            N.mul_(ok.to(N.dtype))
         step_size = lr * math.sqrt(1.0 - beta2**t) / (1.0 - beta1**t)
         if group["residual"] == "fira":
             W.add_(self._fira_residual(st, G, comm.gather_long(R), N, P_local, side, comm), alpha=-step_size)
         add_project_back_(W, N, P_local, side, alpha=-step_size * group["scale"])
         if wd > 0.0:
-            W.add_(W, alpha=-lr * wd)
+            W.add_(W if ok is None else W * ok.to(W.dtype), alpha=-lr * wd)
 
         if job.switch and online:  # Online Subspace Descent: one AdamW step on P after the weight step
             st["pca_step"] += 1
@@ -667,6 +797,9 @@ def memory_report(optimizer: Optimizer) -> dict[str, int]:
 
 def switch_report(optimizer: Optimizer) -> dict[str, int]:
     """Subspace switches (bases computed after the first) per projected matrix, keyed by a stable name."""
+    refresh = getattr(optimizer, "refresh_report", None)  # an owner-sharded optimizer syncs its mirrors first
+    if callable(refresh):
+        refresh()
     names = getattr(optimizer, "param_names", {})
     out: dict[str, int] = {}
     for gi, group in enumerate(optimizer.param_groups):

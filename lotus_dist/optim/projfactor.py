@@ -68,6 +68,9 @@ class ProjFactor(LowRankAdamW):
     def accumulates_projected(self, p) -> bool:
         return False
 
+    def _deferrable(self, plain, jobs) -> bool:
+        return False  # its update is its own (_projfactor_update), without a device mask
+
     def _projfactor_update(self, group: dict, p: torch.Tensor, st: dict) -> None:
         rows, cols, r = self._dims(p, group)
         lr, (beta1, beta2), eps, wd = group["lr"], group["betas"], group["eps"], group["weight_decay"]

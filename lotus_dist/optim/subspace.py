@@ -6,12 +6,20 @@ right, and return the basis ``S`` (d x r, orthonormal columns); ``to_projector``
 
 Everything that would be a sum over shards of the long dimension goes through a ``Comm`` (identity here), so the
 distributed layer can run the same code on a long-side-sharded gradient without rewriting it (section 7).
+
+Solvers are written as generators (``rsvd_steps``, ``projector_steps``) that yield their collectives as requests
+(``x = yield from comm.sum_long(t)``) and get the results back: ``run_batched`` advances the solvers of every matrix
+switching in a step in lockstep and hands each round's requests to the Comm in one batch, so a refresh costs one
+collective per solver stage, not one per matrix and stage. With a Comm that needs no communication the requests
+never appear and a solver runs straight through; ``rsvd_columns`` / ``compute_projector`` run one solver alone.
 """
 
 from __future__ import annotations
 
 import math
 import time
+from dataclasses import dataclass
+from typing import Any, Generator
 
 import torch
 
@@ -103,7 +111,82 @@ class Comm:
         return N
 
 
+    # -- batched solver hooks: generators, ``x = yield from comm.sum_long(t)``. The defaults call the hooks above at
+    # once (no request is yielded); the distributed layer yields Requests that ``execute`` runs for many matrices.
+    def sum_long(self, t: torch.Tensor):
+        return self.reduce_long(t)
+        yield  # a generator function
+
+    def sum_short(self, t: torch.Tensor):
+        return self.reduce_short(t)
+        yield
+
+    def orth_steps(self, Y: torch.Tensor):
+        return self.orth(Y)
+        yield
+
+    def gather_short_steps(self, S: torch.Tensor):
+        return self.gather_short(S)
+        yield
+
+    def svd_steps(self, G: torch.Tensor, side: str, r: int):
+        return self.svd(G, side, r)
+        yield
+
+    def execute(self, kind: str, requests: list["Request"]) -> list:
+        """Run one round's requests of one ``kind`` (from solvers of several matrices) together."""
+        raise NotImplementedError(f"{type(self).__name__} yields no {kind!r} requests")
+
+
 IDENTITY = Comm()
+
+
+@dataclass
+class Request:
+    """A collective a solver needs (``kind``: "sum", "gather_rows", "host", "owner_svd", ...), to be run by
+    ``comm.execute`` together with the same kind of request of other matrices; ``args`` are the kind's inputs."""
+
+    kind: str
+    comm: Comm
+    args: tuple
+
+
+def run_batched(solvers: list[Generator]) -> list[Any]:
+    """Run solver generators in lockstep: each round, every solver still running has yielded one Request; requests
+    of one kind (and one Comm group, ``comm.batch_key``) go to one ``execute`` call, in a fixed order on every rank.
+    Returns each solver's result, or the exception it raised (a failed solve, e.g. ``LinAlgError``)."""
+    results: list[Any] = [None] * len(solvers)
+    waiting: dict[int, Request] = {}
+
+    def advance(i: int, value) -> None:
+        try:
+            waiting[i] = solvers[i].send(value)
+        except StopIteration as done:
+            results[i] = done.value
+        except torch.linalg.LinAlgError as error:  # a degenerate gradient: the caller falls back, per matrix
+            results[i] = error
+
+    for i in range(len(solvers)):
+        advance(i, None)
+    while waiting:
+        batches: dict[tuple, list[int]] = {}
+        for i in sorted(waiting):
+            req = waiting[i]
+            batches.setdefault((req.kind, getattr(req.comm, "batch_key", id(req.comm))), []).append(i)
+        current, waiting = waiting, {}
+        for (kind, _), indices in sorted(batches.items(), key=lambda kv: (kv[0][0], str(kv[0][1]))):
+            outs = current[indices[0]].comm.execute(kind, [current[i] for i in indices])
+            for i, out in zip(indices, outs):
+                advance(i, out)
+    return results
+
+
+def _drive(steps: Generator):
+    """Run one solver alone; re-raise its failure."""
+    (result,) = run_batched([steps])
+    if isinstance(result, Exception):
+        raise result
+    return result
 
 
 def side_for(shape: tuple[int, int], proj_type: str) -> str:
@@ -213,13 +296,13 @@ def _fix_signs(E: torch.Tensor) -> torch.Tensor:
     return E * sign
 
 
-def rsvd_columns(
-    Gs: torch.Tensor, r: int, oversample: int, power_iters: int, gen: torch.Generator, comm: Comm = IDENTITY
-) -> torch.Tensor:
-    """Top-r left singular subspace of Gs (d x l) by subspace iteration in sketch form (section 7).
+def rsvd_steps(Gs: torch.Tensor, r: int, oversample: int, power_iters: int, gen: torch.Generator,
+               comm: Comm = IDENTITY):
+    """Top-r left singular subspace of Gs (d x l) by subspace iteration in sketch form (section 7); a solver
+    generator (see ``run_batched``; ``rsvd_columns`` runs it alone).
 
-    Every product that sums over the long side l goes through ``comm.reduce_long``, over the projected side d
-    through ``comm.reduce_short``; the d x k orthonormalisations go through ``comm.orth`` (local Householder
+    Every product that sums over the long side l goes through ``comm.sum_long``, over the projected side d
+    through ``comm.sum_short``; the d x k orthonormalisations go through ``comm.orth_steps`` (local Householder
     unless d is sharded). The half-step Gsᵀ Q lives on the long side and is not orthonormalised: Q is, after
     every full step. The final small SVD comes from the k x k Gram of Qᵀ Gs, diagonalised in float64, with
     deterministic eigenvector signs.
@@ -228,14 +311,22 @@ def rsvd_columns(
     d, l = Gs.shape
     k = min(r + oversample, comm.short_size(d))
     omega = comm.sketch(gen, l, k, Gs.device).to(Gs.dtype)  # drawn in fp32 whatever the dtype: same draws
-    Q = comm.orth(comm.reduce_long(Gs @ omega))
+    Q = yield from comm.orth_steps((yield from comm.sum_long(Gs @ omega)))
     for _ in range(power_iters):
-        Q = comm.orth(comm.reduce_long(Gs @ comm.reduce_short(Gs.T @ Q)))
-    Z = comm.reduce_short(Gs.T @ Q)  # = (Qᵀ Gs)ᵀ, l x k
-    gram = comm.reduce_long(Z.T @ Z)
+        half = yield from comm.sum_short(Gs.T @ Q)
+        Q = yield from comm.orth_steps((yield from comm.sum_long(Gs @ half)))
+    Z = yield from comm.sum_short(Gs.T @ Q)  # = (Qᵀ Gs)ᵀ, l x k
+    gram = yield from comm.sum_long(Z.T @ Z)
     evals, evecs = torch.linalg.eigh(gram.double())
     top = torch.argsort(evals, descending=True)[:r]
-    return comm.gather_short(Q @ _fix_signs(evecs[:, top]).to(Q.dtype))
+    return (yield from comm.gather_short_steps(Q @ _fix_signs(evecs[:, top]).to(Q.dtype)))
+
+
+def rsvd_columns(
+    Gs: torch.Tensor, r: int, oversample: int, power_iters: int, gen: torch.Generator, comm: Comm = IDENTITY
+) -> torch.Tensor:
+    """``rsvd_steps`` for one matrix alone."""
+    return _drive(rsvd_steps(Gs, r, oversample, power_iters, gen, comm))
 
 
 def random_columns(d: int, r: int, gen: torch.Generator, device) -> torch.Tensor:
@@ -290,7 +381,7 @@ def online_pca_update_(
     P.addcdiv_(exp_avg, (exp_avg_sq.sqrt() / bc2_sqrt).add_(eps), value=-lr / bc1)
 
 
-def compute_projector(
+def projector_steps(
     solver: str,
     G: torch.Tensor,
     side: str,
@@ -302,17 +393,18 @@ def compute_projector(
     power_iters: int = 2,
     geodesic_step: float = 0.1,
     comm: Comm = IDENTITY,
-) -> torch.Tensor:
-    """A new projector (stored layout, G's dtype) from the current gradient G and the previous projector.
+):
+    """A new projector (stored layout, G's dtype) from the current gradient G and the previous projector; a solver
+    generator (``run_batched`` runs many together, ``compute_projector`` one alone).
 
     online_pca's first basis is the svd one (its later updates are ``online_pca_update_``); grasswalk starts from
     a random basis and then walks.
     """
     d = comm.short_size(projected_dim(tuple(G.shape), side))
     if solver in ("svd", "online_pca"):
-        P = comm.svd(G, side, r)
+        P = yield from comm.svd_steps(G, side, r)
     elif solver == "rsvd":
-        P = to_projector(rsvd_columns(oriented(G, side), r, oversample, power_iters, gen, comm), side)
+        P = to_projector((yield from rsvd_steps(oriented(G, side), r, oversample, power_iters, gen, comm)), side)
     elif solver == "random":
         P = to_projector(random_columns(d, r, gen, G.device), side)
     elif solver == "grasswalk":
@@ -323,6 +415,11 @@ def compute_projector(
     else:
         raise ValueError(f"solver: {solver!r} is not one of {', '.join(SOLVERS)}")
     return P.to(G.dtype)
+
+
+def compute_projector(solver: str, G: torch.Tensor, side: str, r: int, **kwargs) -> torch.Tensor:
+    """``projector_steps`` for one matrix alone."""
+    return _drive(projector_steps(solver, G, side, r, **kwargs))
 
 
 class Timer:
@@ -361,6 +458,10 @@ __all__ = [
     "seeded",
     "svd_projector",
     "rsvd_columns",
+    "rsvd_steps",
+    "projector_steps",
+    "run_batched",
+    "Request",
     "random_columns",
     "grasswalk_columns",
     "online_pca_grad",

@@ -15,7 +15,7 @@ named. Every file is written into ``step_N.tmp/`` first and the directory is ren
 and listed their files, so a crash during a save leaves the previous checkpoint as the latest one. With
 ``asynchronous=True`` the training loop waits only for the staging copy; the shards (and their checksums) are
 written by background threads and the checkpoint is committed (marker + rename) at the first step boundary where
-every rank's writer has finished (``poll``).
+every rank's writer has finished (``writing``, agreed in the trainer's step reduction).
 
 Resuming (``resume``) proves the newest checkpoint against its manifests (each rank checks a share of the files)
 and loads it; one that fails is skipped with one warning line naming the file, and the next older one is tried.
@@ -180,10 +180,10 @@ class Checkpointer:
         future.result()
         write_manifest(tmp, self.rank, self.world_size, writer.written + own)
 
-    def poll(self) -> None:
-        """Commit an asynchronous save once every rank's writer has finished (called at each step boundary)."""
-        if self.pending is not None and not self.comm.any_rank(not self.pending[0].done()):
-            self.wait()
+    def writing(self) -> bool:
+        """Whether this rank's asynchronous writer is still busy. The trainer sums this flag over the ranks in the
+        step's one reduction and calls ``wait`` (the commit) once no rank is writing."""
+        return self.pending is not None and not self.pending[0].done()
 
     def wait(self) -> None:
         """Finish and commit an asynchronous save (every rank calls it, at the same point of the loop)."""

@@ -91,6 +91,9 @@ class DataConfig:
     # auto: global for the (small, local) embedded corpus, node for c4 and indexed data.
     split: str = "auto"
     val_path: Optional[str] = None  # indexed: validation .bin/.idx prefix; null: the '*validation*' sibling
+    # micro-batches prepared ahead by a background thread (0: none); checkpoints hold the position of the batches
+    # trained on, so a run resumes exactly at any depth. Raise it (e.g. 8) for small micro-batches.
+    prefetch: int = 2
 
 
 @dataclass
@@ -373,6 +376,7 @@ def validate(cfg: Config) -> None:
     _validate_model(cfg.model)
     d = cfg.data
     _at_least("data.shuffle_buffer", d.shuffle_buffer, 0, " (0 or 1 = no shuffling)")
+    _at_least("data.prefetch", d.prefetch, 0, " (0 = no background thread)")
     if t.eval_every and d.val_tokens < t.seq_len:
         raise ConfigError(f"config key 'data.val_tokens' ({d.val_tokens}) must be at least train.seq_len "
                           f"({t.seq_len}) to make one validation sequence; or set train.eval_every=0")

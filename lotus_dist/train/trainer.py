@@ -15,8 +15,10 @@ import torch
 
 from lotus_dist.errors import UserError
 from lotus_dist.model.llama import Llama, llama_config
+from lotus_dist.counters import COUNTERS
 from lotus_dist.train.checkpoint import Checkpointer, NonFiniteStateError, check_compatible
 from lotus_dist.train.config import Config, to_dict
+from lotus_dist.train.consensus import StepConsensus, clip_, grad_sq_partial
 from lotus_dist.train.evaluate import evaluate
 from lotus_dist.train.faults import maybe_crash, maybe_poison_gradients, maybe_poison_weights
 from lotus_dist.train.metrics import MetricsLogger, truncate_metrics
@@ -128,10 +130,12 @@ class Trainer:
         self.autocast = resolve_autocast(t.dtype, self.device)
 
         self.stream = build_train_stream(cfg.data, self.tokenizer, seq_len=t.seq_len, micro_batch_size=t.micro_batch_size,
-                                         rank=runtime.rank, world_size=runtime.world_size, seed=cfg.seed)
+                                         rank=runtime.rank, world_size=runtime.world_size, seed=cfg.seed,
+                                         pin_memory=self.device.type == "cuda")
         self.val_blocks = build_val_blocks(cfg.data, self.tokenizer, seq_len=t.seq_len) if t.eval_every else None
         self.checkpointer = Checkpointer(self.run_dir, keep=cfg.checkpoint.keep, comm=runtime,
                                          asynchronous=cfg.checkpoint.async_save)
+        self.consensus = StepConsensus(runtime)
 
     def note_rank_clipping(self) -> None:
         """Say once when optim.rank exceeds some matrices' projected side (the optimizer clips it there)."""
@@ -187,15 +191,17 @@ class Trainer:
         lr = self.set_lr()
         if self.in_backward is not None:
             return self.train_step_in_backward(lr)
-        loss_sum = self.rt.all_reduce_mean(self.forward_backward())
+        loss_sum = self.forward_backward()
         maybe_poison_gradients(self.model.parameters(), self.rt.rank, self.step + 1)
-        # The global gradient norm, clipped when train.grad_clip > 0 (max_norm=inf only measures it): it is also
-        # the non-finite check of every gradient, identical on all ranks.
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.train.grad_clip or float("inf"))
-        if hasattr(grad_norm, "full_tensor"):  # a DTensor under FSDP2
-            grad_norm = grad_norm.full_tensor()
-        # The one host sync of the step: loss (for logging and the non-finite check) and grad norm together.
-        loss_value, norm_value = torch.stack([loss_sum.float(), grad_norm.float()]).tolist()
+        # Loss and squared gradient norm (the non-finite check of every gradient) with the stop and checkpoint
+        # flags in one all-reduce; clipping (train.grad_clip > 0) scales on the device; then the step's one sync.
+        grads = [p.grad for p in self.model.parameters() if p.grad is not None]
+        summed = self.consensus.reduce([loss_sum, grad_sq_partial(grads, self.rt.world_size, self.device)],
+                                       stop=self.signals.received is not None, writing=self.checkpointer.writing())
+        if self.cfg.train.grad_clip > 0:
+            clip_(grads, summed[1].sqrt(), self.cfg.train.grad_clip)
+        loss_total, norm_sq = self.consensus.read(summed)
+        loss_value, norm_value = loss_total / self.rt.world_size, math.sqrt(norm_sq) if norm_sq >= 0 else norm_sq
         if not (math.isfinite(loss_value) and math.isfinite(norm_value)):
             self.optimizer.zero_grad(set_to_none=True)
             if self.cfg.train.on_nonfinite == "stop":
@@ -263,9 +269,14 @@ class Trainer:
         since the blocks updated before it cannot be undone.
         """
         loss_sum = self.forward_backward()
-        report = self.in_backward.end_step()
+        pending = self.in_backward.finish_step()
         self.optimizer.zero_grad(set_to_none=True)  # a skipped block's gradients
-        loss_value = self.rt.all_reduce_mean(loss_sum).item()
+        summed = self.consensus.reduce([loss_sum], stop=self.signals.received is not None,
+                                       writing=self.checkpointer.writing())
+        # the step's one host sync also reads the blocks stepped on the device: their norms and finiteness
+        loss_total, *unit_values = self.consensus.read(summed, exact=pending.device_values)
+        report = pending.resolve(unit_values)
+        loss_value = loss_total / self.rt.world_size
         record = {"loss": loss_value, "lr": lr}
         if report["grad_norm"] is not None:  # None: some matrices accumulated only R, so there is no exact norm
             record["grad_norm"] = report["grad_norm"]
@@ -313,6 +324,7 @@ class Trainer:
             end = min(t.steps, t.stop_at) if t.stop_at else t.steps
             while self.step < end:
                 started = time.perf_counter()
+                COUNTERS.reset()
                 try:
                     record = self.train_step()
                 except NonFiniteError as error:
@@ -320,7 +332,8 @@ class Trainer:
                 self.train_seconds += time.perf_counter() - started
                 maybe_crash("after_step", self.rt.rank, self.step)
                 maybe_poison_weights(self.model.parameters(), self.rt.rank, self.step)
-                self.checkpointer.poll()
+                if self.consensus.saves_done:  # every rank's asynchronous writer has finished: commit
+                    self.checkpointer.wait()
                 self.logger.advance()
                 evaluate_now = t.eval_every and (self.step % t.eval_every == 0 or self.step == t.steps)
                 if evaluate_now:
@@ -335,12 +348,13 @@ class Trainer:
                     record["solver_fallbacks"] = solver_fallback_report(self.optimizer)
                     record["refresh_s"] = float(getattr(self.optimizer, "refresh_seconds", 0.0))
                     record["train_s"] = self.train_seconds
+                    record.update(COUNTERS.snapshot())  # what this step cost: collectives, bytes, host syncs
                     self.logger.log({"step": self.step, **record})
                     clock, clock_tokens = time.perf_counter(), self.tokens
                 if record.get("skipped") and self.skip_limit():
                     # Skips applied nothing, so the state is intact and is saved.
                     self.stop_after_nonfinite(NonFiniteError(self.skip_limit()))
-                stop = self.rt.any_rank(self.signals.received is not None)
+                stop = self.consensus.stop  # a SIGTERM/SIGINT on any rank, agreed in the step's reduction
                 every = cfg.checkpoint.every
                 if (every and self.step % every == 0) or self.step == end or stop:
                     self.save()
@@ -352,6 +366,7 @@ class Trainer:
         finally:
             self.signals.restore()
             self.logger.close()
+            getattr(self.stream, "close", lambda: None)()  # the prefetch thread
         return {"step": self.step, "tokens": self.tokens, **last_eval}
 
     def log_startup(self, peak_bytes: int) -> None:

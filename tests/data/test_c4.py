@@ -54,7 +54,8 @@ def test_packing_has_no_padding_and_carries_the_remainder(tok, mirror):
     expected = []
     for doc in mirror_docs(mirror)[:6]:
         expected += tok.encode(doc) + [tok.eos_id]
-    cfg = data_cfg(source="c4", path=str(mirror), shuffle_buffer=1)
+    # prefetch=0: the bare TokenStream, whose documents are replaced below
+    cfg = data_cfg(source="c4", path=str(mirror), shuffle_buffer=1, prefetch=0)
     s = stream(cfg, tok, mb=1)
     s.docs = ShuffledDocs(source, buffer_size=1, seed=0)
     blocks = [next(s)[0] for _ in range(len(expected) // SEQ)]

@@ -5,6 +5,7 @@ import collections
 import gzip
 import importlib.util
 import json
+import threading
 from pathlib import Path
 
 import pytest
@@ -162,3 +163,56 @@ def test_install_hint_without_megatron(monkeypatch, tok, indexed):
     monkeypatch.setattr(builtins, "__import__", no_megatron)
     with pytest.raises(DataError, match=r"pip install -e \.\[megatron\]"):
         stream(data_cfg(source="indexed", path=str(indexed["a"])), tok)
+
+
+def _record_builds(monkeypatch):
+    """(thread name, round) of every round build, from now on."""
+    from lotus_dist.data.indexed import IndexedStream
+
+    builds, real = [], IndexedStream._build
+
+    def build(self, round_):
+        builds.append((threading.current_thread().name, round_))
+        return real(self, round_)
+
+    monkeypatch.setattr(IndexedStream, "_build", build)
+    return builds
+
+
+def test_ranks_build_a_round_at_the_same_batch(indexed, tok, monkeypatch):
+    """Under a process group a round build is collective: every rank must build at the same global batch, also when
+    the round boundary falls inside a global batch and a rank's own samples all lie before it."""
+    cfg = data_cfg(source="indexed", path=str(indexed["a"]), cache_dir=indexed["cache"], prefetch=0)
+    round_size = stream(cfg, tok).round_size
+    mb = next(m for m in range(2, round_size) if round_size % (2 * m))  # boundaries fall inside global batches
+    built_at = []
+    for rank in range(2):
+        s = stream(cfg, tok, rank, 2, mb=mb)
+        builds = _record_builds(monkeypatch)
+        at = []
+        for i in range(3 * round_size // (2 * mb)):
+            n = len(builds)
+            next(s)
+            at += [(i, r) for _, r in builds[n:]]
+        built_at.append(at)
+        monkeypatch.undo()
+    assert len(built_at[0]) >= 3 and built_at[0] == built_at[1]
+
+
+def test_prefetch_runs_round_builds_on_the_training_thread_and_resumes_bitwise(indexed, tok, monkeypatch):
+    cfg = data_cfg(source="indexed", path=str(indexed["a"]), cache_dir=indexed["cache"], prefetch=0)
+    bare = stream(cfg, tok, mb=3)
+    reference = [next(bare) for _ in range(bare.round_size)]  # three rounds of 3-sample batches
+    builds = _record_builds(monkeypatch)
+    cfg.prefetch = 2
+    pre = stream(cfg, tok, mb=3)
+    k = len(reference) // 2
+    assert all(torch.equal(next(pre), ref) for ref in reference[:k])
+    state = json.loads(json.dumps(pre.state_dict()))
+    assert state == {**bare.state_dict(), "sample": 3 * k}
+    fresh = stream(cfg, tok, mb=3)
+    fresh.load_state_dict(state)
+    assert all(torch.equal(next(fresh), ref) for ref in reference[k:])
+    pre.close()
+    fresh.close()
+    assert len(builds) >= 3 and {name for name, _ in builds} == {threading.current_thread().name}

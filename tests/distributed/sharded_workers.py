@@ -163,6 +163,8 @@ def train(model, opt, plan, steps: range, rank: int, world: int, record: list | 
         if record is not None:
             fb = [plan.matrices[names[id(p)]].fallback for p in projected(opt)]
             facts["switched"] = sum(1 for b, a, f in zip(before, after, fb) if a > b and not f)
+            owners = [plan.matrices[names[id(p)]].owner for p in projected(opt)]
+            facts["switch_owners"] = len({o for b, a, o in zip(before, after, owners) if a > b})
             facts["switched_fallback"] = sum(1 for b, a, f in zip(before, after, fb) if a > b and f)
             steps_after = [opt.state[p].get("step", 0) for p in projected(opt)]
             facts["updated_fallback"] = sum(1 for b, a, f in zip(steps_before, steps_after, fb) if a > b and f)
@@ -186,7 +188,7 @@ def state_kinds(opt, model) -> dict:
 def rsvd_check(rank: int, world: int) -> dict:
     """Distributed rsvd (normal rows-sharded, normal columns-sharded, fallback rows-sharded) vs one process."""
     group = dist.group.WORLD
-    out = {}
+    out, cases = {}, []
     for tag, shape, side, dim, fallback in (("right_rows", (172, 64), "right", 0, False),
                                             ("left_cols", (64, 172), "left", 1, False),
                                             ("left_rows_fallback", (64, 172), "left", 0, True)):
@@ -204,7 +206,46 @@ def rsvd_check(rank: int, world: int) -> dict:
         gathered = [torch.empty_like(got) for _ in range(world)]
         dist.all_gather(gathered, got.contiguous())
         out[tag] = {"diff": (got - ref).abs().max().item(), "same_on_ranks": all(torch.equal(gathered[0], t) for t in gathered)}
+        cases.append((local if side == "left" else local.T, comm, got))
+    out["batched"] = batched_refresh_check(cases, rank, world)
     return out
+
+
+def batched_refresh_check(cases, rank: int, world: int) -> dict:
+    """The three rsvd solves together in lockstep (one flat all-reduce per stage for all of them) against each
+    alone; and exact svd solves of several matrices on their owners at once: each rank solves only its own."""
+    import lotus_dist.distributed.collectives as collectives
+    from lotus_dist.counters import COUNTERS
+    from lotus_dist.optim.subspace import projector_steps, rsvd_steps, run_batched
+
+    COUNTERS.reset()
+    together = run_batched([rsvd_steps(Gs, RANK_R, 8, 2, torch.Generator().manual_seed(5), comm)
+                            for Gs, comm, _ in cases])
+    result = {"equal": [torch.equal(a, alone) for a, (_, _, alone) in zip(together, cases)],
+              "diff": max((a - alone).abs().max().item() for a, (_, _, alone) in zip(together, cases)),
+              "collectives": COUNTERS.by_kind.copy()}
+    # owner svd: six matrices, owners 0, 1, 2, ... round robin; count the solves each rank runs
+    solves = []
+    real = collectives.svd_projector
+    collectives.svd_projector = lambda G, side, r: solves.append(tuple(G.shape)) or real(G, side, r)
+    try:
+        g = torch.Generator().manual_seed(3)
+        solvers, alone = [], []
+        for i in range(6):
+            G = torch.randn(64, 172, generator=g)
+            sizes = chunk_sizes(64, world)
+            local = G.narrow(0, sum(sizes[:rank]), sizes[rank])
+            comm = MatrixComm(dist.group.WORLD, (64, 172), "right", RANK_R, 0, False, owner=i % world)
+            solvers.append(projector_steps("svd", local, "right", RANK_R, gen=torch.Generator(), comm=comm))
+            alone.append(real(G, "right", RANK_R))
+        COUNTERS.reset()
+        bases = run_batched(solvers)
+        result["svd_equal"] = all(torch.equal(b, a) for b, a in zip(bases, alone))
+        result["svd_solves_here"] = len(solves)
+        result["svd_collectives"] = COUNTERS.by_kind.copy()
+    finally:
+        collectives.svd_projector = real
+    return result
 
 
 def projector_peaks(mesh, rank: int, world: int) -> dict:

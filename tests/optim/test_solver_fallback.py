@@ -20,16 +20,15 @@ def test_failed_solve_keeps_the_basis_and_is_counted(monkeypatch, failure):
     opt = LowRankAdamW([{"params": [W], "rank": 4, "solver": "svd", "switch": "fixed", "update_gap": 2}], lr=0.01)
     _step(opt, W, torch.randn(32, 16))  # first basis, a real one
     before = opt.state[W]["projector"].clone()
-    real = lowrank.compute_projector
+    real = lowrank.projector_steps
 
-    def broken(solver, G, *args, **kwargs):
-        if solver == "random":
-            return real(solver, G, *args, **kwargs)
+    def broken(solver, G, *args, **kwargs):  # a solver generator (lowrank._refresh runs them batched)
         if failure == "linalg":
             raise torch.linalg.LinAlgError("svd did not converge")
-        return torch.full_like(real(solver, G, *args, **kwargs), float("nan"))
+        P = yield from real(solver, G, *args, **kwargs)
+        return torch.full_like(P, float("nan"))
 
-    monkeypatch.setattr(lowrank, "compute_projector", broken)
+    monkeypatch.setattr(lowrank, "projector_steps", broken)
     for _ in range(3):  # crosses a scheduled switch (update_gap 2)
         _step(opt, W, torch.randn(32, 16))
     st = opt.state[W]
@@ -44,9 +43,11 @@ def test_failed_first_solve_starts_from_a_random_orthonormal_basis(monkeypatch):
     torch.manual_seed(0)
     W = torch.nn.Parameter(torch.randn(16, 32))
     opt = LowRankAdamW([{"params": [W], "rank": 4, "solver": "rsvd"}], lr=0.01)
-    real = lowrank.compute_projector
-    monkeypatch.setattr(lowrank, "compute_projector",
-                        lambda solver, G, *a, **k: real(solver, G, *a, **k) if solver == "random" else G.new_full((16, 4), float("nan")))
+    def nan_basis(solver, G, *args, **kwargs):  # every solve fails; the random fallback does not use this path
+        return G.new_full((16, 4), float("nan"))
+        yield
+
+    monkeypatch.setattr(lowrank, "projector_steps", nan_basis)
     _step(opt, W, torch.randn(16, 32))
     A = opt.state[W]["projector"]  # m < n: a left projector, m x r
     assert torch.isfinite(A).all() and opt.state[W]["solver_fallbacks"] == 1

@@ -138,3 +138,15 @@ def test_online_pca_grad_matches_autograd():
     (expected,) = torch.autograd.grad(loss, S)
     got = ss.online_pca_grad(S.detach().float(), G.float())
     assert torch.allclose(got.double(), expected, rtol=1e-4, atol=1e-5)
+
+
+def test_batched_solvers_equal_each_solver_alone(decaying_matrix):
+    """run_batched (the optimizer's refresh of every switching matrix together) gives, in one process, exactly the
+    bases each solver gives alone: same seeds, same draws, same arithmetic."""
+    mats = [decaying_matrix(40, 130, seed=1), decaying_matrix(130, 40, seed=2), decaying_matrix(64, 64, seed=3)]
+    kinds = [("rsvd", "left"), ("rsvd", "right"), ("svd", "right")]
+    alone = [ss.compute_projector(solver, G, side, 6, gen=torch.Generator().manual_seed(i))
+             for i, (G, (solver, side)) in enumerate(zip(mats, kinds))]
+    together = ss.run_batched([ss.projector_steps(solver, G, side, 6, gen=torch.Generator().manual_seed(i))
+                               for i, (G, (solver, side)) in enumerate(zip(mats, kinds))])
+    assert all(torch.equal(a, b) for a, b in zip(alone, together))

@@ -1,0 +1,60 @@
+"""What a training step costs, counted where it is issued, so that a CPU test can assert what a GPU cluster sees.
+
+- ``collectives`` / ``comm_bytes``: the collectives the optimizer path issues (the low-rank optimizer's, and in
+  ``ddp``/``deepspeed`` the owner backend's gradient reduction and weight return; not FSDP's own) and the bytes this
+  rank sends in them, counted as ring algorithms send them: an all-reduce of n bytes 2(W-1)/W·n; a reduce-scatter,
+  all-gather, gather, broadcast or all-to-all (W-1)/W·n, n being the bytes of the whole tensor reduced or gathered.
+- ``host_syncs``: device-to-host synchronisations of the trainer and the optimizer (``to_host``: ``.tolist()``,
+  ``.item()``); on a CPU run they are counted as the same code would sync on a GPU.
+
+One process-wide instance, ``COUNTERS``; the trainer resets it at the start of each step and logs what the step
+added. Counting is a few integer additions per collective: always on.
+"""
+
+from __future__ import annotations
+
+import torch
+
+RING_FACTOR = {"all_reduce": 2.0, "reduce_scatter": 1.0, "all_gather": 1.0, "gather": 1.0, "broadcast": 1.0,
+               "all_to_all": 1.0}
+
+
+class StepCounters:
+    def __init__(self):
+        self.reset()
+
+    def reset(self) -> None:
+        self.collectives = 0
+        self.comm_bytes = 0.0
+        self.host_syncs = 0
+        self.by_kind: dict[str, int] = {}
+
+    def collective(self, kind: str, nbytes: int, world: int) -> None:
+        """One collective of ``kind`` over ``world`` ranks on a tensor (the whole one) of ``nbytes`` bytes."""
+        self.collectives += 1
+        self.by_kind[kind] = self.by_kind.get(kind, 0) + 1
+        if world > 1:
+            self.comm_bytes += RING_FACTOR[kind] * (world - 1) / world * nbytes
+
+    def host_sync(self) -> None:
+        self.host_syncs += 1
+
+    def snapshot(self) -> dict:
+        return {"optim_collectives": self.collectives, "optim_comm_bytes": int(round(self.comm_bytes)),
+                "host_syncs": self.host_syncs}
+
+
+COUNTERS = StepCounters()
+
+
+def to_host(t: torch.Tensor):
+    """``t.tolist()``, counted as a host sync: the one way the step path reads device values on the host."""
+    COUNTERS.host_sync()
+    return t.tolist()
+
+
+def nbytes(t: torch.Tensor) -> int:
+    return t.numel() * t.element_size()
+
+
+__all__ = ["COUNTERS", "RING_FACTOR", "StepCounters", "nbytes", "to_host"]
