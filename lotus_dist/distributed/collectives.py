@@ -231,9 +231,24 @@ class MatrixComm(Comm):
     def svd_steps(self, G, side, r):
         return (yield Request("owner_svd", self, (G, side, r)))
 
+    @property
+    def shards_projected_side(self) -> bool:
+        return self.fallback
+
+    def projected_steps(self, R):
+        if not self.fallback:
+            return R
+        return (yield Request("reduce_scatter_rows", self, (R.T.contiguous(), self.long_sizes))).T.contiguous()
+
+    def gather_long_steps(self, N):
+        if not self.fallback:
+            return N
+        return (yield Request("gather_rows", self, (N.T.contiguous(), self.long_sizes))).T
+
     def execute(self, kind: str, requests: list[Request]) -> list:
         return {"sum": _sum_all, "host": _host_all, "gather_rows": _gather_rows_all,
-                "owner_svd": _owner_svd_all}[kind](self.group, requests)
+                "reduce_scatter_rows": _reduce_scatter_rows_all, "owner_svd": _owner_svd_all}[kind](self.group,
+                                                                                                   requests)
 
     # ------------------------------------------------------------------------------------------ projectors
 
@@ -295,6 +310,30 @@ def _gather_rows_all(group, requests: list[Request]) -> list[torch.Tensor]:
     blocks = [block.split([b.numel() for b in padded]) for block in recv.chunk(world)]
     return [torch.cat([blocks[r][i].view_as(padded[i])[: req.args[1][r]] for r in range(world)])
             for i, req in enumerate(requests)]
+
+
+def _reduce_scatter_rows_all(group, requests: list[Request]) -> list[torch.Tensor]:
+    """``reduce_scatter_rows`` of every request (tensor, row sizes per rank) in one reduce-scatter: the block for
+    rank j holds every request's rows for j, each padded to that request's largest."""
+    me, world = dist.get_rank(group), dist.get_world_size(group)
+    blocks = []
+    for j in range(world):
+        parts = []
+        for req in requests:
+            t, sizes = req.args
+            piece = t.new_zeros((max(sizes), *t.shape[1:]))
+            start = sum(sizes[:j])
+            piece[: sizes[j]] = t[start : start + sizes[j]]
+            parts.append(piece.reshape(-1))
+        blocks.append(torch.cat(parts))
+    out = torch.empty_like(blocks[0])
+    counted("reduce_scatter", nbytes(out) * world, group)
+    dist.reduce_scatter(out, blocks, group=group)
+    results = []
+    for req, piece in zip(requests, out.split([max(r.args[1]) * r.args[0][0].numel() for r in requests])):
+        t, sizes = req.args
+        results.append(piece.view(max(sizes), *t.shape[1:])[: sizes[me]])
+    return results
 
 
 def _owner_svd_all(group, requests: list[Request]) -> list[torch.Tensor]:

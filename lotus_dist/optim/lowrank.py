@@ -436,7 +436,8 @@ class LowRankAdamW(Optimizer):
             self._adamw_group(group, ps, found_inf=(~ok).float())
         for job in jobs:
             self._decide(job, None)
-            self._update(job, ok=ok)
+        self._update_all(jobs, ok=ok)
+        for job in jobs:
             job.P = job.R = None
         return UnitStep(norm_sq, ok, finite, counters)
 
@@ -480,6 +481,17 @@ class LowRankAdamW(Optimizer):
         group, st = self._group_of(p), self.state[p]
         side, _ = self._geometry(p, group)
         return self._project(p, _local(p.grad), self.comm_for(p).use_projector(st["projector"]), side)
+
+    def _project_all(self, jobs: list[_Job]) -> None:
+        """``job.R`` = project(G) with ``job.P`` for every job; the reductions of the matrices sharded along their
+        projected side (the fallbacks' reduce-scatters) go out together, one collective for all of them."""
+        partials = []
+        for job in jobs:
+            comm = self.comm_for(job.p)
+            partials.append(project(_local(job.p.grad), comm.local_projector(job.P, job.side), job.side))
+        for job, R in zip(jobs, run_batched([self.comm_for(job.p).projected_steps(t)
+                                             for job, t in zip(jobs, partials)])):
+            job.R = R
 
     def _project(self, p: torch.Tensor, G: torch.Tensor, P: torch.Tensor, side: str) -> torch.Tensor:
         """R = project(G) with the full projector P: this rank's piece of G times its piece of P, reduced across
@@ -550,6 +562,7 @@ class LowRankAdamW(Optimizer):
         gathered projector back (gathered again when it is used).
         """
         rows: list[torch.Tensor] = []
+        grouped: list[_Job] = []
         for job in jobs:
             st, G = job.state, _local(job.p.grad)
             if st["n_bases"] == 0:
@@ -564,21 +577,40 @@ class LowRankAdamW(Optimizer):
                 continue
             comm = self.comm_for(job.p)
             job.P = comm.use_projector(st["projector"])
-            job.R = self._project(job.p, G, job.P, job.side)
-            if projected and id(job.p) in projected:
-                job.R.add_(projected[id(job.p)])
-            if settle and job.action != CHECK:
-                self._decide(job, None)
-                self._update(job)
-                job.P = job.R = None
-                job.done = True
+            if comm.shards_projected_side:  # a fallback: its reduction goes out with the others', below
+                grouped.append(job)
                 continue
-            if job.action == CHECK:
-                job.row = len(rows)
-                rows.append(POLICIES[job.group["switch"]].statistics(st, job.group, job.R))
-                if settle and comm.gathers_projector:
-                    job.P = None
+            job.R = self._project(job.p, G, job.P, job.side)
+            self._settle_or_check(job, projected, settle, rows)
+        if grouped:
+            self._project_all(grouped)
+            settled = [job for job in grouped if self._settle_or_check(job, projected, settle, rows, defer=True)]
+            self._update_all(settled)
+            for job in settled:
+                job.P = job.R = None
         return rows
+
+    def _settle_or_check(self, job: _Job, projected, settle: bool, rows: list, defer: bool = False) -> bool:
+        """With R taken: add R accumulated over earlier micro-batches; then update a matrix with nothing to decide
+        now (settle; with ``defer`` the caller updates it, returned True), or give a checking one its statistics
+        row."""
+        st = job.state
+        if projected and id(job.p) in projected:
+            job.R.add_(projected[id(job.p)])
+        if settle and job.action != CHECK:
+            self._decide(job, None)
+            job.done = True
+            if defer:
+                return True
+            self._update(job)
+            job.P = job.R = None
+            return False
+        if job.action == CHECK:
+            job.row = len(rows)
+            rows.append(POLICIES[job.group["switch"]].statistics(st, job.group, job.R))
+            if settle and self.comm_for(job.p).gathers_projector:
+                job.P = None
+        return False
 
     def _apply(self, jobs: list[_Job], stats: list[list[float]]) -> None:
         """Phase 3, after the one host sync on the reduced [L, STATS_WIDTH] statistics: decide; solve the new bases
@@ -588,9 +620,8 @@ class LowRankAdamW(Optimizer):
             self._decide(job, stats)
         self._refresh([job for job in pending if job.switch and job.action != "skip"
                        and not (job.group["solver"] == "online_pca" and job.state["n_bases"] > 0)])
+        self._update_all([job for job in pending if job.action != "skip"])
         for job in pending:
-            if job.action != "skip":
-                self._update(job)
             job.P = job.R = None
 
     def _decide(self, job: _Job, stats: list[list[float]] | None) -> None:
@@ -634,6 +665,9 @@ class LowRankAdamW(Optimizer):
                 solved = to_host(finite)
             for job, gen, new, ok in zip(batch, gens, news, solved):
                 self._switch_basis(job, new if ok else None, gen)
+            self._project_all(batch)  # R in the new bases (a fallback's reductions together)
+            for job in batch:
+                POLICIES[job.group["switch"]].on_switch(job.state, job.group, job.R)
 
     def _refresh_batches(self, jobs: list[_Job]) -> list[list[_Job]]:
         batches, size = [[]], 0
@@ -651,8 +685,8 @@ class LowRankAdamW(Optimizer):
         return [b for b in batches if b]
 
     def _switch_basis(self, job: _Job, new: torch.Tensor | None, gen: torch.Generator) -> None:
-        """Keep the new basis (apply the moment policy, R in the new basis, the policy's reference), or after a
-        failed solve keep the current one, or for a first basis start from a random orthonormal one."""
+        """Keep the new basis (apply the moment policy), or after a failed solve keep the current one, or for a first
+        basis start from a random orthonormal one."""
         group, st, side, comm = job.group, job.state, job.side, self.comm_for(job.p)
         G = _local(job.p.grad)
         first = st["n_bases"] == 0
@@ -669,8 +703,6 @@ class LowRankAdamW(Optimizer):
             job.refreshed = True
         elif job.P is None:
             job.P = comm.use_projector(st["projector"])
-        job.R = self._project(job.p, G, job.P, side)
-        POLICIES[group["switch"]].on_switch(st, group, job.R)
 
     @staticmethod
     def _apply_moment_policy(group, st, old, new, side) -> None:
@@ -698,25 +730,46 @@ class LowRankAdamW(Optimizer):
         V.copy_(V_new)
 
     def _update(self, job: _Job, ok: torch.Tensor | None = None) -> None:
-        """Low-rank Adam on R and the back-projection into W (then online PCA's projector step). ``ok`` (a device
-        bool, ``step_unit(defer=True)``): where it is False the moments and W are left as they were, with the same
-        arithmetic as the unmasked step where it is True."""
+        self._update_all([job], ok)
+
+    def _update_all(self, jobs: list[_Job], ok: torch.Tensor | None = None) -> None:
+        """Low-rank Adam on R and the back-projection into W (then online PCA's projector step), for each job. ``ok``
+        (a device bool, ``step_unit(defer=True)``): where it is False the moments and W are left as they were, with
+        the same arithmetic as the unmasked step where it is True.
+
+        A matrix whose update is whole on this rank goes through at once; the fallback matrices' updates (their N
+        is a column slice, all-gathered for the back-projection) go out in one all-gather for all of them."""
+        grouped = []
+        for job in jobs:
+            N = self._adam_step(job, ok)
+            if self.comm_for(job.p).shards_projected_side:
+                grouped.append((job, N))
+            else:
+                self._apply_update(job, N, job.R, ok)
+                job.P = job.R = None  # one (gathered) projector whole at a time
+        if grouped:
+            fira = [job.group["residual"] == "fira" for job, _ in grouped]
+            steps = [self.comm_for(job.p).gather_long_steps(N) for job, N in grouped]
+            steps += [self.comm_for(job.p).gather_long_steps(job.R) for (job, _), f in zip(grouped, fira) if f]
+            gathered = iter(run_batched(steps))
+            Ns = [next(gathered) for _ in grouped]
+            for (job, _), N, f in zip(grouped, Ns, fira):
+                self._apply_update(job, N, next(gathered) if f else None, ok)
+                job.P = job.R = None
+
+    def _adam_step(self, job: _Job, ok: torch.Tensor | None) -> torch.Tensor:
+        """The moments' step on R and this rank's part of the update N = M / (sqrt(V) + eps)."""
         group, st, side = job.group, job.state, job.side
-        W, G = _local(job.p), _local(job.p.grad)
-        policy = POLICIES[group["switch"]]
-        online = group["solver"] == "online_pca" and not job.refreshed  # its first basis is an svd one
-        R = job.R  # after a switch, in the new basis (_switch_basis)
+        G = _local(job.p.grad)
+        R = job.R  # after a switch, in the new basis (_refresh)
         comm = self.comm_for(job.p)
         if job.P is None:  # given back after a check (see _prepare): gathered again
             job.P = comm.use_projector(st["projector"])
-        P = job.P  # full projector; P_local multiplies this rank's piece of G
-        P_local = comm.local_projector(P, side)
-        policy.observe(st, group, R, G, P, side, self._gen(G.device), comm)
+        POLICIES[group["switch"]].observe(st, group, R, G, job.P, side, self._gen(G.device), comm)
 
         # Low-rank Adam (GaLore's code semantics: eps outside the sqrt, bias correction in the step size).
-        lr, (beta1, beta2), eps, wd = group["lr"], group["betas"], group["eps"], group["weight_decay"]
+        beta1, beta2 = group["betas"]
         st["step"] += 1
-        t = st["step"]
         M, V = st["exp_avg"], st["exp_avg_sq"]
         if ok is None:
             M.mul_(beta1).add_(R, alpha=1.0 - beta1)
@@ -727,12 +780,26 @@ class LowRankAdamW(Optimizer):
             M.mul_(torch.where(ok, torch.tensor(beta1, dtype=M.dtype, device=M.device), one)).add_(R, alpha=1.0 - beta1)
             V.mul_(torch.where(ok, torch.tensor(beta2, dtype=V.dtype, device=V.device), one)).addcmul_(
                 R, R, value=1.0 - beta2)
-        N = comm.gather_long(M / V.sqrt().add_(eps))  # over this rank's piece of W (the fallback gathers slices)
+        return M / V.sqrt().add_(group["eps"])
+
+    def _apply_update(self, job: _Job, N: torch.Tensor, R_whole: torch.Tensor | None,
+                      ok: torch.Tensor | None) -> None:
+        """W -= step * project_back(N) (plus Fira's residual from the whole R), weight decay, online PCA's step; N
+        and R cover this rank's whole piece of W."""
+        group, st, side = job.group, job.state, job.side
+        W, G = _local(job.p), _local(job.p.grad)
+        policy = POLICIES[group["switch"]]
+        online = group["solver"] == "online_pca" and not job.refreshed  # its first basis is an svd one
+        comm = self.comm_for(job.p)
+        P = job.P  # full projector; P_local multiplies this rank's piece of G
+        P_local = comm.local_projector(P, side)
+        lr, (beta1, beta2), eps, wd = group["lr"], group["betas"], group["eps"], group["weight_decay"]
+        t = st["step"]
         if ok is not None:
             N.mul_(ok.to(N.dtype))
         step_size = lr * math.sqrt(1.0 - beta2**t) / (1.0 - beta1**t)
         if group["residual"] == "fira":
-            W.add_(self._fira_residual(st, G, comm.gather_long(R), N, P_local, side, comm), alpha=-step_size)
+            W.add_(self._fira_residual(st, G, R_whole, N, P_local, side, comm), alpha=-step_size)
         add_project_back_(W, N, P_local, side, alpha=-step_size * group["scale"])
         if wd > 0.0:
             W.add_(W if ok is None else W * ok.to(W.dtype), alpha=-lr * wd)

@@ -133,6 +133,16 @@ class Comm:
         return self.svd(G, side, r)
         yield
 
+    shards_projected_side = False  # True for the FSDP fallback: R and the update N need collectives
+
+    def projected_steps(self, R: torch.Tensor):
+        return self.reduce_projected(R)
+        yield
+
+    def gather_long_steps(self, N: torch.Tensor):
+        return self.gather_long(N)
+        yield
+
     def execute(self, kind: str, requests: list["Request"]) -> list:
         """Run one round's requests of one ``kind`` (from solvers of several matrices) together."""
         raise NotImplementedError(f"{type(self).__name__} yields no {kind!r} requests")

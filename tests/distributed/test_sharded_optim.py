@@ -109,10 +109,12 @@ def _check_budget(record: list, method: str, shard_projectors: bool = False):
         # projector back while the step's decisions wait for the statistics; a switching one uses its new basis)
         stayed = r["checks"] - (sw_n + sw_f if r["checks"] else 0)
         gathers = r["live"] + stayed if shard_projectors else 0
-        # fallback, per matrix: R reduce-scattered by columns (each step, and again after a switch: a scheduled
-        # switch, galore's, is projected only in its new basis); the update all-gathered
+        # fallback, all of them together: R reduce-scattered by columns (each step, and again after a switch; a
+        # scheduled switch, galore's, is projected only in its new basis); the update all-gathered. (The two
+        # down_proj fallbacks share a schedule, so their updates happen in the same phase of the step.)
         scheduled = sw_f if method == "galore" and fb else 0
-        fallback = {"reduce_scatter": fb + sw_f - scheduled, "all_gather": r["updated_fallback"]}
+        fallback = {"reduce_scatter": int(fb - scheduled > 0) + int(sw_f > 0),
+                    "all_gather": int(r["updated_fallback"] > 0)}
         if method == "adamw":
             want = {"all_reduce": 0, "all_gather": 0, "gather": 0, "broadcast": 0, "reduce_scatter": 0}
         elif method == "galore":  # exact svd on the owners: one gather and one broadcast per owner of a switch
