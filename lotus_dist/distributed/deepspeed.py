@@ -1,35 +1,35 @@
-"""``dist.mode=deepspeed``: the DeepSpeed engine (launcher, communication, gradient all-reduce) with ZeRO stage 0 and
-the owner backend (``owner.OwnerOptimizer``) for optimizer-state sharding.
+"""``dist.mode=deepspeed``: the DeepSpeed engine (launcher, config, logging, communication backend) around lotus_dist's
+own matrix-granular ZeRO-2 (``owner.py``, ``owner_buckets.py``).
 
-DeepSpeed's ZeRO stages 1-3, and its ``bf16``/``fp16`` optimizer wrappers, hand the optimizer flat 1-D partitions
-of the parameters that cut matrices apart: no projection method can work on those, so they are refused. bf16 on
-CUDA is the trainer's ``torch.autocast`` over fp32 master weights (what DeepSpeed's ``torch_autocast`` section does),
-exactly as in every other mode.
+A DeepSpeed config may ask for ZeRO stage 1 or 2: the run gets stage-2 behaviour from our owner backend (gradients
+reduce-scattered to the owners from backward hooks, whole-matrix updates on the owners, weights all-gathered back)
+and the engine itself runs at stage 0, with one log line saying so. Why not DeepSpeed's own stages: they hand the
+optimizer flat 1-D partitions of the parameters that cut matrices apart, which no low-rank projection can use (its
+Muon support instead computes whole-matrix updates redundantly on every rank that holds a slice). Stage 3 shards the
+parameters themselves: it is refused, pointing to ``dist.mode=fsdp`` (FSDP2 with side-aware sharding).
+``bf16.enabled`` is honoured as bf16 autocast over fp32 weights (the trainer's ``torch.autocast``, as in every other
+mode), not through DeepSpeed's bf16 optimizer wrapper (which flattens too); ``fp16`` (loss scaling) is refused.
 
-How the trainer's loop (``model(x, y)``, ``loss.backward()``, ``clip_grad_norm_``, ``optimizer.step()``) maps onto
-the engine: ``wrap_model`` returns the engine's module (so checkpoint FQNs are the plain model's and a DeepSpeed run
-resumes under FSDP2, DDP or one process, and back); the gradients of the last micro-batch are all-reduced by the
-engine (``allreduce_gradients`` at the accumulation boundary) when ``no_sync(model, last=True)`` exits, i.e.
-before the trainer clips; ``optimizer.step()`` is the owner step. Checkpoints go through our DCP path, not
-DeepSpeed's.
+How the trainer's loop maps onto the engine: ``wrap_model`` returns the plain module (so checkpoint FQNs are the
+plain model's and a DeepSpeed run resumes under FSDP2, ddp or one process, and back); the last micro-batch's
+gradients are reduced to their owners by hooks during its backward and awaited when ``no_sync(model, last=True)``
+exits, i.e. before the trainer's norm and clipping; ``optimizer.step()`` is the owner step. Checkpoints go through
+our DCP path, not DeepSpeed's.
 
 Compiled op: on the CPU accelerator DeepSpeed's communication backend (``deepspeed.comm.torch.TorchBackend``)
 JIT-compiles ``deepspeed_shm_comm`` (``csrc/cpu/comm/shm*.cpp``, a shared-memory all-reduce for intra-node CPU
-inference) with ninja on first start, 1-2 minutes. Gloo does our all-reduces, so it is marked incompatible before
+inference) with ninja on first start, 1-2 minutes. Gloo does our collectives, so it is marked incompatible before
 the engine starts and never built; ``LOTUS_DS_SHM=1`` keeps DeepSpeed's default (then set ``TORCH_EXTENSIONS_DIR``
 to a persistent directory to compile it once).
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 from pathlib import Path
 
-from lotus_dist.counters import COUNTERS
-from lotus_dist.distributed.modes import Collective
-from lotus_dist.distributed.owner import BUCKET_MB, build_owner_optimizer
+from lotus_dist.distributed.owner import OwnerDataParallel
 from lotus_dist.errors import UserError
 
 _CUT = "flat 1-D partitions of the parameters that cut matrices apart, which no low-rank projection can use"
@@ -91,31 +91,57 @@ def deepspeed_config(cfg, world_size: int, device_type: str = "cpu") -> dict:
     return ds
 
 
-def check_config(ds: dict) -> None:
+def uses_bf16(ds: dict) -> bool:
+    return bool((ds.get("bf16") or {}).get("enabled") or (ds.get("torch_autocast") or {}).get("enabled"))
+
+
+def check_config(ds: dict) -> int:
+    """Refuse what cannot run on whole matrices; returns the ZeRO stage asked for (0, 1 or 2)."""
     stage = (ds.get("zero_optimization") or {}).get("stage", 0)
-    if stage:
-        raise UserError(f"dist.mode=deepspeed: ZeRO stage {stage} is not supported: DeepSpeed's ZeRO stages hand "
-                        f"the optimizer {_CUT}; use stage 0 (lotus_dist shards the optimizer state whole matrix by "
-                        f"whole matrix itself) or dist.mode=fsdp")
-    for key in ("bf16", "fp16"):
-        if (ds.get(key) or {}).get("enabled"):
-            raise UserError(f"dist.mode=deepspeed: '{key}.enabled' is not supported: DeepSpeed's {key} optimizer "
-                            f"wrapper hands the optimizer {_CUT}; use train.dtype=bf16 (torch autocast over fp32 "
-                            f"weights) instead")
+    if stage not in (0, 1, 2, 3):
+        raise UserError(f"dist.mode=deepspeed: zero_optimization.stage={stage!r} is not one of 0, 1, 2, 3")
+    if stage == 3:
+        raise UserError("dist.mode=deepspeed: ZeRO stage 3 is not supported: it shards the parameters into "
+                        f"{_CUT}; use dist.mode=fsdp (FSDP2, sharded along each matrix's long side) instead")
+    if (ds.get("fp16") or {}).get("enabled"):
+        raise UserError(f"dist.mode=deepspeed: 'fp16.enabled' is not supported: DeepSpeed's fp16 optimizer wrapper "
+                        f"hands the optimizer {_CUT}; use bf16 (train.dtype=bf16 or the config's bf16.enabled)")
     if ds.get("optimizer") or ds.get("scheduler"):
         raise UserError("dist.mode=deepspeed: the DeepSpeed config must not define 'optimizer' or 'scheduler' "
                         "(the optimizer is optim.*, the schedule train.*)")
+    return stage
 
 
-class DeepSpeedMode(Collective):
-    """``dist.mode=deepspeed`` (under the ``deepspeed`` launcher or torchrun): see the module docstring."""
+def engine_config(ds: dict) -> dict:
+    """What the engine itself is given: stage 0 and no bf16 wrapper (our owner backend and autocast do those)."""
+    out = {**ds, "zero_optimization": {**(ds.get("zero_optimization") or {}), "stage": 0}}
+    if (ds.get("bf16") or {}).get("enabled"):
+        out["bf16"] = {**ds["bf16"], "enabled": False}
+        out["torch_autocast"] = {"enabled": True, "dtype": "bfloat16"}  # applied by the trainer's autocast
+    return out
+
+
+class DeepSpeedMode(OwnerDataParallel):
+    """``dist.mode=deepspeed`` (under the ``deepspeed`` launcher or torchrun): see the module docstring. The gradient
+    path and the optimizer are the ddp mode's (owner-aligned reduce-scatter, owner step, weight all-gather); the
+    engine wraps them at stage 0."""
 
     engine = None
 
     def wrap_model(self, model, cfg):
         # Bad configs are refused first, before DeepSpeed is imported or any engine exists.
         self.ds_config = deepspeed_config(cfg, self.world_size, self.device.type)
-        self.bucket_mb = cfg.dist.bucket_mb
+        stage = check_config(self.ds_config)
+        if stage and self.rank == 0:
+            print(f"deepspeed: ZeRO stage {stage} requested: lotus_dist runs its own matrix-granular ZeRO-2 inside the "
+                  f"engine (gradients reduce-scattered to whole-matrix owners, weights all-gathered back); "
+                  f"DeepSpeed's stage-{stage} partitions would cut matrices apart, which no projection can use",
+                  flush=True)
+        autocast = cfg.train.dtype == "bf16" or (cfg.train.dtype == "auto" and self.device.type == "cuda")
+        if uses_bf16(self.ds_config) and not autocast:
+            raise UserError(f"dist.mode=deepspeed: the DeepSpeed config enables bf16 but this run computes in fp32 "
+                            f"(train.dtype={cfg.train.dtype} on {self.device.type}); set train.dtype=bf16 so the "
+                            f"trainer's autocast applies it")
         self.deepspeed = import_deepspeed()
         from deepspeed.accelerator import get_accelerator
 
@@ -124,53 +150,21 @@ class DeepSpeedMode(Collective):
             raise UserError(f"dist.mode=deepspeed: DeepSpeed's accelerator is '{accelerator}' but this run trains "
                             f"on {self.device.type} (dist.backend={cfg.dist.backend}); set DS_ACCELERATOR="
                             f"{self.device.type}")
-        return self.materialize(model, cfg)
+        return super().wrap_model(model, cfg)
 
     def build_optimizer(self, model, optim_cfg):
-        deepspeed = self.deepspeed
-        optimizer = build_owner_optimizer(model, optim_cfg, bucket_mb=getattr(self, "bucket_mb", BUCKET_MB))
-        _disable_shm_comm(deepspeed)
-        engine, engine_optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=self.ds_config,
-                                                               dist_init_required=False)
+        optimizer = super().build_optimizer(model, optim_cfg)
+        _disable_shm_comm(self.deepspeed)
+        engine, engine_optimizer, _, _ = self.deepspeed.initialize(
+            model=model, optimizer=optimizer, config=engine_config(self.ds_config), dist_init_required=False)
         if engine_optimizer is not optimizer or engine.module is not model:
             raise RuntimeError("DeepSpeed wrapped the optimizer or model; expected ZeRO stage 0 in fp32")
         self.engine = engine
         return optimizer
-
-    def no_sync(self, model, last: bool):
-        if not last:
-            return contextlib.nullcontext()  # gradients accumulate locally; the engine reduces at the boundary
-        return self._reduce_on_exit()
-
-    @contextlib.contextmanager
-    def _reduce_on_exit(self):
-        yield
-        engine = self.engine
-        # The trainer owns the accumulation loop: this is the boundary (the engine's own micro-step counter is
-        # not advanced, since engine.backward/step are not called).
-        engine.set_gradient_accumulation_boundary(True)
-        bucket = max(int(self.bucket_mb * 2**20 / 4), 1)
-        try:
-            engine.allreduce_gradients(bucket_size=bucket)
-        finally:
-            engine.set_gradient_accumulation_boundary(None)
-        self._count_gradient_reduction(bucket)
-
-    def _count_gradient_reduction(self, bucket_numel: int) -> None:
-        """The engine's gradient all-reduce, counted from its layout (buckets of ``bucket_numel`` elements per
-        dtype): DeepSpeed issues the collectives itself, through its own comm module."""
-        totals: dict = {}
-        for p in self.engine.module.parameters():
-            if p.grad is not None:
-                numel, size = totals.get(p.grad.dtype, (0, p.grad.element_size()))
-                totals[p.grad.dtype] = (numel + p.grad.numel(), size)
-        for numel, size in totals.values():
-            for start in range(0, numel, bucket_numel):
-                COUNTERS.collective("all_reduce", min(bucket_numel, numel - start) * size, self.world_size)
 
     def close(self) -> None:
         self.engine = None
         super().close()
 
 
-__all__ = ["DeepSpeedMode", "deepspeed_config", "check_config", "import_deepspeed"]
+__all__ = ["DeepSpeedMode", "check_config", "deepspeed_config", "engine_config", "import_deepspeed", "uses_bf16"]

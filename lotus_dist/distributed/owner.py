@@ -1,10 +1,12 @@
-"""Matrix-granular optimizer-state sharding (ZeRO-1 at matrix granularity) for ``dist.mode=ddp`` and DeepSpeed.
+"""Matrix-granular ZeRO-2 for ``dist.mode=ddp`` and DeepSpeed: gradients reduced to their owners, optimizer state
+and update on the owner, weights returned to every rank.
 
-Every parameter -- a whole projected matrix or a whole unprojected tensor -- has exactly one owner rank, chosen by
-the LPT rule on its state size, then its basis-solver cost (``lpt_owners``). Gradients are all-reduced as in plain
-data parallelism (torch DDP, or DeepSpeed's engine), so every rank holds the full, averaged gradient; only the
-owner keeps the moments and projector of a parameter and computes its update, then the new weights are
-broadcast from the owners in size-capped flat buckets.
+Every parameter -- a whole projected matrix or a whole unprojected tensor -- has exactly one owner rank, chosen
+inside owner-aligned gradient buckets (``owner_buckets.py``): one reduce-scatter per bucket, launched from backward
+hooks, leaves each owner with the summed gradients of its own parameters and every other rank with nothing of
+them; the owner keeps the moments and projector of its parameters and computes their update; one all-gather per
+bucket returns the new weights. Per step that is one gradient all-reduce's bytes (plus the layout's padding),
+against 1.5x for an all-reduce followed by weight broadcasts.
 
 Why whole matrices: a projection method needs the whole gradient matrix (its SVD, its projector side), so
 DeepSpeed's flat 1-D ZeRO partitions cannot be used, while a matrix-granular split keeps every single-process
@@ -19,22 +21,20 @@ state, so its decision is the one a single process takes; the other ranks never 
 from __future__ import annotations
 
 import contextlib
-from collections import deque
-from typing import Iterable
 
 import torch
 import torch.distributed as dist
 from torch import nn
 from torch.optim import Optimizer
 
-from lotus_dist.counters import COUNTERS, nbytes, to_host
+from lotus_dist.counters import nbytes, to_host
 from lotus_dist.distributed.collectives import counted
 from lotus_dist.distributed.modes import Collective
+from lotus_dist.distributed.owner_buckets import OwnerReducer, build_layout, gather_weights, padding_ratio
 from lotus_dist.distributed.plan import solver_cost
 from lotus_dist.errors import UserError
 
-BUCKET_MB = 25.0  # cap of one broadcast bucket (dist.bucket_mb)
-IN_FLIGHT = 2  # broadcasts outstanding at once: overlaps packing with communication, bounds the temporary memory
+BUCKET_MB = 25.0  # per-owner segment of a gradient bucket (dist.bucket_mb), at least the largest parameter
 
 
 def _hparams(group: dict) -> dict:
@@ -75,69 +75,6 @@ def owner_costs(optimizer: Optimizer) -> dict[int, tuple[int, float]]:
     return out
 
 
-def lpt_owners(costs: list[tuple[int, float]], n_bins: int) -> list[int]:
-    """LPT on state bytes first, solver cost second: the largest job goes to the bin with the least state; ties
-    (equal-state jobs such as the same matrix in every layer, or empty bins) go to the least solver load.
-
-    Memory is primary because it is what ZeRO is for. LPT on the sum of normalised memory and solver shares also
-    hands projected matrices to the ranks holding the (solver-free) embedding and lm_head: max bytes per rank
-    1.24x total/W on the test model at W=3 and 1.34x for LLaMA-1B (lotus, r=512) at W=8, against 1.002x and
-    1.005x here (solver load max/mean 1.25 for LLaMA-1B at W=8).
-    Deterministic (position breaks the remaining ties), so every rank derives the same owners.
-    """
-    order = sorted(range(len(costs)), key=lambda i: (-costs[i][0], -costs[i][1], i))
-    loads = [(0, 0.0, b) for b in range(n_bins)]
-    owners = [0] * len(costs)
-    for i in order:
-        mem, solve, b = min(loads)
-        owners[i] = b
-        loads[b] = (mem + costs[i][0], solve + costs[i][1], b)
-    return owners
-
-
-def assign_owners(optimizer: Optimizer, world_size: int) -> dict[int, int]:
-    """id(param) -> owner rank; a pure function of shapes and settings, so every rank derives the same owners
-    without communicating."""
-    params = [p for g in optimizer.param_groups for p in g["params"]]
-    if len(params) < world_size:
-        raise UserError(f"the owner backend needs at least one parameter per rank: {len(params)} parameters for "
-                        f"{world_size} ranks (use dist.mode=fsdp)")
-    costs = owner_costs(optimizer)
-    owners = lpt_owners([costs[id(p)] for p in params], world_size)
-    return {id(p): o for p, o in zip(params, owners)}
-
-
-class _Bucket:
-    __slots__ = ("owner", "params", "sizes", "numel", "dtype", "device")
-
-    def __init__(self, owner: int, params: list[torch.Tensor]):
-        self.owner, self.params = owner, params
-        self.sizes = [p.numel() for p in params]
-        self.numel = sum(self.sizes)
-        self.dtype, self.device = params[0].dtype, params[0].device
-
-
-def make_buckets(params: Iterable[torch.Tensor], owners: dict[int, int], world_size: int,
-                 cap_bytes: float) -> list[_Bucket]:
-    """Flat broadcast buckets per owner (and dtype/device), in parameter order, each at most ``cap_bytes`` (a
-    larger single parameter gets a bucket of its own)."""
-    buckets = []
-    params = list(params)
-    for owner in range(world_size):
-        open_: dict[tuple, list] = {}
-        for p in params:
-            if owners[id(p)] != owner:
-                continue
-            key = (p.dtype, p.device)
-            cur = open_.setdefault(key, [])
-            if cur and (sum(q.numel() for q in cur) + p.numel()) * p.element_size() > cap_bytes:
-                buckets.append(_Bucket(owner, cur))
-                cur = open_[key] = []
-            cur.append(p)
-        buckets.extend(_Bucket(owner, ps) for ps in open_.values() if ps)
-    return buckets
-
-
 class OwnerOptimizer(Optimizer):
     """The optimizer of ``full`` (a ``LowRankAdamW`` / ``ProjFactor`` over all parameters) with its state sharded
     matrix by matrix over the ranks of ``group``.
@@ -146,10 +83,12 @@ class OwnerOptimizer(Optimizer):
     FQN mapping see the whole model); ``local`` is the owner's optimizer over its own parameters. ``state`` holds
     this rank's entries (the same dicts as ``local.state``, which ``memory_report`` counts) and, for projected
     matrices owned elsewhere, a mirror ``{"n_bases": int}`` so that ``switch_report`` counts every matrix.
-    ``step()`` is collective: every rank calls it (the owners update, then all receive the weights).
+    ``buckets`` is the gradient layout (``owner_buckets.build_layout`` over ``order``, the parameters in the order
+    backward produces their gradients), which sets the owners. ``step()`` is collective: every rank calls it (the
+    owners update, then every rank receives the weights).
     """
 
-    def __init__(self, full: Optimizer, *, group=None, bucket_mb: float = BUCKET_MB):
+    def __init__(self, full: Optimizer, *, group=None, bucket_mb: float = BUCKET_MB, order=None):
         if not (dist.is_available() and dist.is_initialized()):
             raise RuntimeError("OwnerOptimizer needs an initialised process group")
         if not bucket_mb > 0:
@@ -158,8 +97,16 @@ class OwnerOptimizer(Optimizer):
         self.rank, self.world_size = dist.get_rank(group), dist.get_world_size(group)
         super().__init__([dict(g) for g in full.param_groups], full.defaults)
         self.param_names = dict(getattr(full, "param_names", {}))
-        self.owners = assign_owners(full, self.world_size)
+        all_params = [p for g in self.param_groups for p in g["params"]]
+        if len(all_params) < self.world_size:
+            raise UserError(f"the owner backend needs at least one parameter per rank: {len(all_params)} parameters "
+                            f"for {self.world_size} ranks (use dist.mode=fsdp)")
+        order = list(order) if order is not None else all_params[::-1]
         self._costs = owner_costs(full)
+        self.buckets = build_layout(order, self.world_size, bucket_mb * 2**20,
+                                    state_bytes={k: mem for k, (mem, _) in self._costs.items()})
+        self.owners = {id(p): o for b in self.buckets for p, o in zip(b.params, b.owners)}
+        self.padding = padding_ratio(self.buckets)
 
         groups, self._group_of = [], []
         for gi, g in enumerate(self.param_groups):
@@ -177,9 +124,6 @@ class OwnerOptimizer(Optimizer):
         # ranks alike -- it would otherwise call this collective step() on some ranks only.
         self.local.init_state()
         self._projected = [p for g in self.param_groups if g.get("rank") is not None for p in g["params"]]
-        all_params = [p for g in self.param_groups for p in g["params"]]
-        self._buckets = make_buckets(all_params, self.owners, self.world_size, bucket_mb * 2**20)
-        self._src = [dist.get_global_rank(group, r) if group is not None else r for r in range(self.world_size)]
         self._link_state()
 
     # ------------------------------------------------------------------------------------------------ state
@@ -246,30 +190,9 @@ class OwnerOptimizer(Optimizer):
                 loss = closure()
         self._sync_hparams()  # the trainer sets lr on the full groups
         self.local.step()
-        self._broadcast_weights()
+        gather_weights(self.buckets, self.group)  # every rank receives the owners' new weights
         self._counts_stale = True  # the n_bases mirrors are refreshed when a report asks (refresh_report)
         return loss
-
-    def _broadcast_weights(self) -> None:
-        pending: deque = deque()
-        for b in self._buckets:
-            if b.owner == self.rank:
-                flat = torch.cat([p.detach().reshape(-1) for p in b.params])
-            else:
-                flat = torch.empty(b.numel, dtype=b.dtype, device=b.device)
-            counted("broadcast", nbytes(flat), self.group)
-            work = dist.broadcast(flat, src=self._src[b.owner], group=self.group, async_op=True)
-            pending.append((b, flat, work))
-            if len(pending) > IN_FLIGHT:
-                self._unpack(*pending.popleft())
-        while pending:
-            self._unpack(*pending.popleft())
-
-    def _unpack(self, b: _Bucket, flat: torch.Tensor, work) -> None:
-        work.wait()
-        if b.owner != self.rank:
-            torch._foreach_copy_([p.detach() for p in b.params],
-                                 [v.view_as(p) for v, p in zip(flat.split(b.sizes), b.params)])
 
     def refresh_report(self) -> None:
         """Bring the ``n_bases`` mirrors up to date for ``switch_report`` (only when a report asks, not every step:
@@ -308,45 +231,36 @@ class OwnerOptimizer(Optimizer):
 
 
 def build_owner_optimizer(model: nn.Module, optim_cfg, *, group=None, bucket_mb: float = BUCKET_MB) -> OwnerOptimizer:
-    """``build_optimizer(model, optim_cfg)`` sharded by owner. ``model`` may be DDP-wrapped: names drop the
-    ``module.`` prefix so ``switch_report`` keys match the single-process run."""
+    """``build_optimizer(model, optim_cfg)`` sharded by owner, with the gradient layout in backward order (the
+    reverse of the parameters' order: lm_head first, the embedding last)."""
     from lotus_dist.optim import build_optimizer
 
-    inner = model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
-    names = {p: n for n, p in inner.named_parameters()}
-    full = build_optimizer(inner, optim_cfg, names=names)
-    return OwnerOptimizer(full, group=group, bucket_mb=bucket_mb)
-
-
-def _counted_allreduce(state, bucket):
-    """DDP's own averaging all-reduce of a gradient bucket, counted as an optimizer-path collective."""
-    from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
-
-    COUNTERS.collective("all_reduce", nbytes(bucket.buffer()), dist.get_world_size())
-    return allreduce_hook(None, bucket)
+    full = build_optimizer(model, optim_cfg)
+    return OwnerOptimizer(full, group=group, bucket_mb=bucket_mb, order=list(model.parameters())[::-1])
 
 
 class OwnerDataParallel(Collective):
-    """``dist.mode=ddp``: torch DDP all-reduces the gradients (overlapped with backward, ``no_sync`` between
-    micro-batches); the optimizer state is sharded by owner (``OwnerOptimizer``). Every rank ends the backward with
-    the full averaged gradient, so the trainer's ``clip_grad_norm_`` over all parameters is already global."""
+    """``dist.mode=ddp``: the model whole on every rank, its gradients reduce-scattered to their owners from
+    backward hooks (``OwnerReducer``: only on the step's last micro-batch; earlier ones accumulate locally), the
+    optimizer state and update on the owners (``OwnerOptimizer``), the weights all-gathered back. After backward a
+    rank holds the gradients of its own parameters only, so the trainer's norm (each owned gradient counted once,
+    summed over the ranks) is the global one."""
 
     def wrap_model(self, model, cfg):
-        model = self.materialize(model, cfg)  # whole on every rank (DDP), initialised as one process would
         self.bucket_mb = cfg.dist.bucket_mb
-        device_ids = [self.device.index] if self.device.type == "cuda" else None
-        # gradient_as_bucket_view: the gradients live in DDP's buckets, no second full-size copy.
-        ddp = nn.parallel.DistributedDataParallel(model, device_ids=device_ids, forward_sync_buffers=False,
-                                                  gradient_as_bucket_view=True)
-        ddp.register_comm_hook(state=None, hook=_counted_allreduce)
-        return ddp
+        return self.materialize(model, cfg)  # whole on every rank, initialised as one process would
 
     def build_optimizer(self, model, optim_cfg):
-        return build_owner_optimizer(model, optim_cfg, bucket_mb=getattr(self, "bucket_mb", BUCKET_MB))
+        optimizer = build_owner_optimizer(model, optim_cfg, bucket_mb=getattr(self, "bucket_mb", BUCKET_MB))
+        self.reducer = OwnerReducer(optimizer.buckets, group=None)
+        return optimizer
 
+    @contextlib.contextmanager
     def no_sync(self, model, last: bool):
-        return contextlib.nullcontext() if last else model.no_sync()
+        self.reducer.begin(last)
+        yield
+        if last:
+            self.reducer.finish()
 
 
-__all__ = ["OwnerDataParallel", "OwnerOptimizer", "build_owner_optimizer", "assign_owners", "lpt_owners",
-           "owner_costs", "state_bytes", "make_buckets", "BUCKET_MB"]
+__all__ = ["OwnerDataParallel", "OwnerOptimizer", "build_owner_optimizer", "owner_costs", "state_bytes", "BUCKET_MB"]

@@ -189,6 +189,48 @@ def _per_layer_projectors(model: nn.Module, plan: Plan) -> int:
     return max(per_unit.values(), default=0)
 
 
+def _ddp_numbers(cfg, mcfg, world: int) -> dict:
+    """lotus under dist.mode=ddp/deepspeed (matrix-granular ZeRO-2, owner.py): the model whole on every rank, each
+    rank's own gradients plus the largest bucket in flight, its own parameters' optimizer state; per step one
+    reduce-scatter of the gradients (fp32) and one all-gather of the weights, in the owner-aligned layout (padding
+    included). Rank = the one holding the most."""
+    from lotus_dist.optim import build_optimizer
+    from lotus_dist.optim.lowrank import MOMENT_KEYS, PROJECTOR_KEYS
+
+    from .owner import owner_costs
+    from .owner_buckets import build_layout
+
+    with torch.device("meta"):
+        model = Llama(mcfg)
+    optim_cfg = dataclasses.replace(cfg.optim, name="lotus")
+    opt = build_optimizer(model, optim_cfg)
+    costs = owner_costs(opt)
+    buckets = build_layout(list(model.parameters())[::-1], world, cfg.dist.bucket_mb * 2**20,
+                           state_bytes={k: mem for k, (mem, _) in costs.items()})
+    opt.init_state()
+    per_rank = [dict(grads=0, moments=0, projectors=0, switch_state=0) for _ in range(world)]
+    for b in buckets:
+        for p, owner in zip(b.params, b.owners):
+            r = per_rank[owner]
+            r["grads"] += p.numel() * STATE_BYTES
+            for key, v in opt.state[p].items():
+                if isinstance(v, torch.Tensor):
+                    kind = "moments" if key in MOMENT_KEYS else "projectors" if key in PROJECTOR_KEYS else "switch_state"
+                    r[kind] += v.numel() * v.element_size()
+    in_flight = max(b.segment * b.world for b in buckets) * STATE_BYTES  # the largest bucket's full gradients
+    worst = max(per_rank, key=lambda r: r["grads"] + r["moments"] + r["projectors"] + r["switch_state"])
+    params = sum(p.numel() for p in model.parameters()) * STATE_BYTES
+    wire = sum(b.segment * b.world for b in buckets) * STATE_BYTES
+    optimizer = worst["moments"] + worst["projectors"] + worst["switch_state"]
+    grads = worst["grads"] + in_flight
+    return dict(params=params, grads=grads, moments=worst["moments"], projectors=worst["projectors"],
+                switch_state=worst["switch_state"], optimizer=optimizer, projector_transient=0,
+                total=params + grads + optimizer, all_gather=_ring(world) * wire, reduce_scatter=_ring(world) * wire,
+                lowrank_step=0, switch_check=0, refresh=0, once_per_step=True,
+                state_per_rank=[r["moments"] + r["projectors"] + r["switch_state"] for r in per_rank],
+                grads_per_rank=[r["grads"] for r in per_rank])
+
+
 def _fmt(b: float) -> str:
     if b == 0:
         return "0"
@@ -245,6 +287,8 @@ def dry_run(cfg, out: Callable[[str], None] = print) -> dict:
                 results["lotus+per_layer"] = _per_layer_numbers(results["lotus"], model, plan, accum)
                 plans["lotus+per_layer"] = plan
         n_params = count_parameters(model)
+    if world > 1:
+        results["lotus (ddp)"] = _ddp_numbers(cfg, mcfg, world)
 
     lotus_plan = plans["lotus"]
     out(
@@ -262,11 +306,12 @@ def dry_run(cfg, out: Callable[[str], None] = print) -> dict:
         out(line)
     width = 28
     out("")
-    columns = (*METHODS, "lotus+per_layer")
+    columns = (*METHODS, "lotus+per_layer", *(["lotus (ddp)"] if world > 1 else []))
     out(f"{'per rank (rank 0 = largest)':<{width}}" + "".join(f"{m:>16}" for m in columns))
     for label, key in ROWS:
         out(f"{label:<{width}}" + "".join(f"{_fmt(results[m][key]):>16}" for m in columns))
-    per_step = {m: accum * (r["all_gather"] + r["reduce_scatter"]) + r["lowrank_step"] for m, r in results.items()}
+    per_step = {m: (1 if r.get("once_per_step") else accum) * (r["all_gather"] + r["reduce_scatter"])
+                + r["lowrank_step"] for m, r in results.items() if m in columns}
     out(f"{'comm per optimizer step':<{width}}" + "".join(f"{_fmt(per_step[m]):>16}" for m in columns))
     out("")
     out(
@@ -275,6 +320,9 @@ def dry_run(cfg, out: Callable[[str], None] = print) -> dict:
            f"distributed rsvd, (q+1)={(cfg.optim.power_iters or 2) + 1} sketch all-reduces + a k x k Gram")
         + f"; switch stats are all-reduced every {cfg.optim.verify_gap or 50} steps (lotus)"
     )
+    if world > 1:
+        out("lotus (ddp): dist.mode=ddp/deepspeed, the model whole on every rank; grads = its own parameters' plus "
+            "the largest bucket in flight; per step one reduce-scatter + one all-gather in the owner layout")
     out("lotus+per_layer: grads = one block's gradient shards at a time"
         + (" (one micro-batch per step)" if accum == 1 else
            " + plain-parameter gradients and projected R accumulated across micro-batches (steady steps)"))

@@ -124,7 +124,7 @@ class DistConfig:
     replicate: int = 1  # HSDP: replicas (outer mesh dim); 1 = plain FSDP
     backend: str = "auto"  # auto (nccl on CUDA, gloo on CPU) | nccl | gloo
     deepspeed_config: Optional[str] = None  # a DeepSpeed JSON file; null: generated from this config
-    bucket_mb: float = 25.0  # ddp/deepspeed owner backend: cap of one weight-broadcast bucket, MiB
+    bucket_mb: float = 25.0  # ddp/deepspeed: MiB per owner segment of a gradient bucket (at least the largest matrix)
 
 
 @dataclass

@@ -13,12 +13,13 @@ import torch
 from lotus_dist.counters import to_host
 
 
-def _replicas(g: torch.Tensor, world_size: int) -> int:
+def _replicas(g: torch.Tensor) -> int:
     """How many ranks hold the same values as this rank's piece of ``g``: the replicated mesh dims of a DTensor
-    (HSDP's replicate dim), or every rank for a plain gradient (DDP / DeepSpeed all-reduce it; one process: 1)."""
+    (HSDP's replicate dim); a plain gradient is held by one rank (one process, or its owner after the ddp /
+    deepspeed reduce-scatter)."""
     placements = getattr(g, "placements", None)
     if placements is None:
-        return world_size
+        return 1
     mesh = g.device_mesh
     n = 1
     for dim, placement in enumerate(placements):
@@ -27,13 +28,13 @@ def _replicas(g: torch.Tensor, world_size: int) -> int:
     return n
 
 
-def grad_sq_partial(grads: list[torch.Tensor], world_size: int, device: torch.device) -> torch.Tensor:
+def grad_sq_partial(grads: list[torch.Tensor], device: torch.device) -> torch.Tensor:
     """This rank's share of Σ‖g‖² (fp32, on ``device``): each local piece's squared norm divided by the ranks that
     hold it too, so that the sum over all ranks is the global squared norm. One fused norm per device and dtype."""
     buckets: dict[tuple, list[torch.Tensor]] = {}
     for g in grads:
         local = g.to_local() if hasattr(g, "to_local") else g
-        buckets.setdefault((_replicas(g, world_size), local.device, local.dtype), []).append(local)
+        buckets.setdefault((_replicas(g), local.device, local.dtype), []).append(local)
     total = torch.zeros((), dtype=torch.float32, device=device)
     for (replicas, _, _), tensors in buckets.items():
         norms = torch._foreach_norm(tensors, 2.0)

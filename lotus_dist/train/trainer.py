@@ -196,7 +196,7 @@ class Trainer:
         # Loss and squared gradient norm (the non-finite check of every gradient) with the stop and checkpoint
         # flags in one all-reduce; clipping (train.grad_clip > 0) scales on the device; then the step's one sync.
         grads = [p.grad for p in self.model.parameters() if p.grad is not None]
-        summed = self.consensus.reduce([loss_sum, grad_sq_partial(grads, self.rt.world_size, self.device)],
+        summed = self.consensus.reduce([loss_sum, grad_sq_partial(grads, self.device)],
                                        stop=self.signals.received is not None, writing=self.checkpointer.writing())
         if self.cfg.train.grad_clip > 0:
             clip_(grads, summed[1].sqrt(), self.cfg.train.grad_clip)

@@ -2,8 +2,9 @@
 ``{"entry": "owner_workers", ...}`` (argv: options JSON, work directory). Rank 0 writes ``<tag>.result.json``.
 
 The loop below is the trainer's ``train_step`` (lr set on ``param_groups``, micro-batches under ``no_sync``, loss
-all-reduce, ``clip_grad_norm_`` over all parameters, ``step``, ``zero_grad``) on a tiny LLaMA, compared with the
-single-process trajectory (``refs``, or computed on every rank).
+all-reduce, the global gradient norm from each rank's share and clipping on the device (``train/consensus.py``),
+``step``, ``zero_grad``) on a tiny LLaMA, compared with the single-process trajectory (``refs``, or computed on
+every rank).
 
 options: tag, methods, modes (ddp, deepspeed), steps, save_at (step at which each (mode, method) run saves a DCP
 checkpoint under ``<workdir>/ckpt/<mode>_<method>_w<world>``), resume (list of [checkpoint dir, mode, method,
@@ -28,6 +29,7 @@ from lotus_dist.distributed.runtime import init_distributed
 from lotus_dist.model.llama import Llama, llama_config
 from lotus_dist.optim import build_optimizer, memory_report, switch_report
 from lotus_dist.train.config import Config, DistConfig, OptimConfig
+from lotus_dist.train.consensus import clip_, grad_sq_partial
 
 CFG = llama_config("tiny", vocab_size=256, dim=64, n_layers=2, n_heads=4, ffn_dim=172, max_seq_len=32)
 GLOBAL_BATCH, SEQ, MICRO, LR, CLIP = 12, 16, 2, 0.01, 1.0
@@ -70,8 +72,10 @@ class _Single:
         return t
 
 
-def train(model, opt, mode, rank: int, world: int, start: int, end: int, total: int, on_step=None) -> list[float]:
-    """Steps ``start+1 .. end`` as the trainer runs them; returns the logged (global mean) losses."""
+def train(model, opt, mode, rank: int, world: int, start: int, end: int, total: int, on_step=None,
+          held: list | None = None) -> list[float]:
+    """Steps ``start+1 .. end`` as the trainer runs them; returns the logged (global mean) losses. ``held``
+    collects, after each step's backward, (gradients this rank holds, of them not its own, its own parameters)."""
     per = GLOBAL_BATCH // world
     accum = per // MICRO
     losses = []
@@ -86,8 +90,17 @@ def train(model, opt, mode, rank: int, world: int, start: int, end: int, total: 
                 loss = model(x[i * MICRO:(i + 1) * MICRO], y[i * MICRO:(i + 1) * MICRO]) / accum
                 loss.backward()
             loss_sum += loss.detach()
+        if held is not None and hasattr(opt, "owned"):
+            params = list(model.parameters())
+            with_grad = [p for p in params if p.grad is not None]
+            held.append((len(with_grad), sum(not opt.owned(p) for p in with_grad), sum(map(opt.owned, params))))
         losses.append(mode.all_reduce_mean(loss_sum).item())
-        torch.nn.utils.clip_grad_norm_(model.parameters(), CLIP)
+        # the trainer's clipping: each rank's share of the squared norm (ddp: its own parameters' gradients only)
+        grads = [p.grad for p in model.parameters() if p.grad is not None]
+        sq = grad_sq_partial(grads, torch.device("cpu"))
+        if world > 1:
+            dist.all_reduce(sq)
+        clip_(grads, sq.sqrt(), CLIP)
         opt.step()
         opt.zero_grad(set_to_none=True)
         if on_step is not None:
@@ -177,7 +190,8 @@ def main(options: dict, workdir: Path) -> None:
                 if step == save_at:
                     save_sharded(str(ckpt), model, opt)
 
-            losses = train(model, opt, mode, rank, world, 0, steps, steps, on_step)
+            held: list = []
+            losses = train(model, opt, mode, rank, world, 0, steps, steps, on_step, held)
             params = full_params(model)
             run = {
                 "loss_rel": loss_diff(losses, ref["losses"]),
@@ -185,7 +199,11 @@ def main(options: dict, workdir: Path) -> None:
                 "switches": gather(sum(switch_report(opt).values())),
                 "bytes": gather(memory_report(opt)["total"]),
                 "loads": opt.owner_loads(),
-                # every rank holds the same weights after the broadcast
+                "held": held,  # rank 0's (gradients held after backward, not owned, owned) per step
+                "held_bytes": gather(sum(p.numel() * 4 for p in model.parameters() if opt.owned(p)))
+                if hasattr(opt, "owned") else None,
+                "padding": opt.padding,
+                # every rank holds the same weights after the all-gather
                 "replica_rel": max(gather(rel_diff(params, gather(params)[0]))),
             }
             if mode_name == "deepspeed":

@@ -1,4 +1,5 @@
-"""``dist.mode=deepspeed``: the DeepSpeed engine (ZeRO stage 0) with the owner backend, on gloo.
+"""``dist.mode=deepspeed``: the DeepSpeed engine (stage 0) around the owner backend's matrix-granular ZeRO-2, on gloo;
+DeepSpeed configs asking for ZeRO stage 1 or 2 run on it.
 
 Equivalence runs share their launches with test_owner.py (owner_runs.py). Tests that need DeepSpeed skip without
 it, or fail where CI demands it (LOTUS_REQUIRE_SYSTEM_TOOLS=1; CI installs the ``deepspeed`` extra).
@@ -13,7 +14,7 @@ import sys
 
 import pytest
 
-from lotus_dist.distributed.deepspeed import deepspeed_config
+from lotus_dist.distributed.deepspeed import check_config, deepspeed_config, engine_config
 from lotus_dist.errors import UserError
 from lotus_dist.train.config import load_config
 from lotus_dist.train.metrics import read_metrics
@@ -48,10 +49,9 @@ def test_generated_config_follows_ours():
 
 
 @pytest.mark.parametrize("body, needle", [
-    ({"zero_optimization": {"stage": 2}}, "ZeRO stage 2 is not supported"),
-    ({"zero_optimization": {"stage": 1}}, "cut matrices apart"),
-    ({"zero_optimization": {"stage": 3}}, "ZeRO stage 3"),
-    ({"bf16": {"enabled": True}}, "'bf16.enabled' is not supported"),
+    ({"zero_optimization": {"stage": 3}}, "ZeRO stage 3 is not supported"),
+    ({"zero_optimization": {"stage": 3}}, "use dist.mode=fsdp"),
+    ({"fp16": {"enabled": True}}, "'fp16.enabled' is not supported"),
     ({"optimizer": {"type": "Adam"}}, "must not define 'optimizer'"),
     ({"train_micro_batch_size_per_gpu": 4}, "train_micro_batch_size_per_gpu=4"),
 ])
@@ -61,6 +61,19 @@ def test_user_config_refusals(tmp_path, body, needle):
     with pytest.raises(UserError, match=needle) as err:
         deepspeed_config(_cfg(f"dist.deepspeed_config={path}"), world_size=2)
     assert "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize("stage", [1, 2])
+def test_zero_stage_1_and_2_and_bf16_run_on_the_owner_backend(tmp_path, stage):
+    """The stage is accepted (our owner backend is ZeRO-2 at matrix granularity) and the engine gets stage 0; bf16
+    becomes the trainer's autocast, not DeepSpeed's flattening bf16 optimizer."""
+    path = tmp_path / "ds.json"
+    path.write_text(json.dumps({"zero_optimization": {"stage": stage, "overlap_comm": True}, "bf16": {"enabled": True}}))
+    ds = deepspeed_config(_cfg(f"dist.deepspeed_config={path}"), world_size=2)
+    assert check_config(ds) == stage
+    engine = engine_config(ds)
+    assert engine["zero_optimization"] == {"stage": 0, "overlap_comm": True}
+    assert not engine["bf16"]["enabled"] and engine["torch_autocast"] == {"enabled": True, "dtype": "bfloat16"}
 
 
 def test_user_config_is_completed(tmp_path):
@@ -120,13 +133,26 @@ def test_pretrain_under_the_deepspeed_launcher_matches_single(needs_deepspeed):
     R.check_pretrain(read_metrics(run_dir), R.pretrain_single())
 
 
-def test_pretrain_refuses_zero_stage_with_one_line(needs_deepspeed, tmp_path):
+@pytest.mark.parametrize("stage", [1, 2])
+def test_pretrain_with_a_zero_stage_config_matches_single(needs_deepspeed, tmp_path, stage):
+    """A DeepSpeed user's config (ZeRO stage 1 or 2, micro-batch 2 as ours) trains on the owner backend and follows
+    the single-process run; the log says what runs."""
     path = tmp_path / "ds.json"
-    path.write_text(json.dumps({"zero_optimization": {"stage": 2}}))
+    path.write_text(json.dumps({"zero_optimization": {"stage": stage}, "train_micro_batch_size_per_gpu": 2}))
+    run_dir = tmp_path / "run"
+    proc = launch(2, [*R.PRETRAIN_ARGS, f"data.cache_dir={R.workdir() / 'cache'}", f"run.dir={run_dir}",
+                      "dist.mode=deepspeed", f"dist.deepspeed_config={path}"], timeout=240)
+    assert f"ZeRO stage {stage} requested: lotus_dist runs its own matrix-granular ZeRO-2" in proc.stdout
+    R.check_pretrain(read_metrics(run_dir), R.pretrain_single())
+
+
+def test_pretrain_refuses_zero_stage_3_with_one_line(needs_deepspeed, tmp_path):
+    path = tmp_path / "ds.json"
+    path.write_text(json.dumps({"zero_optimization": {"stage": 3}}))
     proc = launch(2, [*SMALL, f"run.dir={tmp_path / 'run'}", f"data.cache_dir={R.workdir() / 'cache'}",
                       "dist.mode=deepspeed", f"dist.deepspeed_config={path}"], check=False, timeout=120)
     assert proc.returncode != 0
     # Every rank raises the same error; torchrun may stop the slower rank before it prints, so count >= 1.
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
-    assert errors and len(set(errors)) == 1 and "ZeRO stage 2 is not supported" in errors[0], proc.stderr[-3000:]
+    assert errors and len(set(errors)) == 1 and "ZeRO stage 3 is not supported" in errors[0], proc.stderr[-3000:]
     assert "distributed/deepspeed.py" not in proc.stderr  # no traceback from our code (torchrun has its own)
