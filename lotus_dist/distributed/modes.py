@@ -6,8 +6,8 @@ own shards, and gets the weights one process would for the same seed). A model t
 as it is.
 
 The trainer only calls ``wrap_model``, ``build_optimizer``, ``update_units`` (optim.per_layer), ``no_sync``,
-``all_reduce_mean``, ``all_reduce_sum``, ``any_rank``, ``all_gather_object``, ``barrier``, ``close`` and reads
-``rank``, ``world_size``, ``device``.
+``gradients``, ``all_reduce_mean``, ``all_reduce_sum``, ``any_rank``, ``all_gather_object``, ``barrier``, ``close``
+and reads ``rank``, ``world_size``, ``device``.
 """
 
 from __future__ import annotations
@@ -57,6 +57,10 @@ class SingleProcess:
 
     def no_sync(self, model, last: bool):
         return contextlib.nullcontext()
+
+    def gradients(self, model) -> list[torch.Tensor]:
+        """This rank's gradients after backward (the norm and clipping work on these)."""
+        return [p.grad for p in model.parameters() if p.grad is not None]
 
     def all_reduce_mean(self, tensor):
         return tensor

@@ -88,7 +88,8 @@ class OwnerOptimizer(Optimizer):
     owners update, then every rank receives the weights).
     """
 
-    def __init__(self, full: Optimizer, *, group=None, bucket_mb: float = BUCKET_MB, order=None):
+    def __init__(self, full: Optimizer, *, group=None, bucket_mb: float = BUCKET_MB, order=None,
+                 weights_dtype: torch.dtype | None = None):
         if not (dist.is_available() and dist.is_initialized()):
             raise RuntimeError("OwnerOptimizer needs an initialised process group")
         if not bucket_mb > 0:
@@ -108,21 +109,38 @@ class OwnerOptimizer(Optimizer):
         self.owners = {id(p): o for b in self.buckets for p, o in zip(b.params, b.owners)}
         self.padding = padding_ratio(self.buckets)
 
+        # bf16 weights (weights_dtype): the owner keeps an fp32 master of each of its parameters, which its optimizer
+        # steps; every rank holds the model in bf16. Otherwise the optimizer steps the parameters themselves.
+        self.masters: dict[int, nn.Parameter] = {}
+        self._param_of: dict[int, torch.Tensor] = {}  # id(tensor the local optimizer steps) -> model parameter
         groups, self._group_of = [], []
         for gi, g in enumerate(self.param_groups):
-            mine = [p for p in g["params"] if self.owners[id(p)] == self.rank]
+            mine = []
+            for p in g["params"]:
+                if self.owners[id(p)] != self.rank:
+                    continue
+                target = p
+                if weights_dtype is not None and weights_dtype != p.dtype:
+                    target = self.masters[id(p)] = nn.Parameter(p.detach().clone(), requires_grad=False)
+                self._param_of[id(target)] = p
+                mine.append(target)
             if mine:  # no empty groups: torch and DCP handle those poorly
                 groups.append({**_hparams(g), "params": mine})
                 self._group_of.append(gi)
+        if weights_dtype is not None:
+            with torch.no_grad():
+                for p in all_params:
+                    p.data = p.data.to(weights_dtype)
         self.local = type(full)(groups, **full.defaults)
         # Global matrix indices, as in the single-process optimizer: the seeds of the random bases depend on them.
-        self.local._indices = {id(p): full._index_of(p) for g in groups for p in g["params"]}
-        self.local.param_names = {id(p): self.param_names[id(p)] for g in groups for p in g["params"]
-                                  if id(p) in self.param_names}
+        self.local._indices = {id(t): full._index_of(self._param_of[id(t)]) for g in groups for t in g["params"]}
+        self.local.param_names = {id(t): self.param_names[id(self._param_of[id(t)])] for g in groups
+                                  for t in g["params"] if id(self._param_of[id(t)]) in self.param_names}
         # Allocate now (same zeros a first step allocates): every rank then has a non-empty ``state``, so DCP's
         # state-initialising step (torch.distributed.checkpoint.state_dict._init_optim_state) is skipped on all
         # ranks alike -- it would otherwise call this collective step() on some ranks only.
         self.local.init_state()
+        self._keep_masters_in_state()
         self._projected = [p for g in self.param_groups if g.get("rank") is not None for p in g["params"]]
         self._link_state()
 
@@ -132,12 +150,33 @@ class OwnerOptimizer(Optimizer):
         mirrors = {p: {"n_bases": self.state.get(p, {}).get("n_bases", 0)} for p in self._projected
                    if self.owners[id(p)] != self.rank}
         self.state.clear()
-        for p, st in self.local.state.items():
-            self.state[p] = st
+        for t, st in self.local.state.items():
+            self.state[self._param_of[id(t)]] = st
         self.state.update(mirrors)
 
     def owned(self, p: torch.Tensor) -> bool:
         return self.owners[id(p)] == self.rank
+
+    def grad_target(self, p: torch.Tensor) -> torch.Tensor:
+        """Where the owner's averaged gradient of ``p`` goes: its fp32 master under bf16 weights, else ``p``."""
+        return self.masters.get(id(p), p)
+
+    def gradients(self) -> list[torch.Tensor]:
+        """This rank's gradients after backward (its own parameters'), for the trainer's norm and clipping."""
+        return [t.grad for t in self._param_of_targets() if t.grad is not None]
+
+    def _param_of_targets(self) -> list[torch.Tensor]:
+        return [t for g in self.local.param_groups for t in g["params"]]
+
+    def _keep_masters_in_state(self) -> None:
+        """A master is state of its parameter (``master_weight``): memory_report counts it, checkpoints hold it,
+        and a resume continues from it rather than from the bf16 copy."""
+        for master in self.masters.values():
+            self.local.state[master]["master_weight"] = master
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        super().zero_grad(set_to_none=set_to_none)
+        self.local.zero_grad(set_to_none=set_to_none)  # the masters' gradients
 
     def _sync_hparams(self) -> None:
         for li, gi in enumerate(self._group_of):
@@ -148,7 +187,7 @@ class OwnerOptimizer(Optimizer):
         parameter owned elsewhere. DCP saves nothing for an empty dict, so the per-rank dicts merge into one
         checkpoint without key collisions, and the empty entry satisfies DCP's strict load check."""
         local = self.local.state_dict()
-        local_params = [p for g in self.local.param_groups for p in g["params"]]
+        local_params = [self._param_of[id(t)] for g in self.local.param_groups for t in g["params"]]
         pos = {id(p): i for i, p in enumerate(p for g in self.param_groups for p in g["params"])}
         state = {i: {} for i in pos.values()}
         for li, st in local["state"].items():
@@ -169,14 +208,21 @@ class OwnerOptimizer(Optimizer):
         local_state, local_groups, li = {}, [], 0
         for lg, gi in zip(self.local.param_groups, self._group_of):
             ids = []
-            for p in lg["params"]:
-                st = state_dict["state"].get(key_of[id(p)])
+            for t in lg["params"]:
+                p = self._param_of[id(t)]
+                st = dict(state_dict["state"].get(key_of[id(p)]) or {})
+                master = st.pop("master_weight", None)
+                if id(p) in self.masters:  # from the saved master, else from the (just loaded) weights
+                    with torch.no_grad():
+                        self.masters[id(p)].copy_(master.to_local() if hasattr(master, "to_local") else master
+                                                  if master is not None else p)
                 if st:
                     local_state[li] = st
                 ids.append(li)
                 li += 1
             local_groups.append({**_hparams(self.param_groups[gi]), "params": ids})
         self.local.load_state_dict({"state": local_state, "param_groups": local_groups})
+        self._keep_masters_in_state()
         self._link_state()
         self._sync_switch_counts()
 
@@ -190,7 +236,8 @@ class OwnerOptimizer(Optimizer):
                 loss = closure()
         self._sync_hparams()  # the trainer sets lr on the full groups
         self.local.step()
-        gather_weights(self.buckets, self.group)  # every rank receives the owners' new weights
+        # every rank receives the owners' new weights (from the fp32 masters, cast, under bf16 weights)
+        gather_weights(self.buckets, self.group, source_of=lambda p: self.masters.get(id(p), p))
         self._counts_stale = True  # the n_bases mirrors are refreshed when a report asks (refresh_report)
         return loss
 
@@ -230,13 +277,16 @@ class OwnerOptimizer(Optimizer):
         return [tuple(x) for x in loads]
 
 
-def build_owner_optimizer(model: nn.Module, optim_cfg, *, group=None, bucket_mb: float = BUCKET_MB) -> OwnerOptimizer:
+def build_owner_optimizer(model: nn.Module, optim_cfg, *, group=None, bucket_mb: float = BUCKET_MB,
+                          weights_dtype: torch.dtype | None = None) -> OwnerOptimizer:
     """``build_optimizer(model, optim_cfg)`` sharded by owner, with the gradient layout in backward order (the
-    reverse of the parameters' order: lm_head first, the embedding last)."""
+    reverse of the parameters' order: lm_head first, the embedding last). ``weights_dtype`` (bf16): the model is
+    cast to it on every rank, the owners keep fp32 masters."""
     from lotus_dist.optim import build_optimizer
 
     full = build_optimizer(model, optim_cfg)
-    return OwnerOptimizer(full, group=group, bucket_mb=bucket_mb, order=list(model.parameters())[::-1])
+    return OwnerOptimizer(full, group=group, bucket_mb=bucket_mb, order=list(model.parameters())[::-1],
+                          weights_dtype=weights_dtype)
 
 
 class OwnerDataParallel(Collective):
@@ -248,12 +298,22 @@ class OwnerDataParallel(Collective):
 
     def wrap_model(self, model, cfg):
         self.bucket_mb = cfg.dist.bucket_mb
-        return self.materialize(model, cfg)  # whole on every rank, initialised as one process would
+        # bf16 weights where the trainer computes in bf16 (train.dtype=bf16, or auto on CUDA), fp32 masters on owners
+        bf16 = cfg.train.dtype == "bf16" or (cfg.train.dtype == "auto" and self.device.type == "cuda")
+        self.weights_dtype = torch.bfloat16 if bf16 else None
+        return self.materialize(model, cfg)  # whole on every rank, initialised (in fp32) as one process would
 
     def build_optimizer(self, model, optim_cfg):
-        optimizer = build_owner_optimizer(model, optim_cfg, bucket_mb=getattr(self, "bucket_mb", BUCKET_MB))
-        self.reducer = OwnerReducer(optimizer.buckets, group=None)
+        optimizer = build_owner_optimizer(model, optim_cfg, bucket_mb=getattr(self, "bucket_mb", BUCKET_MB),
+                                          weights_dtype=getattr(self, "weights_dtype", None))
+        # gradients are summed in fp32 whatever the weights' dtype, and go to the owner's master under bf16
+        self.reducer = OwnerReducer(optimizer.buckets, group=None, reduce_dtype=torch.float32,
+                                    target=optimizer.grad_target)
+        self.optimizer = optimizer
         return optimizer
+
+    def gradients(self, model) -> list[torch.Tensor]:
+        return self.optimizer.gradients()
 
     @contextlib.contextmanager
     def no_sync(self, model, last: bool):

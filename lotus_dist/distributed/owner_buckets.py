@@ -100,10 +100,12 @@ class OwnerReducer:
     ``p.grad`` set only on this rank's own parameters (the mean over ranks, in the parameter's dtype).
 
     ``reduce_dtype``: the flat buffers' dtype (fp32 for bf16 weights: the sum over ranks is taken in fp32).
+    ``target(p)``: the tensor that receives ``p``'s averaged gradient (default ``p``; its fp32 master under bf16).
     """
 
-    def __init__(self, buckets: list[Bucket], group, reduce_dtype: torch.dtype | None = None):
+    def __init__(self, buckets: list[Bucket], group, reduce_dtype: torch.dtype | None = None, target=None):
         self.buckets, self.group = buckets, group
+        self.target = target or (lambda p: p)  # the tensor that receives p's averaged gradient (a master copy)
         self.rank, self.world = dist.get_rank(group), dist.get_world_size(group)
         self.reduce_dtype = reduce_dtype
         self.reducing = False
@@ -149,8 +151,9 @@ class OwnerReducer:
             b.out.div_(self.world)
             for i in b.owned:
                 p, off = b.params[i], b.offsets[i]
-                g = b.out[off : off + p.numel()].view_as(p)
-                p.grad = g if g.dtype == p.dtype else g.to(p.dtype)
+                t = self.target(p)
+                g = b.out[off : off + p.numel()].view(p.shape)
+                t.grad = g if g.dtype == t.dtype else g.to(t.dtype)
             b.flat = b.work = None
             b.ready = 0
         self.reducing = False
@@ -172,7 +175,10 @@ def gather_weights(buckets: list[Bucket], group, source_of=None) -> None:
         for p, owner, off in zip(b.params, b.owners, b.offsets):
             if owner == rank:
                 src = p if source_of is None else source_of(p)
-                send[off : off + p.numel()].copy_(src.detach().reshape(-1))
+                if src is not p:  # a master copy: the owner's own weight takes its (cast) value too
+                    with torch.no_grad():
+                        p.copy_(src)
+                send[off : off + p.numel()].copy_(p.detach().reshape(-1))
         recv = torch.empty(world * b.segment, dtype=dtype, device=device)
         counted("all_gather", nbytes(recv), group)
         dist.all_gather(list(recv.chunk(world)), send, group=group)

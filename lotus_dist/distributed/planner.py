@@ -137,7 +137,8 @@ def _method_numbers(cfg, model: nn.Module, plan: Plan, method: str, gather_bytes
         reduce_scatter += 2 * _ring(rep) * math.ceil(numel_full / w) * reduce_bytes
     opt = moments + projectors + switch_state
     return dict(
-        params=params, grads=grads, moments=moments, projectors=projectors, switch_state=switch_state, optimizer=opt,
+        params=params, grads=grads, moments=moments, projectors=projectors, switch_state=switch_state, masters=0,
+        optimizer=opt,
         projector_transient=transient, total=params + grads + opt + transient, all_gather=all_gather,
         reduce_scatter=reduce_scatter,
         lowrank_step=step_extra, switch_check=switch, refresh=refresh,
@@ -190,10 +191,11 @@ def _per_layer_projectors(model: nn.Module, plan: Plan) -> int:
 
 
 def _ddp_numbers(cfg, mcfg, world: int) -> dict:
-    """lotus under dist.mode=ddp/deepspeed (matrix-granular ZeRO-2, owner.py): the model whole on every rank, each
-    rank's own gradients plus the largest bucket in flight, its own parameters' optimizer state; per step one
-    reduce-scatter of the gradients (fp32) and one all-gather of the weights, in the owner-aligned layout (padding
-    included). Rank = the one holding the most."""
+    """lotus under dist.mode=ddp/deepspeed (matrix-granular ZeRO-2, owner.py): the model whole on every rank (bf16
+    where a CUDA run computes in bf16, with fp32 masters on the owners), each rank's own gradients plus the largest
+    bucket in flight, its own parameters' optimizer state; per step one reduce-scatter of the gradients (fp32) and
+    one all-gather of the weights, in the owner-aligned layout (padding included). Rank = the one holding the
+    most."""
     from lotus_dist.optim import build_optimizer
     from lotus_dist.optim.lowrank import MOMENT_KEYS, PROJECTOR_KEYS
 
@@ -208,7 +210,7 @@ def _ddp_numbers(cfg, mcfg, world: int) -> dict:
     buckets = build_layout(list(model.parameters())[::-1], world, cfg.dist.bucket_mb * 2**20,
                            state_bytes={k: mem for k, (mem, _) in costs.items()})
     opt.init_state()
-    per_rank = [dict(grads=0, moments=0, projectors=0, switch_state=0) for _ in range(world)]
+    per_rank = [dict(grads=0, moments=0, projectors=0, switch_state=0, masters=0) for _ in range(world)]
     for b in buckets:
         for p, owner in zip(b.params, b.owners):
             r = per_rank[owner]
@@ -217,17 +219,25 @@ def _ddp_numbers(cfg, mcfg, world: int) -> dict:
                 if isinstance(v, torch.Tensor):
                     kind = "moments" if key in MOMENT_KEYS else "projectors" if key in PROJECTOR_KEYS else "switch_state"
                     r[kind] += v.numel() * v.element_size()
+    # bf16 weights where a CUDA run computes in bf16: the model in bf16 on every rank, an fp32 master of each owned
+    # parameter on its owner (optimizer-side state), gradients summed in fp32
+    weight_bytes = _dtype_bytes(mixed_precision(cfg.train.dtype, "cuda")[0])
+    if weight_bytes != STATE_BYTES:
+        for b in buckets:
+            for p, owner in zip(b.params, b.owners):
+                per_rank[owner]["masters"] += p.numel() * STATE_BYTES
     in_flight = max(b.segment * b.world for b in buckets) * STATE_BYTES  # the largest bucket's full gradients
-    worst = max(per_rank, key=lambda r: r["grads"] + r["moments"] + r["projectors"] + r["switch_state"])
-    params = sum(p.numel() for p in model.parameters()) * STATE_BYTES
-    wire = sum(b.segment * b.world for b in buckets) * STATE_BYTES
-    optimizer = worst["moments"] + worst["projectors"] + worst["switch_state"]
+    worst = max(per_rank, key=lambda r: sum(r.values()))
+    params = sum(p.numel() for p in model.parameters()) * weight_bytes
+    padded = sum(b.segment * b.world for b in buckets)
+    optimizer = worst["moments"] + worst["projectors"] + worst["switch_state"] + worst["masters"]
     grads = worst["grads"] + in_flight
     return dict(params=params, grads=grads, moments=worst["moments"], projectors=worst["projectors"],
-                switch_state=worst["switch_state"], optimizer=optimizer, projector_transient=0,
-                total=params + grads + optimizer, all_gather=_ring(world) * wire, reduce_scatter=_ring(world) * wire,
+                switch_state=worst["switch_state"], masters=worst["masters"], optimizer=optimizer, projector_transient=0,
+                total=params + grads + optimizer, all_gather=_ring(world) * padded * weight_bytes,
+                reduce_scatter=_ring(world) * padded * STATE_BYTES,
                 lowrank_step=0, switch_check=0, refresh=0, once_per_step=True,
-                state_per_rank=[r["moments"] + r["projectors"] + r["switch_state"] for r in per_rank],
+                state_per_rank=[r["moments"] + r["projectors"] + r["switch_state"] + r["masters"] for r in per_rank],
                 grads_per_rank=[r["grads"] for r in per_rank])
 
 
@@ -246,6 +256,7 @@ ROWS = [
     ("moments", "moments"),
     ("projectors", "projectors"),
     ("switch reference (d_init)", "switch_state"),
+    ("fp32 masters (bf16 weights)", "masters"),
     ("optimizer state", "optimizer"),
     ("projector in use (peak)", "projector_transient"),
     ("TOTAL per rank", "total"),

@@ -195,7 +195,7 @@ class Trainer:
         maybe_poison_gradients(self.model.parameters(), self.rt.rank, self.step + 1)
         # Loss and squared gradient norm (the non-finite check of every gradient) with the stop and checkpoint
         # flags in one all-reduce; clipping (train.grad_clip > 0) scales on the device; then the step's one sync.
-        grads = [p.grad for p in self.model.parameters() if p.grad is not None]
+        grads = self.rt.gradients(self.model)
         summed = self.consensus.reduce([loss_sum, grad_sq_partial(grads, self.device)],
                                        stop=self.signals.received is not None, writing=self.checkpointer.writing())
         if self.cfg.train.grad_clip > 0:

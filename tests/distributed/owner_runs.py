@@ -20,10 +20,10 @@ import torch
 import owner_workers as W
 from dist_spawn import run_workers
 from lotus_dist.distributed.dcp_util import load_sharded, save_sharded
-from lotus_dist.model.llama import Llama
+from lotus_dist.model.llama import Llama, llama_config
 from lotus_dist.optim import build_optimizer, switch_report
 from lotus_dist.train.metrics import read_metrics
-from pretrain_launch import SMALL, launch
+from pretrain_launch import REPO, SMALL, launch
 
 METHODS = ("lotus", "galore", "adamw")
 LOSS_TOL, PARAM_TOL = 1e-5, 5e-4  # see test_owner.py's docstring
@@ -156,3 +156,11 @@ def check_resume_in_one_process(mode: str, method: str) -> None:
         W.train(model, opt, W._Single(), 0, 1, SAVE_AT, STEPS, STEPS)
     assert W.rel_diff(W.full_params(model), ref["params"]) < PARAM_TOL
     assert sum(switch_report(opt).values()) == ref["switches"]
+
+
+def model_config(cfg):
+    """The model a pretrain.py run of ``cfg`` builds (the tokenizer's vocabulary where the config leaves it open)."""
+    from lotus_dist.data import load_tokenizer
+    from lotus_dist.train.trainer import model_fingerprint
+
+    return llama_config(**{"name": cfg.model.name, **model_fingerprint(cfg, load_tokenizer(cfg.data.tokenizer).vocab_size)})

@@ -122,6 +122,26 @@ def test_planner_ddp_column_is_what_the_ranks_hold():
         assert planned["grads_per_rank"][0] == res["runs"]["ddp_lotus"]["held_bytes"][0]
 
 
+def test_bf16_weights_keep_fp32_masters_on_their_owners():
+    """train.dtype=bf16 under ddp: the model is bf16 on every rank and the owners step fp32 masters (optimizer
+    state: optimizer_state_bytes counts them, as the planner's ddp column does); the losses follow a one-process
+    bf16 run (fp32 weights, autocast) to bf16 rounding; a resume continues bit for bit from the masters."""
+    from lotus_dist.distributed.planner import _ddp_numbers
+    from lotus_dist.train.config import load_config, merge_overrides
+
+    bf16 = ["dist.mode=ddp", "train.dtype=bf16", "checkpoint.every=3"]
+    straight = R.pretrain(2, "ddp_bf16", *bf16)
+    single = R.pretrain(0, "single_bf16", "train.dtype=bf16")
+    for a, b in zip(straight, single):
+        assert abs(a["loss"] - b["loss"]) <= 2e-3 * abs(b["loss"]), (a, b)
+    cut = R.pretrain(2, "ddp_bf16_resumed", *bf16, "train.stop_at=3")
+    resumed = R.pretrain(2, "ddp_bf16_resumed", *bf16)
+    assert len(cut) == 3 and [l["loss"] for l in resumed] == [l["loss"] for l in straight]
+    cfg = load_config(R.REPO / "configs/tiny.yaml", merge_overrides(R.PRETRAIN_ARGS, ["train.dtype=bf16"]))
+    planned = _ddp_numbers(cfg, R.model_config(cfg), 2)
+    assert straight[-1]["optimizer_state_bytes"] == planned["state_per_rank"][0] and planned["masters"] > 0
+
+
 def test_checkpoint_holds_every_parameter_once():
     """Each rank saves only its own entries; DCP merges the disjoint keys into one complete checkpoint."""
     R.world2()
