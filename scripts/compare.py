@@ -1,14 +1,17 @@
 #!/usr/bin/env python
-"""Method comparison and Lotus ablation: the same LLaMA, data, token budget and seed for every optimizer.
+"""Method comparison and Lotus ablation: the same LLaMA, data and token budget for every optimizer, over seeds.
 
 Each run is a real ``pretrain.py`` process (one after the other, so timings do not compete). Writes, into --out:
-``results.csv``, ``results.md`` (a Markdown table) and ``val_loss.png`` (validation loss vs tokens and vs training
-wall time), plus every run's directory under ``runs/``.
+``results.csv`` (one row per run), ``results.md`` (per method: mean ± std over the seeds of the validation
+perplexity, and the switches), ``val_loss.png`` (validation loss vs tokens and vs training wall time, mean over the
+seeds with ± std error bars), plus every run's directory under ``runs/``.
 
-    python scripts/compare.py                          # CPU default: tiny LLaMA, embedded corpus (< 30 min, 2 cores)
-    python scripts/compare.py --methods adamw,galore,lotus --steps 100
+    python scripts/compare.py                          # CPU default: tiny LLaMA, embedded corpus, seeds 1, 2, 3
+    python scripts/compare.py --methods adamw,galore,lotus --seeds 0
+    python scripts/compare.py --sweep lotus            # Lotus's gamma x eta grid (the paper's sensitivity study)
+    python scripts/compare.py --preset cpu_long --methods "adamw,galore (svd+fixed),rsvd+fixed,lotus (rsvd+displacement)" --seeds 1
     # GaLore's 60M protocol on C4 on a GPU node (needs a C4 mirror and T5's tokenizer):
-    python scripts/compare.py --preset galore_60m --nproc 8 --extra data.path=/data/c4
+    python scripts/compare.py --preset galore_60m --nproc 8 --seeds 0 --extra data.path=/data/c4
 """
 
 from __future__ import annotations
@@ -51,37 +54,63 @@ PRESETS = {
     "cpu": {"config": "configs/tiny.yaml", "overrides": ["train.steps=200", "train.eval_every=40", "checkpoint.every=0",
                                                           "log.every=10", "log.progress=false", "optim.update_gap=50"],
             "adamw_lr": 0.003},
+    # Room for switching policies to differ: 1,000 steps of a ~10M-parameter LLaMA (dim 256, 6 layers; 9.7M with
+    # the 8k vocabulary) on the embedded corpus, T = 100; ~15 min a run on 2 cores.
+    "cpu_long": {"config": "configs/tiny.yaml",
+                 "overrides": ["model.dim=256", "model.n_layers=6", "model.n_heads=8", "model.ffn_dim=688",
+                               "train.steps=1000", "train.eval_every=100", "checkpoint.every=0", "log.every=20",
+                               "log.progress=false", "optim.update_gap=100", "optim.rank=64"],
+                 "adamw_lr": 0.003},
     # GaLore's 60M protocol (ALGORITHMS.md section 8): 10K steps, batch 512 x 256 on C4, for a GPU node.
     "galore_60m": {"config": "configs/llama_60m.yaml", "overrides": ["log.progress=false", "checkpoint.every=0"],
                    "adamw_lr": 0.001},
 }
 
 
-def run_one(name: str, overrides: list[str], preset: dict, out: Path, extra: list[str], nproc: int) -> Path:
-    run_dir = out / "runs" / name.split(" (")[0].replace(" ", "_").replace("=", "")
+# Lotus's sensitivity study (its paper asks for gamma in {0.005, 0.01, 0.02}, eta in {25, 50, 100}).
+SWEEP_GAMMAS, SWEEP_ETAS = (0.005, 0.01, 0.02), (25, 50, 100)
+
+
+def sweep_runs(steps: int) -> tuple[dict, str]:
+    """The gamma x eta grid as runs. A displacement switch is guaranteed by tau ~ 2/gamma: where that is beyond half
+    the run (gamma = 0.005 needs 400 steps), every gamma is scaled by the same factor so the smallest one can switch."""
+    scale = max(1.0, 2 / (min(SWEEP_GAMMAS) * steps / 2))
+    runs = {f"lotus g={g * scale:g} eta={eta}": ["optim.name=lotus", f"optim.gamma={g * scale:g}",
+                                                 f"optim.verify_gap={eta}"]
+            for g in SWEEP_GAMMAS for eta in SWEEP_ETAS}
+    note = (f"gamma scaled x{scale:g} from the paper's {SWEEP_GAMMAS} (2/gamma must fit in half of {steps} steps)"
+            if scale > 1 else "the paper's values")
+    return runs, note
+
+
+def run_one(name: str, overrides: list[str], preset: dict, out: Path, extra: list[str], nproc: int,
+            seed: int) -> Path:
+    run_dir = out / "runs" / (name.split(" (")[0].replace(" ", "_").replace("=", "") + f"_seed{seed}")
     launcher = [sys.executable] if nproc <= 1 else [sys.executable, "-m", "torch.distributed.run", "--standalone",
                                                    f"--nproc_per_node={nproc}"]
     # Full-rank AdamW diverges at the low-rank methods' lr 0.01: its own lr unless the row or --extra sets one.
     adamw_lr = [f"optim.lr={preset['adamw_lr']}"] if "optim.name=adamw" in overrides else []
     args = [*launcher, str(REPO / "pretrain.py"), "--config", str(REPO / preset["config"]),
             *merge_overrides(preset["overrides"], adamw_lr, overrides, extra,
-                             [f"run.dir={run_dir}", "checkpoint.resume=false"])]
+                             [f"run.dir={run_dir}", "checkpoint.resume=false", f"seed={seed}",
+                              f"optim.seed={seed}"])]
     if run_dir.exists():
         shutil.rmtree(run_dir)
     started = time.perf_counter()
     proc = subprocess.run(args, cwd=REPO, capture_output=True, text=True)
     if proc.returncode != 0:
         raise SystemExit(f"{name} failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
-    print(f"  {name:28s} done in {time.perf_counter() - started:6.1f} s", flush=True)
+    print(f"  {name:28s} seed {seed} done in {time.perf_counter() - started:6.1f} s", flush=True)
     return run_dir
 
 
-def summarise(name: str, run_dir: Path) -> dict:
+def summarise(name: str, seed: int, run_dir: Path) -> dict:
     lines = read_metrics(run_dir)
     evals = [l for l in lines if "val_loss" in l]
     last = lines[-1]
     return {
         "method": name,
+        "seed": seed,
         "val_ppl": round(evals[-1]["val_ppl"], 3),
         "val_loss": round(evals[-1]["val_loss"], 4),
         "tokens": last["tokens"],
@@ -94,8 +123,22 @@ def summarise(name: str, run_dir: Path) -> dict:
     }
 
 
-COLUMNS = ["method", "val_ppl", "val_loss", "tokens", "tokens_per_s", "optimizer_state_MiB", "switches", "refresh_s",
-           "train_s"]
+COLUMNS = ["method", "seed", "val_ppl", "val_loss", "tokens", "tokens_per_s", "optimizer_state_MiB", "switches",
+           "refresh_s", "train_s"]
+SUMMARY = ["method", "seeds", "val_ppl (mean ± std)", "switches (mean)", "tokens_per_s (median)", "optimizer_state_MiB"]
+
+
+def _mean_std(values: list[float]) -> str:
+    if len(values) < 2:
+        return f"{values[0]:.2f}"
+    return f"{statistics.mean(values):.2f} ± {statistics.stdev(values):.2f}"
+
+
+def by_method(rows: list[dict]) -> dict[str, list[dict]]:
+    out: dict[str, list[dict]] = {}
+    for r in rows:
+        out.setdefault(r["method"], []).append(r)
+    return out
 
 
 def write_outputs(rows: list[dict], out: Path, header: str) -> None:
@@ -103,7 +146,13 @@ def write_outputs(rows: list[dict], out: Path, header: str) -> None:
         writer = csv.DictWriter(f, fieldnames=COLUMNS, extrasaction="ignore")
         writer.writeheader()
         writer.writerows(rows)
-    md = [header, "", "| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
+    md = [header, "", "| " + " | ".join(SUMMARY) + " |", "|" + "---|" * len(SUMMARY)]
+    for method, runs in by_method(rows).items():
+        cells = [method, ",".join(str(r["seed"]) for r in runs), _mean_std([r["val_ppl"] for r in runs]),
+                 f"{statistics.mean(r['switches'] for r in runs):g}",
+                 f"{statistics.median(r['tokens_per_s'] for r in runs):.0f}", f"{runs[0]['optimizer_state_MiB']}"]
+        md.append("| " + " | ".join(cells) + " |")
+    md += ["", "Per run:", "", "| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
     md += ["| " + " | ".join(str(r[c]) for c in COLUMNS) + " |" for r in rows]
     (out / "results.md").write_text("\n".join(md) + "\n")
 
@@ -113,15 +162,22 @@ def write_outputs(rows: list[dict], out: Path, header: str) -> None:
     import matplotlib.pyplot as plt
 
     fig, (by_tokens, by_time) = plt.subplots(1, 2, figsize=(12, 4.5))
-    colors = plt.get_cmap("tab20").colors  # one distinct colour (and a line style) per run
-    for i, r in enumerate(rows):
-        tokens, seconds, loss = zip(*r["curve"])
-        style = dict(marker="o", ms=3, color=colors[(2 * i) % 20 + (2 * i) // 20], ls="-" if i % 2 == 0 else "--",
-                     label=r["method"])
-        by_tokens.plot(tokens, loss, **style)
-        by_time.plot(seconds, loss, **style)
-    by_tokens.set(xlabel="training tokens", ylabel="validation loss", title="validation loss vs tokens")
-    by_time.set(xlabel="training wall time (s)", ylabel="validation loss", title="validation loss vs wall time")
+    colors = plt.get_cmap("tab20").colors  # one distinct colour (and a line style) per method
+    for i, (method, runs) in enumerate(by_method(rows).items()):
+        curves = [list(zip(*r["curve"])) for r in runs]  # per run: tokens, seconds, losses
+        tokens = curves[0][0]
+        losses = list(zip(*[c[2] for c in curves]))  # per evaluation point: the seeds' losses
+        mean = [statistics.mean(v) for v in losses]
+        std = [statistics.stdev(v) if len(v) > 1 else 0.0 for v in losses]
+        seconds = [statistics.mean(v) for v in zip(*[c[1] for c in curves])]
+        style = dict(marker="o", ms=3, capsize=2, color=colors[(2 * i) % 20 + (2 * i) // 20],
+                     ls="-" if i % 2 == 0 else "--", label=method)
+        by_tokens.errorbar(tokens, mean, yerr=std, **style)
+        by_time.errorbar(seconds, mean, yerr=std, **style)
+    by_tokens.set(xlabel="training tokens", ylabel="validation loss (mean ± std over seeds)",
+                  title="validation loss vs tokens")
+    by_time.set(xlabel="training wall time (s)", ylabel="validation loss (mean ± std over seeds)",
+                title="validation loss vs wall time")
     for ax in (by_tokens, by_time):
         ax.grid(alpha=0.3)
     by_time.legend(fontsize=7)
@@ -136,21 +192,35 @@ def main(argv=None) -> int:
     parser.add_argument("--out", default="docs/results", help="output directory")
     parser.add_argument("--extra", nargs="*", default=[], help="more overrides for every run (section.key=value)")
     parser.add_argument("--nproc", type=int, default=1, help="processes per run (>1: torchrun, FSDP2)")
+    parser.add_argument("--seeds", default="1,2,3", help="comma-separated seeds (model init, data order, bases)")
+    parser.add_argument("--sweep", choices=["lotus"], default=None,
+                        help="instead of the methods: Lotus's gamma x eta grid (scaled to the run length if needed)")
     args = parser.parse_args(argv)
-    chosen = [m.strip() for m in args.methods.split(",") if m.strip()]
-    unknown = [m for m in chosen if m not in RUNS]
-    if unknown:
-        parser.error(f"unknown method(s) {unknown}; known: {', '.join(RUNS)}")
     preset = PRESETS[args.preset]
+    runs, sweep_note = dict(RUNS), ""
+    if args.sweep:
+        steps = int(next(o.split("=")[1] for o in preset["overrides"] if o.startswith("train.steps=")))
+        runs, sweep_note = sweep_runs(steps)
+        chosen = list(runs)
+    else:
+        chosen = [m.strip() for m in args.methods.split(",") if m.strip()]
+    unknown = [m for m in chosen if m not in runs]
+    if unknown:
+        parser.error(f"unknown method(s) {unknown}; known: {', '.join(runs)}")
+    try:
+        seeds = [int(x) for x in args.seeds.split(",") if x.strip()]
+    except ValueError:
+        parser.error(f"--seeds: expected comma-separated integers, got {args.seeds!r}")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     import torch
 
     machine = f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}"
     print(f"comparing {len(chosen)} runs, preset {args.preset}, on {machine}", flush=True)
-    rows = [summarise(name, run_one(name, RUNS[name], preset, out, args.extra, args.nproc)) for name in chosen]
+    rows = [summarise(name, seed, run_one(name, runs[name], preset, out, args.extra, args.nproc, seed))
+            for name in chosen for seed in seeds]
     header = (f"Preset `{args.preset}` ({preset['config']} {' '.join(preset['overrides'] + args.extra)}), "
-              f"seed 0, one run per method, machine: {machine}.")
+              f"seeds {','.join(map(str, seeds))}, machine: {machine}." + (f" Sweep: {sweep_note}." if sweep_note else ""))
     write_outputs(rows, out, header)
     print((out / "results.md").read_text())
     return 0

@@ -63,7 +63,7 @@ LOWRANK_DEFAULTS: dict[str, Any] = dict(
     reference_dtype="bf16",  # the displacement policy's d_init: bf16 (half the bytes) or fp32 (exact)
     seed=0,
 )
-MOMENT_POLICIES = ("keep", "reset", "rotate")
+MOMENT_POLICIES = ("keep", "reset", "rotate", "rotate_subtrack")
 RESIDUALS = ("none", "fira")
 REFERENCE_DTYPES = ("bf16", "fp32")
 CHOICES: dict[str, tuple[str, ...]] = {
@@ -706,6 +706,9 @@ class LowRankAdamW(Optimizer):
 
     @staticmethod
     def _apply_moment_policy(group, st, old, new, side) -> None:
+        """Moments at a switch (ALGORITHMS.md section 5), C mapping old coordinates to new ones: keep, reset, rotate
+        (LDAdam: the bias-corrected second moment of the gradient in the new coordinates) or rotate_subtrack
+        (SubTrack++'s code, with its extra (1 - beta2) factor, for comparison)."""
         mode = group["moments"]
         if mode == "keep":
             return
@@ -714,18 +717,23 @@ class LowRankAdamW(Optimizer):
             M.zero_()
             V.zero_()
             return
-        # rotate (SubTrack++/LDAdam): C maps old coordinates to new ones.
-        beta2 = group["betas"][1]
+        beta1, beta2 = group["betas"]
         S_old, S_new = columns(old, side).float(), columns(new, side).float()
         Mf, Vf = M.float(), V.float()
-        if side == "left":
-            C = S_new.T @ S_old
-            CM = C @ Mf
-            V_new = (C.square() @ (Vf - Mf.square()) + CM.square()).abs_().mul_(1 - beta2)
-        else:
-            C = S_old.T @ S_new
-            CM = Mf @ C
-            V_new = ((Vf - Mf.square()) @ C.square() + CM.square()).abs_().mul_(1 - beta2)
+        # left: C = S_newᵀ S_old acts on M's rows (r x n); right: C = S_oldᵀ S_new (= B_old B_newᵀ) on its columns
+        C = S_new.T @ S_old if side == "left" else S_old.T @ S_new
+
+        def rotate(X: torch.Tensor, square: bool = False) -> torch.Tensor:
+            Cx = C.square() if square else C
+            return Cx @ X if side == "left" else X @ Cx
+
+        CM = rotate(Mf)
+        if mode == "rotate_subtrack":
+            V_new = (rotate(Vf - Mf.square(), square=True) + CM.square()).abs_().mul_(1 - beta2)
+        else:  # rotate: b1, b2 the bias corrections of the s steps taken so far (s >= 1 at any switch)
+            s = st["step"]
+            b1, b2 = 1 - beta1**s, 1 - beta2**s
+            V_new = (rotate(Vf / b2 - Mf.square() / b1**2, square=True) + CM.square() / b1**2).abs_().mul_(b2)
         M.copy_(CM)
         V.copy_(V_new)
 

@@ -57,7 +57,7 @@ class OptimConfig:
     verify_gap: Optional[int] = None  # eta of the displacement policy
     t_min: Optional[int] = None  # minimum interval of path_efficiency
     window: Optional[int] = None  # w of path_efficiency
-    moments: Optional[str] = None  # keep | reset | rotate
+    moments: Optional[str] = None  # keep | reset | rotate (LDAdam) | rotate_subtrack (SubTrack++'s code)
     residual: Optional[str] = None  # none | fira
     oversample: Optional[int] = None  # p of rsvd
     power_iters: Optional[int] = None  # q of rsvd
@@ -165,7 +165,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "optim.proj_type": ("std", "reverse_std", "left", "right"),
     "optim.solver": ("svd", "rsvd", "random", "grasswalk", "online_pca"),
     "optim.switch": ("fixed", "displacement", "path_efficiency", "every_step"),
-    "optim.moments": ("keep", "reset", "rotate"),
+    "optim.moments": ("keep", "reset", "rotate", "rotate_subtrack"),
     "optim.residual": ("none", "fira"),
     "optim.reference_dtype": ("bf16", "fp32"),
     "optim.projectors": ("replicate", "shard"),

@@ -56,7 +56,7 @@ def _two_steps_around_switch(shape, moments, seed=0):
 
 
 @pytest.mark.parametrize("shape", [(10, 24), (24, 10)])
-@pytest.mark.parametrize("moments", ["keep", "reset", "rotate"])
+@pytest.mark.parametrize("moments", ["keep", "reset", "rotate", "rotate_subtrack"])
 def test_moment_policies_match_formulas(shape, moments):
     before, G, after = _two_steps_around_switch(shape, moments)
     assert after["n_bases"] == before["n_bases"] + 1
@@ -68,10 +68,18 @@ def test_moment_policies_match_formulas(shape, moments):
         M2, V2 = M, V
     elif moments == "reset":
         M2, V2 = torch.zeros_like(M), torch.zeros_like(V)
-    elif side == "left":  # C = S_newᵀ S_old;  M <- C M;  V <- (1-b2)|C²(V - M²) + (C M)²|
+    elif moments == "rotate":  # LDAdam: V <- c2 |C²(V/c2 - M²/c1²) + (C M)²/c1²|, c1, c2 after s = 2 steps
+        c1, c2 = 1 - b1**2, 1 - b2**2
+        if side == "left":  # C = S_newᵀ S_old;  M <- C M
+            C = new.T @ old
+            M2, V2 = C @ M, c2 * (C**2 @ (V / c2 - M**2 / c1**2) + (C @ M) ** 2 / c1**2).abs()
+        else:  # C = B_old B_newᵀ;  M <- M C
+            C = old @ new.T
+            M2, V2 = M @ C, c2 * ((V / c2 - M**2 / c1**2) @ C**2 + (M @ C) ** 2 / c1**2).abs()
+    elif side == "left":  # rotate_subtrack: V <- (1-b2)|C²(V - M²) + (C M)²|
         C = new.T @ old
         M2, V2 = C @ M, (1 - b2) * (C**2 @ (V - M**2) + (C @ M) ** 2).abs()
-    else:  # C = B_old B_newᵀ;  M <- M C;  V <- (1-b2)|(V - M²) C² + (M C)²|
+    else:
         C = old @ new.T
         M2, V2 = M @ C, (1 - b2) * ((V - M**2) @ C**2 + (M @ C) ** 2).abs()
     R = ss.project(G.double(), new, side)
@@ -348,3 +356,25 @@ def test_projfactor_step_matches_formula():
         opt.step()
         assert torch.allclose(w.detach().double(), W, atol=1e-5), t
     assert opt.state[w]["n_bases"] == 2
+
+
+@pytest.mark.parametrize("moments, factor", [("rotate", 1.0), ("rotate_subtrack", 1 - BETAS[1])])
+def test_rotating_into_the_same_basis_keeps_the_second_moment_only_in_ldadams_form(moments, factor):
+    """A switch to the same subspace (C = I): LDAdam's rotate leaves V as it was (it is the gradient's second moment
+    expressed in the new coordinates), SubTrack++'s form multiplies it by (1 - beta2), ~1000x too small."""
+    w = torch.nn.Parameter(torch.zeros(20, 8))
+    opt = LowRankAdamW([{"params": [w], "rank": 3, "solver": "svd", "switch": "fixed", "update_gap": 2,
+                         "moments": moments}])
+    G = torch.randn(20, 8, generator=torch.Generator().manual_seed(1))
+    for _ in range(2):
+        w.grad = G.clone()
+        opt.step()
+    V = opt.state[w]["exp_avg_sq"].double().clone()
+    M = opt.state[w]["exp_avg"].double().clone()
+    w.grad = G.clone()
+    opt.step()  # switches to the svd basis of the same G: the same projector
+    R = ss.project(G.double(), opt.state[w]["projector"].double(), "right")
+    b1, b2 = BETAS
+    assert torch.allclose(opt.state[w]["exp_avg"].double(), b1 * M + (1 - b1) * R, atol=1e-6)
+    assert torch.allclose(opt.state[w]["exp_avg_sq"].double(), b2 * factor * V + (1 - b2) * R * R, rtol=1e-4,
+                          atol=1e-9)
