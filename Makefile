@@ -9,7 +9,7 @@ ARGS   ?=
 export PIP_CONSTRAINT := $(CURDIR)/constraints.txt
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: install train test bench compare clean
+.PHONY: install train test bench compare gpu-check clean
 
 include docker/docker.mk
 
@@ -57,6 +57,13 @@ bench: install
 compare: install
 	@echo ">>> method comparison on the embedded corpus (all methods and the Lotus ablation, < 30 min on 2 cores)"
 	$(PY) scripts/compare.py $(ARGS)
+
+# The GPU check runs on the machine's own Python and torch with this checkout on PYTHONPATH (nothing installed: a
+# GPU machine brings its cluster's torch). `make gpu-check ARGS=--dry-run GPU_PYTHON=.venv/bin/python` runs it on a CPU.
+GPU_PYTHON ?= python3
+gpu-check:
+	@echo ">>> GPU check: CUDA correctness, NCCL/FSDP2/bf16 run + resume, speed and memory (< 8 min on one H200)"
+	PYTHONPATH=$(CURDIR)$${PYTHONPATH:+:$$PYTHONPATH} $(GPU_PYTHON) scripts/gpu_check.py $(ARGS)
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache build *.egg-info

@@ -60,7 +60,8 @@ def nbytes(params) -> int:
 def measure(cfg, opts: dict, per_layer: bool, recompute: bool, rank: int, batch: torch.Tensor, autocast) -> dict:
     """Peak bytes of one steady step of one method; everything it built is garbage when this returns."""
     torch.manual_seed(0)
-    model = Llama(cfg).to(batch.device)
+    with batch.device:
+        model = Llama(cfg)  # built on the device: no full-size copy through the host
     model.activation_checkpointing = recompute
     # Fixed and displacement switching only ever switch on schedule; a huge gap keeps the measured step steady.
     opt = build_optimizer(model, OptimConfig(rank=rank, **opts, update_gap=10**9, verify_gap=10**9))

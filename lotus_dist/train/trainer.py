@@ -374,7 +374,8 @@ class Trainer:
         (CUDA allocator peak on GPU, the storage account of peak_memory.py on CPU) against the model's bytes."""
         peak = max(self.rt.all_gather_object(int(peak_bytes)))
         self.logger.log({"event": "startup", "step": self.step, "startup_peak_bytes": peak,
-                         "model_bytes": self.model_bytes, "world_size": self.rt.world_size})
+                         "model_bytes": self.model_bytes, "world_size": self.rt.world_size,
+                         "device": self.device.type, "backend": self.rt.runtime.backend or "none"})
         self.logger.message(f"start-up: at most {peak / 2**20:.1f} MiB of tensors on a rank before step "
                             f"{self.step + 1} (the model is {self.model_bytes / 2**20:.1f} MiB)")
 
