@@ -61,7 +61,7 @@ PRESETS = {
                                "train.steps=1000", "train.eval_every=100", "checkpoint.every=0", "log.every=20",
                                "log.progress=false", "optim.update_gap=100", "optim.rank=64"],
                  "adamw_lr": 0.003},
-    # GaLore's 60M protocol (ALGORITHMS.md section 8): 10K steps, batch 512 x 256 on C4, for a GPU node.
+    # GaLore's 60M protocol (docs/algorithms.md section 12): 10K steps, batch 512 x 256 on C4, for a GPU node.
     "galore_60m": {"config": "configs/llama_60m.yaml", "overrides": ["log.progress=false", "checkpoint.every=0"],
                    "adamw_lr": 0.001},
 }
@@ -83,8 +83,17 @@ def sweep_runs(steps: int) -> tuple[dict, str]:
     return runs, note
 
 
+def finished(run_dir: Path, steps: int) -> bool:
+    """A run that reached its last step and evaluated there (compare runs keep no checkpoints to resume from)."""
+    try:
+        lines = read_metrics(run_dir)
+    except (FileNotFoundError, ValueError):
+        return False
+    return any(l.get("step") == steps and "val_loss" in l for l in lines)
+
+
 def run_one(name: str, overrides: list[str], preset: dict, out: Path, extra: list[str], nproc: int,
-            seed: int) -> Path:
+            seed: int, keep_finished: bool = False) -> Path:
     run_dir = out / "runs" / (name.split(" (")[0].replace(" ", "_").replace("=", "") + f"_seed{seed}")
     launcher = [sys.executable] if nproc <= 1 else [sys.executable, "-m", "torch.distributed.run", "--standalone",
                                                    f"--nproc_per_node={nproc}"]
@@ -94,6 +103,10 @@ def run_one(name: str, overrides: list[str], preset: dict, out: Path, extra: lis
             *merge_overrides(preset["overrides"], adamw_lr, overrides, extra,
                              [f"run.dir={run_dir}", "checkpoint.resume=false", f"seed={seed}",
                               f"optim.seed={seed}"])]
+    steps = int(next(o.split("=")[1] for o in merge_overrides(preset["overrides"], extra) if o.startswith("train.steps=")))
+    if keep_finished and finished(run_dir, steps):
+        print(f"  {name:28s} seed {seed} kept (finished earlier)", flush=True)
+        return run_dir
     if run_dir.exists():
         shutil.rmtree(run_dir)
     started = time.perf_counter()
@@ -195,6 +208,8 @@ def main(argv=None) -> int:
     parser.add_argument("--seeds", default="1,2,3", help="comma-separated seeds (model init, data order, bases)")
     parser.add_argument("--sweep", choices=["lotus"], default=None,
                         help="instead of the methods: Lotus's gamma x eta grid (scaled to the run length if needed)")
+    parser.add_argument("--keep-finished", action="store_true",
+                        help="reuse runs under --out that already finished (same names); rerun the others")
     args = parser.parse_args(argv)
     preset = PRESETS[args.preset]
     runs, sweep_note = dict(RUNS), ""
@@ -217,7 +232,8 @@ def main(argv=None) -> int:
 
     machine = f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}"
     print(f"comparing {len(chosen)} runs, preset {args.preset}, on {machine}", flush=True)
-    rows = [summarise(name, seed, run_one(name, runs[name], preset, out, args.extra, args.nproc, seed))
+    rows = [summarise(name, seed, run_one(name, runs[name], preset, out, args.extra, args.nproc, seed,
+                                                 args.keep_finished))
             for name in chosen for seed in seeds]
     header = (f"Preset `{args.preset}` ({preset['config']} {' '.join(preset['overrides'] + args.extra)}), "
               f"seeds {','.join(map(str, seeds))}, machine: {machine}." + (f" Sweep: {sweep_note}." if sweep_note else ""))

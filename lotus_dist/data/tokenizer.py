@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -14,8 +15,50 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 NAMED_MODELS = {"embedded": "tokenizer/embedded.model"}
 
 
-def resolve_tokenizer_path(path_or_name: str) -> Path:
-    """A relative path is looked up in the current directory first, then in the repository root."""
+HUB_PREFIX = "hf:"
+# Where Hugging Face repositories keep their sentencepiece model: LLaMA's name, then T5's.
+HUB_FILES = ("tokenizer.model", "spiece.model")
+
+
+def parse_hub_name(spec: str) -> tuple[str, str | None, str | None]:
+    """``hf:<repo>[@<revision>][:<file>]`` -> (repo, revision, file)."""
+    body = spec[len(HUB_PREFIX):]
+    body, _, filename = body.partition(":")
+    repo, _, revision = body.partition("@")
+    if not repo or repo.count("/") > 1:
+        raise DataError(f"config key 'data.tokenizer': '{spec}' is not hf:<repo>[@<revision>][:<file>] "
+                        f"(e.g. hf:google-t5/t5-base)")
+    return repo, revision or None, filename or None
+
+
+def fetch_hub_model(spec: str, local_files_only: bool = False) -> Path:
+    """The sentencepiece model of a hub repository, from the Hugging Face cache (downloaded into it if missing;
+    ``HF_HUB_OFFLINE=1`` and ``HF_HUB_CACHE`` apply as for every Hugging Face download)."""
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.errors import EntryNotFoundError, HfHubHTTPError, RepositoryNotFoundError
+
+    repo, revision, filename = parse_hub_name(spec)
+    problems = []
+    for name in [filename] if filename else HUB_FILES:
+        try:
+            return Path(hf_hub_download(repo, name, revision=revision, local_files_only=local_files_only))
+        except EntryNotFoundError as e:  # not in the repository, or not cached while offline
+            problems.append(f"{name}: {str(e).strip().splitlines()[0]}")
+        except RepositoryNotFoundError:
+            raise DataError(f"config key 'data.tokenizer': no hub repository '{repo}' (or it is private: log in "
+                            f"with `hf auth login`)") from None
+        except (HfHubHTTPError, OSError, ValueError) as e:
+            raise DataError(f"config key 'data.tokenizer': fetching {name} of '{repo}' failed ({type(e).__name__}: "
+                            f"{str(e).strip().splitlines()[0] if str(e).strip() else ''})") from None
+    raise DataError(f"config key 'data.tokenizer': '{spec}' has no sentencepiece model in reach ("
+                    + "; ".join(problems) + "); name the file as hf:<repo>:<file>, or pass a local path")
+
+
+def resolve_tokenizer_path(path_or_name: str, local_files_only: bool = False) -> Path:
+    """A relative path is looked up in the current directory first, then in the repository root; ``hf:<repo>``
+    names a hub repository's model (see ``fetch_hub_model``)."""
+    if path_or_name.startswith(HUB_PREFIX):
+        return fetch_hub_model(path_or_name, local_files_only=local_files_only)
     raw = NAMED_MODELS.get(path_or_name, path_or_name)
     path = Path(raw).expanduser()
     candidates = [path] if path.is_absolute() else list(dict.fromkeys([Path.cwd() / path, REPO_ROOT / path]))
@@ -67,5 +110,36 @@ class Tokenizer:
         self.__init__(state["path"])
 
 
-def load_tokenizer(path_or_name: str) -> Tokenizer:
-    return Tokenizer(resolve_tokenizer_path(path_or_name))
+def load_tokenizer(path_or_name: str, first: bool = True, agree=None) -> Tokenizer:
+    """The tokenizer a config names. Under several processes, ``first`` marks the one per machine that may
+    download a hub model (local rank 0) and ``agree`` is the group's ``all_gather_object``: the others wait, then
+    read the cache without touching the network, and every process raises the first one's error."""
+    if agree is None or not path_or_name.startswith(HUB_PREFIX):
+        return Tokenizer(resolve_tokenizer_path(path_or_name))
+    problem = None
+    if first:
+        try:
+            resolve_tokenizer_path(path_or_name)
+        except DataError as e:
+            problem = str(e)
+    problem = next((p for p in agree(problem) if p), None)
+    if problem:
+        raise DataError(problem)
+    return Tokenizer(resolve_tokenizer_path(path_or_name, local_files_only=not first))
+
+
+def hf_tokenizer_files(tokenizer: Tokenizer, model_max_length: int) -> dict[str, str]:
+    """The files next to a copy of the sentencepiece model (``tokenizer.model``) that make
+    ``transformers.AutoTokenizer`` load it as a ``LlamaTokenizer`` encoding as we trained: no BOS or EOS added
+    (training packs documents separated by EOS only). Prose encodes identically; leading spaces and runs of
+    spaces may not (the Hugging Face LLaMA tokenizer splits whitespace its own way)."""
+    sp = tokenizer.sp
+    piece = lambda i: sp.IdToPiece(i) if i is not None and i >= 0 else None  # noqa: E731
+    special = {"bos_token": piece(tokenizer.bos_id), "eos_token": piece(tokenizer.eos_id),
+               "unk_token": piece(sp.unk_id()), "pad_token": piece(sp.pad_id())}
+    special = {k: v for k, v in special.items() if v is not None}
+    config = {"tokenizer_class": "LlamaTokenizer", "add_bos_token": False, "add_eos_token": False,
+              "legacy": True, "clean_up_tokenization_spaces": False, "model_max_length": model_max_length,
+              "sp_model_kwargs": {}, **special}
+    return {"tokenizer_config.json": json.dumps(config, indent=2) + "\n",
+            "special_tokens_map.json": json.dumps(special, indent=2) + "\n"}

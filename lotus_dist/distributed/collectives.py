@@ -1,6 +1,6 @@
 """``Comm`` implementations over a process group: what LowRankAdamW needs to run on FSDP2 shards.
 
-ALGORITHMS.md section 7. One ``MatrixComm`` per projected matrix, over the FSDP shard group (the inner mesh dim;
+docs/algorithms.md section 11. One ``MatrixComm`` per projected matrix, over the FSDP shard group (the inner mesh dim;
 under HSDP every replica group holds the same gradient shards and works on its own):
 
 - normal case (sharded along the long side): R, moments and back-projection are local; ``reduce_long`` sums the

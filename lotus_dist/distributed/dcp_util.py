@@ -7,6 +7,7 @@ These helpers write into a given directory; atomic rename and retention are the 
 
 from __future__ import annotations
 
+import inspect
 from typing import Any, Iterable, Iterator, Mapping
 
 import torch
@@ -16,6 +17,10 @@ from torch.distributed.checkpoint import FileSystemWriter
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 
 _OPTS = StateDictOptions(full_state_dict=False)
+
+# ``dcp.async_save(no_dist=...)`` came after torch 2.6 (whose async_save has no such keyword: its ``save`` finds a
+# missing process group by itself, with a warning), so it is passed only where the signature has it.
+_ASYNC_SAVE_HAS_NO_DIST = "no_dist" in inspect.signature(dcp.async_save).parameters
 
 
 def _as_list(optimizers: torch.optim.Optimizer | Iterable[torch.optim.Optimizer] | None) -> list:
@@ -120,8 +125,10 @@ def async_save_state(checkpoint_dir: str, state: Mapping[str, Any], process_grou
     collectives must not interleave with the training loop's on the default group.
     """
     writer = RecordingWriter(checkpoint_dir)
-    future = dcp.async_save(dict(state), storage_writer=writer, process_group=process_group,
-                            no_dist=not (torch.distributed.is_available() and torch.distributed.is_initialized()))
+    kwargs = {}
+    if _ASYNC_SAVE_HAS_NO_DIST:
+        kwargs["no_dist"] = not (torch.distributed.is_available() and torch.distributed.is_initialized())
+    future = dcp.async_save(dict(state), storage_writer=writer, process_group=process_group, **kwargs)
     return future, writer
 
 

@@ -29,6 +29,8 @@ import json
 import os
 from pathlib import Path
 
+from torch.distributed import ProcessGroup
+
 from lotus_dist.distributed.owner import OwnerDataParallel
 from lotus_dist.errors import UserError
 
@@ -163,8 +165,40 @@ class DeepSpeedMode(OwnerDataParallel):
         return optimizer
 
     def close(self) -> None:
-        self.engine = None
+        """Tear the engine and every process group down while the interpreter and the peers are up (see
+        ``runtime.destroy``): ``deepspeed.initialize`` clones the world group (``deepspeed.utils.groups``
+        ``_WORLD_GROUP``, also each engine's ``data_parallel_group``) and DeepSpeed keeps that reference after
+        ``torch.distributed.destroy_process_group``; the clone's gloo threads then lived until interpreter shutdown."""
+        engine, self.engine = self.engine, None
+        if engine is not None:
+            engine.destroy()  # DeepSpeed's own teardown (its gc policy, buffers it registered)
+            # The model's hooks may keep the engine alive past this call (the caller still holds the model): drop
+            # its references to the groups, not just ours to it.
+            for name, value in list(vars(engine).items()):
+                if isinstance(value, ProcessGroup):
+                    setattr(engine, name, None)
+            del engine
+        release_deepspeed_groups()
         super().close()
 
 
-__all__ = ["DeepSpeedMode", "check_config", "deepspeed_config", "engine_config", "import_deepspeed", "uses_bf16"]
+def release_deepspeed_groups() -> None:
+    """Drop DeepSpeed's references to process groups (``deepspeed.utils.groups``: the world-group clone, model/data
+    parallel groups) so that ``runtime.destroy`` frees them; without DeepSpeed imported there are none. Safe to call
+    twice, before or after the default group is destroyed (then the groups are freed here)."""
+    import gc
+    import sys
+
+    groups = sys.modules.get("deepspeed.utils.groups")
+    if groups is None:
+        return
+    release = getattr(groups, "_release_process_group_references", None)  # DeepSpeed's own
+    if release is not None:
+        release(None)
+    else:
+        groups._WORLD_GROUP = None
+    gc.collect()
+
+
+__all__ = ["DeepSpeedMode", "check_config", "deepspeed_config", "engine_config", "import_deepspeed",
+           "release_deepspeed_groups", "uses_bf16"]

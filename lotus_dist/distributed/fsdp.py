@@ -15,6 +15,7 @@ from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
+from .compat import sum_reductions_on_gloo  # importing compat also shims torch 2.6's FSDP2 on CPU
 from .plan import Plan
 
 log = logging.getLogger(__name__)
@@ -68,6 +69,8 @@ def apply_fsdp(
     for block in model.layers:
         fully_shard(block, reshard_after_forward=reshard_after_forward, **common)
     fully_shard(model, reshard_after_forward=False, **common)
+    # gloo's AVG reduce-scatter sums in several torch releases (pytorch/pytorch#162338): average by hand there.
+    sum_reductions_on_gloo([*model.layers, model], mesh)
     emit = log_fn or log.info
     for line in plan.summary():
         emit(line)

@@ -35,13 +35,20 @@ class SingleProcess:
 
     def materialize(self, model, cfg, local_part=None):
         """Storage on this rank's device for a model built on ``meta`` (its shards, once sharded), initialised by
-        ``init_parameters`` one parameter at a time; a model that has storage already is returned untouched."""
+        ``init_parameters`` one parameter at a time, or loaded from the Hugging Face folder ``model.init_from``
+        the same way; a model that has storage already is returned untouched."""
         if not any(p.is_meta for p in model.parameters()):
             return model
+        from lotus_dist.model.hf import load_hf_weights
         from lotus_dist.model.llama import init_parameters
 
         model.to_empty(device=self.device)
-        init_parameters(model, cfg.seed, local_part)
+        if cfg.model.init_from:
+            log = print if self.rank == 0 else (lambda line: None)
+            log(f"initialising the model from {cfg.model.init_from} (model.init_from)")
+            load_hf_weights(model, cfg.model.init_from, local_part, log=log)
+        else:
+            init_parameters(model, cfg.seed, local_part)
         return model
 
     def build_optimizer(self, model, optim_cfg):

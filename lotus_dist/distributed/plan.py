@@ -4,7 +4,7 @@ A pure function of parameter shapes and the world size (DESIGN.md section 4: rec
 in checkpoints), so every rank derives the same plan without communicating, and a dry run can plan a 64-rank job
 on one CPU.
 
-Side-aware sharding (ALGORITHMS.md section 7): the low-rank states of a projected matrix live on the side the
+Side-aware sharding (docs/algorithms.md section 11): the low-rank states of a projected matrix live on the side the
 projector does *not* compress, so FSDP2 shards the weight along that side and ``R = project(G)``, the moments and
 the back-projection stay local to each rank:
 
@@ -71,7 +71,7 @@ class MatrixPlan:
 
 
 def projector_side(m: int, n: int, proj_type: str = "std") -> str:
-    """ALGORITHMS.md section 1: ``std`` puts the projector on the short side (m ≥ n -> right B, m < n -> left A)."""
+    """docs/algorithms.md section 2: ``std`` puts the projector on the short side (m ≥ n -> right B, m < n -> left A)."""
     if proj_type == "std":
         return "right" if m >= n else "left"
     if proj_type == "reverse_std":

@@ -29,7 +29,7 @@ from .fsdp import apply_fsdp, mixed_precision
 from .plan import DistConfigError, Plan, default_projected, plan_for_model
 
 METHODS = ("adamw", "galore", "lotus")
-STATE_BYTES = 4  # optimizer states and projectors are fp32 (ALGORITHMS.md section 3)
+STATE_BYTES = 4  # optimizer states and projectors are fp32 (docs/algorithms.md section 4)
 REFERENCE_BYTES = {"bf16": 2, "fp32": 4}  # lotus's switch reference d_init (optim.reference_dtype)
 SWITCH_STATS = 2  # displacement policy: partial sums of |R|^2 and <R, d_init> per matrix
 
@@ -48,7 +48,8 @@ def fake_process_group(world_size: int):
 
 
 def _model_config(cfg):
-    overrides = {f.name: getattr(cfg.model, f.name) for f in dataclasses.fields(cfg.model) if f.name != "name"}
+    overrides = {f.name: getattr(cfg.model, f.name) for f in dataclasses.fields(cfg.model)
+                 if f.name not in ("name", "init_from")}
     return llama_config(cfg.model.name, **overrides)
 
 
@@ -121,7 +122,7 @@ def _method_numbers(cfg, model: nn.Module, plan: Plan, method: str, gather_bytes
             # Sketch on the row-sharded short side: q all-reduces of Gᵀ Q (n×k), one of Qᵀ G (k×n), k×k Grams.
             refresh += 2 * _ring(w) * ((q + 1) * long_ * k + (q + 1) * k * k) * STATE_BYTES
         else:
-            # ALGORITHMS.md section 7: (q + 1) all-reduces of short×k sketches, one k×k Gram.
+            # docs/algorithms.md section 11: (q + 1) all-reduces of short×k sketches, one k×k Gram.
             refresh += 2 * _ring(w) * ((q + 1) * short * k + k * k) * STATE_BYTES
     if owner_refresh:
         refresh += max(owner_in)

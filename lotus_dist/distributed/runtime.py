@@ -6,7 +6,9 @@ as one CPU process, under torchrun on gloo, or on NCCL GPUs.
 
 from __future__ import annotations
 
+import gc
 import os
+import types
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -127,9 +129,46 @@ def build_mesh(runtime: Runtime, replicate: int = 1) -> DeviceMesh | None:
 
 
 def destroy() -> None:
-    """Tear down the default process group if there is one (safe to call twice)."""
+    """Tear down every process group if there is one (safe to call twice), so that their gloo/NCCL threads end
+    here, while the interpreter and the peers are up, not at interpreter shutdown.
+
+    ``destroy_process_group`` only drops torch's own references: a group object something else still holds lives on,
+    threads and all (gloo: the transport loop and the worker threads; rank 0: the TCPStore server), until module
+    teardown at interpreter exit frees it, in whatever order, after the peers may have exited: that is where ranks
+    died with ``terminate called without an active exception`` (SIGABRT after main returned; issue 18). Two kinds of
+    holders: default arguments bound to the default group at import (``group=group.WORLD`` in
+    ``torch.distributed.nn.functional``, which torch._dynamo imports; ``TorchBackend.barrier`` in DeepSpeed), undone
+    by ``_unbind_default_arguments``; and reference cycles, freed by the collection afterwards. Library-owned
+    references (DeepSpeed's cached groups) are released by their mode's ``close`` first."""
     if dist.is_available() and dist.is_initialized():
+        _unbind_default_arguments(dist.group.WORLD)
         dist.destroy_process_group()
+        gc.collect()
+
+
+def _unbind_default_arguments(group) -> int:
+    """Replace ``group`` by None in the default arguments of every Python function (returns how many functions).
+
+    A module imported after ``init_process_group`` that writes ``def f(..., group=group.WORLD)`` binds the default
+    group object itself, once: ``destroy_process_group`` cannot free it (see ``destroy``), and after a re-init the
+    default would name a dead group. None means "the default group at call time" to every torch.distributed API
+    (and to DeepSpeed's ``comm``), which is what those defaults meant."""
+    if group is None:
+        return 0
+    count = 0
+    for f in gc.get_objects():
+        if type(f) is not types.FunctionType:  # not isinstance: no __class__ lookups on lazy/deprecated proxies
+            continue
+        defaults, kwdefaults = f.__defaults__, f.__kwdefaults__
+        hit = False
+        if defaults and any(v is group for v in defaults):
+            f.__defaults__ = tuple(None if v is group else v for v in defaults)
+            hit = True
+        if kwdefaults and any(v is group for v in kwdefaults.values()):
+            f.__kwdefaults__ = {k: None if v is group else v for k, v in kwdefaults.items()}
+            hit = True
+        count += hit
+    return count
 
 
 __all__ = ["DistConfigError", "Runtime", "init_distributed", "build_mesh", "destroy"]

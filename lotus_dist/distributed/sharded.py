@@ -1,4 +1,4 @@
-"""The low-rank optimizer on FSDP2 DTensor parameters (DESIGN.md section 3, ALGORITHMS.md section 7).
+"""The low-rank optimizer on FSDP2 DTensor parameters (DESIGN.md section 3, docs/algorithms.md section 11).
 
 ``build_sharded_optimizer`` builds the ordinary ``LowRankAdamW`` and plugs the distributed parts in:
 

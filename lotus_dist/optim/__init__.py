@@ -1,10 +1,11 @@
-"""The low-rank gradient-projection optimizer family (ALGORITHMS.md): pure single-process math.
+"""The low-rank gradient-projection optimizer family (docs/algorithms.md): pure single-process math.
 
 ``build_optimizer(model, optim_cfg)`` is the entry point; ``LowRankAdamW`` / ``ProjFactor`` the classes;
 ``memory_report`` / ``switch_report`` what the trainer logs. Never imports torch.distributed: the distributed
 layer plugs in through ``subspace.Comm`` (``LowRankAdamW.set_comm``, ``LowRankAdamW.stats_comm``).
 """
 
+from .dropin import GaLoreAdamW, LotusAdamW
 from .in_backward import OptimizerInBackward, units_of
 from .lowrank import LOWRANK_DEFAULTS, LowRankAdamW, memory_report, solver_fallback_report, switch_report
 from .methods import METHODS, PROJECTED_MODULES, build_optimizer, route_parameters
@@ -25,4 +26,6 @@ __all__ = [
     "Comm",
     "OptimizerInBackward",
     "units_of",
+    "GaLoreAdamW",
+    "LotusAdamW",
 ]

@@ -1,4 +1,4 @@
-"""LowRankAdamW: the low-rank gradient-projection AdamW of ALGORITHMS.md section 2, with the parts of sections 3-5.
+"""LowRankAdamW: the low-rank gradient-projection AdamW of docs/algorithms.md section 3, with the parts of sections 3-5.
 
 A param group with a ``rank`` key is projected (one combination of solver, switch policy, moment policy and
 residual, see ``LOWRANK_DEFAULTS``); every other group is plain AdamW with ``torch.optim.AdamW`` semantics.
@@ -44,7 +44,7 @@ from .subspace import (
 )
 from .switching import CHECK, POLICIES, STATS_WIDTH, STAY, SWITCH
 
-# The Lotus method (ALGORITHMS.md section 6); gamma None = the switch policy's own default.
+# The Lotus method (docs/algorithms.md section 8); gamma None = the switch policy's own default.
 LOWRANK_DEFAULTS: dict[str, Any] = dict(
     scale=0.25,
     proj_type="std",
@@ -118,7 +118,7 @@ def check_options(opts: dict, prefix: str = "") -> None:
 
 def _local(t: torch.Tensor) -> torch.Tensor:
     """A DTensor's local shard (a view), else t: the projected math runs on local tensors, so a weight sharded
-    along its long side keeps R, the moments and the back-projection local (ALGORITHMS.md section 7)."""
+    along its long side keeps R, the moments and the back-projection local (docs/algorithms.md section 11)."""
     to_local = getattr(t, "to_local", None)  # duck-typed: optim never imports torch.distributed
     return to_local() if callable(to_local) else t
 
@@ -706,7 +706,7 @@ class LowRankAdamW(Optimizer):
 
     @staticmethod
     def _apply_moment_policy(group, st, old, new, side) -> None:
-        """Moments at a switch (ALGORITHMS.md section 5), C mapping old coordinates to new ones: keep, reset, rotate
+        """Moments at a switch (docs/algorithms.md section 6), C mapping old coordinates to new ones: keep, reset, rotate
         (LDAdam: the bias-corrected second moment of the gradient in the new coordinates) or rotate_subtrack
         (SubTrack++'s code, with its extra (1 - beta2) factor, for comparison)."""
         mode = group["moments"]

@@ -1,4 +1,4 @@
-"""Named methods (ALGORITHMS.md section 6) -> parts, and parameter routing.
+"""Named methods (docs/algorithms.md section 8) -> parts, and parameter routing.
 
 A method is a row of ``METHODS``; every part key of ``OptimConfig`` that is not None overrides the row
 (``optim.solver=rsvd optim.switch=fixed`` is the Lotus ablation). Routing: the 2-D weights of the attention and

@@ -1,4 +1,4 @@
-"""VLoRP / ProjFactor (ALGORITHMS.md section 6): a random projection of a reshaped gradient for the first moment
+"""VLoRP / ProjFactor (docs/algorithms.md section 8): a random projection of a reshaped gradient for the first moment
 and Adafactor-style factored second moments of the back-projected gradient.
 
 The Gaussian projector P̃ ((n/c) x r, entries N(0, 1/r)) is never stored: it is regenerated each step from

@@ -1,4 +1,4 @@
-"""Side rule, projection and the basis solvers of ALGORITHMS.md sections 1 and 3.
+"""Side rule, projection and the basis solvers of docs/algorithms.md sections 2 and 4.
 
 A projector is stored in GaLore's layout: ``A`` (m x r, left) or ``B`` (r x n, right). Solvers work on the
 "oriented" view ``Gs`` (d x l) whose rows are the projected (usually short) side: ``Gs = G`` for left, ``G.T`` for

@@ -1,4 +1,4 @@
-"""Switch policies of ALGORITHMS.md section 4: when a projected matrix recomputes its basis.
+"""Switch policies of docs/algorithms.md section 5: when a projected matrix recomputes its basis.
 
 A policy is a stateless singleton; everything it remembers lives in the parameter's optimizer state as tensors and
 ints. Each step runs in two halves so that the whole optimizer needs at most one host sync:

@@ -36,11 +36,14 @@ class ModelConfig:
     rope_theta: Optional[float] = None
     norm_eps: Optional[float] = None
     init_std: Optional[float] = None
+    # A local Hugging Face LLaMA folder (config.json + safetensors, e.g. one scripts/export_hf.py wrote): a fresh
+    # run starts from its weights instead of a random init (continued pre-training); a resume loads its checkpoint.
+    init_from: Optional[str] = None
 
 
 @dataclass
 class OptimConfig:
-    # A method of ALGORITHMS.md section 6: adamw, galore, lotus, lotus_rho, golore, grassjump, grasswalk,
+    # A method of docs/algorithms.md section 8: adamw, galore, lotus, lotus_rho, golore, grassjump, grasswalk,
     # osd, fira, projfactor. The keys below that default to null take the method's value when null.
     name: str = "lotus"
     lr: float = 0.01
@@ -417,7 +420,12 @@ def _validate_model(m: ModelConfig) -> None:
         value = getattr(m, key)
         if value is not None and value <= 0:
             raise ConfigError(f"config key 'model.{key}' must be positive, got {value}")
-    fields = {k: v for k, v in dataclasses.asdict(m).items() if k != "name"}
+    if m.init_from is not None:
+        folder = Path(m.init_from).expanduser()
+        if not (folder / "config.json").is_file():
+            raise ConfigError(f"config key 'model.init_from': '{m.init_from}' is not a Hugging Face model folder "
+                              f"(no config.json{'' if folder.is_dir() else '; no such directory'})")
+    fields = {k: v for k, v in dataclasses.asdict(m).items() if k not in ("name", "init_from")}
     try:
         llama_config(m.name, **fields)  # a known size, and a shape it can build (dim divisible by n_heads, ...)
     except ValueError as e:

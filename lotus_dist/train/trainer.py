@@ -46,7 +46,7 @@ def resolve_autocast(dtype: str, device: torch.device):
 
 
 def model_fingerprint(cfg: Config, vocab_size: int) -> dict:
-    fields = {k: v for k, v in dataclasses.asdict(cfg.model).items() if k != "name"}
+    fields = {k: v for k, v in dataclasses.asdict(cfg.model).items() if k not in ("name", "init_from")}
     model_cfg = llama_config(cfg.model.name, **{**fields, "vocab_size": cfg.model.vocab_size or vocab_size})
     return dataclasses.asdict(model_cfg)
 
@@ -102,7 +102,9 @@ class Trainer:
         from lotus_dist.data import build_train_stream, build_val_blocks, load_tokenizer
 
         t = cfg.train
-        self.tokenizer = load_tokenizer(cfg.data.tokenizer)
+        # a hub tokenizer (hf:<repo>) is fetched by one process per machine, the others read the cache after it
+        self.tokenizer = load_tokenizer(cfg.data.tokenizer, first=runtime.runtime.local_rank == 0,
+                                        agree=runtime.all_gather_object)
         self.fingerprint = {"model": model_fingerprint(cfg, self.tokenizer.vocab_size), "optim_method": cfg.optim.name,
                             "resume": resume_keys(cfg)}
         model_cfg = llama_config(**{"name": cfg.model.name, **self.fingerprint["model"]})

@@ -85,3 +85,64 @@ def test_not_a_model(tmp_path):
     bad.write_bytes(os.urandom(64))
     with pytest.raises(DataError, match="not a sentencepiece model"):
         load_tokenizer(str(bad))
+
+
+# ---- hf:<repo> (the Hugging Face cache, tested offline on a cache laid out as huggingface_hub lays it out) ----
+
+def hub_cache(root: Path, repo: str = "google-t5/t5-base", filename: str = "spiece.model") -> Path:
+    """``models--org--name/{refs/main, snapshots/<commit>/<file>}``: what one download leaves in HF_HUB_CACHE."""
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    entry = root / f"models--{repo.replace('/', '--')}"
+    (entry / "refs").mkdir(parents=True)
+    (entry / "refs" / "main").write_text(commit)
+    (entry / "snapshots" / commit).mkdir(parents=True)
+    (entry / "snapshots" / commit / filename).write_bytes((REPO / "tokenizer" / "embedded.model").read_bytes())
+    return root
+
+
+@pytest.fixture
+def offline_hub(tmp_path, monkeypatch):
+    import huggingface_hub.constants as constants
+
+    cache = hub_cache(tmp_path / "hub")
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    return cache
+
+
+def test_hub_name_reads_the_cache(offline_hub):
+    tok = load_tokenizer("hf:google-t5/t5-base")  # no tokenizer.model in the repo: spiece.model, T5's name
+    assert tok.vocab_size == 8000 and Path(tok.path).name == "spiece.model"
+    assert str(offline_hub) in str(Path(tok.path).resolve().parent.parent.parent)
+    assert load_tokenizer("hf:google-t5/t5-base:spiece.model").vocab_size == 8000
+
+
+@pytest.mark.parametrize("spec, needle", [
+    ("hf:", "is not hf:<repo>"),
+    ("hf:a/b/c", "is not hf:<repo>"),
+    ("hf:google-t5/t5-small", "'hf:google-t5/t5-small' has no sentencepiece model in reach"),
+    ("hf:google-t5/t5-base:tokenizer.model", "has no sentencepiece model in reach (tokenizer.model:"),
+])
+def test_hub_name_errors_name_the_spec(offline_hub, spec, needle):
+    with pytest.raises(DataError, match="data.tokenizer") as e:
+        load_tokenizer(spec)
+    assert needle in str(e.value) and "\n" not in str(e.value)
+
+
+def test_hub_name_one_process_per_machine_downloads(offline_hub, monkeypatch):
+    """The first process may download; the others only read the cache, after every process agreed."""
+    import huggingface_hub
+
+    calls = []
+    real = huggingface_hub.hf_hub_download
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download",
+                        lambda *a, **k: calls.append(k["local_files_only"]) or real(*a, **k))
+    agreed = []
+    tok = load_tokenizer("hf:google-t5/t5-base", first=False, agree=lambda p: agreed.append(p) or [None, p])
+    assert tok.vocab_size == 8000 and agreed == [None] and calls and all(calls)  # never the network
+    calls.clear()
+    load_tokenizer("hf:google-t5/t5-base", first=True, agree=lambda p: [p])
+    assert calls[0] is False
+    # the first process's failure stops every process with its message
+    with pytest.raises(DataError, match="fetch failed on the first"):
+        load_tokenizer("hf:google-t5/t5-base", first=False, agree=lambda p: ["fetch failed on the first", p])

@@ -172,6 +172,7 @@ def main(options: dict, workdir: Path) -> None:
     save_at = options.get("save_at")
     result: dict = {"world": world, "runs": {}, "resume": {}}
     refs = {}
+    built = []  # every mode, closed at the end as the trainer closes its own (cli.py)
 
     def ref_of(method):  # the caller's single-process run when it passes one (saves each rank recomputing it)
         if method not in refs:
@@ -184,6 +185,7 @@ def main(options: dict, workdir: Path) -> None:
         result.setdefault("ref", {})[method] = {"switches": ref["switches"], "bytes": ref["bytes"]}
         for mode_name in options.get("modes", []):
             mode, model, opt = build(mode_name, method, rt)
+            built.append(mode)
             ckpt = workdir / "ckpt" / f"{mode_name}_{method}_w{world}"
 
             def on_step(step, model=model, opt=opt, ckpt=ckpt):
@@ -215,6 +217,7 @@ def main(options: dict, workdir: Path) -> None:
         key = f"{Path(ckpt).name}->{mode_name}_w{world}"
         try:
             mode, model, opt = build(mode_name, method, rt)
+            built.append(mode)
             with torch.no_grad():
                 for p in model.parameters():  # different weights: the load must overwrite them
                     (p.to_local() if hasattr(p, "to_local") else p).add_(1.0)
@@ -230,4 +233,9 @@ def main(options: dict, workdir: Path) -> None:
     if rank == 0:
         (workdir / f"{options.get('tag', 'run')}.result.json").write_text(json.dumps(result))
     dist.barrier()
-    dist.destroy_process_group()
+    # The trainer's teardown (cli.py): each mode's close (DeepSpeed's: the engine and the groups DeepSpeed holds); the
+    # first one destroys every process group, so that no group, nor its gloo threads, is left to interpreter shutdown
+    # (ranks died there with SIGABRT, issue 18).
+    for mode in reversed(built):
+        mode.close()
+    rt.destroy()  # no mode built

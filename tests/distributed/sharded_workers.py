@@ -18,6 +18,7 @@ from torch.distributed.fsdp import FSDPModule
 from torch.distributed.tensor import DTensor
 
 from lotus_dist.distributed.collectives import MatrixComm, chunk_sizes
+from lotus_dist.distributed.compat import set_gradient_divide_factor
 from lotus_dist.distributed.dcp_util import load_sharded, save_sharded, sharded_state
 from lotus_dist.distributed.fsdp import apply_fsdp
 from lotus_dist.distributed.plan import plan_for_model
@@ -96,7 +97,7 @@ def sharded_model(mesh, method: str, replicate: int = 1, **extra):
     apply_fsdp(model, mesh, plan, log_fn=lambda s: None)
     for module in model.modules():
         if isinstance(module, FSDPModule):
-            module.set_gradient_divide_factor(1.0)  # sum the ranks' shares (loss_of)
+            set_gradient_divide_factor(module, 1.0)  # sum the ranks' shares (loss_of); torch 2.6/2.7 included
     return model, build_sharded_optimizer(model, cfg, plan, mesh), plan
 
 

@@ -101,7 +101,7 @@ def _rsvd_rounds(normal: int, fallback: int, q: int) -> int:
 
 
 def _check_budget(record: list, method: str, shard_projectors: bool = False):
-    """The collectives optimizer.step() issued, step by step, against ALGORITHMS.md section 7's budget: a refresh
+    """The collectives optimizer.step() issued, step by step, against docs/algorithms.md section 11's budget: a refresh
     costs a fixed number of collectives per solver stage (or per owner), whatever the number of matrices."""
     for r in record:
         ops, rows, fb, sw_n, sw_f = r["ops"], r["rows"], r["fallback_live"], r["switched"], r["switched_fallback"]
@@ -147,9 +147,11 @@ def test_world2_equivalence_decisions_budget(world2, references):
 def test_world2_sharded_projectors_lower_the_measured_step_peak(world2, references):
     """optim.projectors=shard: a step gathers one projector at a time and frees it, so the measured peak of a step
     (projectors at rest + what the step adds) is below the replicated one by the projectors' (W-1)/W, less one
-    bucket: the largest projector, whole, plus the slice this rank sends for it."""
+    bucket: the largest projector, whole, plus the slice this rank sends for it, plus the previous gather's slice,
+    which gloo's worker thread may still hold when wait() has returned (it drops its reference to a finished work's
+    input on its own thread: seen on a loaded machine, 8 KiB more at this size)."""
     peak = world2[2]["peak"]
-    bucket = peak["largest"] * (1 + 1 / 2)
+    bucket = peak["largest"] * (1 + 2 / 2)
     saved = peak["projector_bytes"] * (2 - 1) / 2 - bucket
     assert peak["shard"]["resting"] * 2 == peak["replicate"]["resting"] == peak["projector_bytes"]
     for step in ("plain", "check"):

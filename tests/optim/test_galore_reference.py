@@ -1,4 +1,4 @@
-"""The `galore` method against a GaLore reference written from ALGORITHMS.md section 2 (not from the package)."""
+"""The `galore` method against a GaLore reference written from docs/algorithms.md section 3 (not from the package)."""
 
 import math
 

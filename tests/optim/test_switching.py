@@ -1,4 +1,4 @@
-"""Switch policies: decisions against the rules of ALGORITHMS.md section 4, evaluated independently in float64."""
+"""Switch policies: decisions against the rules of docs/algorithms.md section 5, evaluated independently in float64."""
 
 
 import pytest
