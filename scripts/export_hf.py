@@ -37,7 +37,8 @@ from lotus_dist.model.llama import Llama, LlamaConfig  # noqa: E402
 from lotus_dist.train.checkpoint import STEP_DIR, Checkpointer  # noqa: E402
 from lotus_dist.train.config import load_config  # noqa: E402
 
-warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
+# torch 2.6 words it without "disabled, "
+warnings.filterwarnings("ignore", message="torch.distributed is (disabled, )?unavailable or uninitialized")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 UNITS = {"KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "B": 1}
 

@@ -44,7 +44,8 @@ from lotus_dist.train.faults import maybe_crash
 from lotus_dist.train.manifest import ManifestError, check_file, read_manifests, write_manifest
 
 # DCP warns on every save/load without a process group; a single-process run is exactly that case.
-warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
+# torch 2.6 words it without "disabled, "
+warnings.filterwarnings("ignore", message="torch.distributed is (disabled, )?unavailable or uninitialized")
 
 COMPLETE_MARKER = "COMPLETE"
 TRAIN_STATE = "train_state.json"
