@@ -141,8 +141,12 @@ class FullyShardedDataParallel(Collective):
         return units_of(model, root_as_one_unit=True)  # FSDP2 reduce-scatters the root's gradients together
 
     def build_optimizer(self, model, optim_cfg):
-        from lotus_dist.distributed.sharded import build_sharded_optimizer, mesh_of
+        from lotus_dist.distributed.sharded import build_sharded_optimizer, mesh_of, owner_refresh_replaces_rsvd
 
+        if owner_refresh_replaces_rsvd(optim_cfg) and self.rank == 0:
+            # a solver change the user should see: the exact SVD is what every projector refresh now computes
+            print(f"optim.refresh=owner: {optim_cfg.name}'s projectors are refreshed by an exact SVD on each "
+                  f"matrix's owner rank instead of the distributed rsvd", flush=True)
         return build_sharded_optimizer(model, optim_cfg, self.plan, mesh_of(model))
 
 

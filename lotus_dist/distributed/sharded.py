@@ -80,6 +80,12 @@ def _check_supported(group: dict, fallback: bool, projectors: str, name: str) ->
         raise UserError("optim.solver=online_pca trains its projector in place: use optim.projectors=replicate")
 
 
+def owner_refresh_replaces_rsvd(optim_cfg) -> bool:
+    """Whether ``optim.refresh=owner`` swaps the method's rsvd solver for the exact SVD on each matrix's owner."""
+    solver = optim_cfg.solver or METHODS.get(optim_cfg.name, {}).get("solver")
+    return getattr(optim_cfg, "refresh", "distributed") == "owner" and solver == "rsvd"
+
+
 def build_sharded_optimizer(model: nn.Module, optim_cfg, plan: Plan, mesh: DeviceMesh) -> torch.optim.Optimizer:
     """The optimizer of ``optim_cfg`` for a model sharded by ``apply_fsdp(model, mesh, plan)``.
 
@@ -88,9 +94,7 @@ def build_sharded_optimizer(model: nn.Module, optim_cfg, plan: Plan, mesh: Devic
     projectors = getattr(optim_cfg, "projectors", "replicate")
     if projectors not in ("replicate", "shard"):
         raise UserError(f"optim.projectors: {projectors!r} is not one of replicate, shard")
-    method = METHODS.get(optim_cfg.name, {})
-    if getattr(optim_cfg, "refresh", "distributed") == "owner" and (optim_cfg.solver or method.get("solver")) == "rsvd":
-        # optim.refresh=owner: the exact SVD on each matrix's owner rank replaces the distributed rsvd.
+    if owner_refresh_replaces_rsvd(optim_cfg):
         optim_cfg = dataclasses.replace(optim_cfg, solver="svd")
     opt = build_optimizer(model, optim_cfg)
     if isinstance(opt, ProjFactor):

@@ -12,9 +12,9 @@ import pytest
 import torch
 
 from datahelpers import data_cfg, make_mirror, mirror_docs  # noqa: E402  (conftest path)
+from script_loader import load_script
 from lotus_dist.data import DataError, build_train_stream, build_val_blocks
 
-REPO = Path(__file__).resolve().parents[2]
 SEQ = 16
 
 try:
@@ -26,10 +26,7 @@ if not HAVE_MEGATRON:
 
 
 def _preprocess_module():
-    spec = importlib.util.spec_from_file_location("preprocess_c4", REPO / "scripts" / "preprocess_c4.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("scripts/preprocess_c4.py", "preprocess_c4")
 
 
 @pytest.fixture(scope="module")
@@ -143,9 +140,7 @@ def test_missing_prefix_and_bad_blend(indexed, tok, tmp_path):
 def test_tokenizer_mismatch_is_refused(indexed, tmp_path):
     from lotus_dist.data import load_tokenizer
 
-    spec = importlib.util.spec_from_file_location("tok_train", REPO / "tokenizer" / "train.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = load_script("tokenizer/train.py", "tok_train")
     other = load_tokenizer(str(module.train(str(indexed["mirror_a"]), tmp_path / "other.model", vocab_size=300,
                                             quiet=True, threads=1)))
     with pytest.raises(DataError, match="was tokenized with"):

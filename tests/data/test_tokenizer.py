@@ -1,11 +1,11 @@
 """Tokenizer loading (shipped, existing, broken models) and tokenizer training."""
 
-import importlib.util
 import os
 from pathlib import Path
 
 import pytest
 import sentencepiece as spm
+from script_loader import load_script
 
 from datahelpers import make_mirror  # noqa: E402  (conftest path)
 from lotus_dist.data import DataError, load_tokenizer
@@ -14,10 +14,7 @@ REPO = Path(__file__).resolve().parents[2]
 
 
 def _train_module():
-    spec = importlib.util.spec_from_file_location("tokenizer_train", REPO / "tokenizer" / "train.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("tokenizer/train.py", "tokenizer_train")
 
 
 def test_shipped_model(tok):

@@ -20,7 +20,10 @@ def test_fsdp_metrics_follow_single_process(tmp_path, method, fsdp_only, single_
     args = [*SMALL, "train.steps=12", "train.eval_every=6", "checkpoint.every=0", f"optim.name={method}",
             "optim.gamma=0.5", "optim.verify_gap=3", "optim.update_gap=5", f"data.cache_dir={tmp_path / 'cache'}"]
     launch(0, [*args, *single_only, f"run.dir={tmp_path / 'single'}"])
-    launch(2, [*args, *fsdp_only, f"run.dir={tmp_path / 'fsdp'}"])
+    out = launch(2, [*args, *fsdp_only, f"run.dir={tmp_path / 'fsdp'}"]).stdout
+    # the solver swap is said once, by rank 0, and only when it happens
+    assert out.count("exact SVD on each matrix's owner rank instead of the distributed rsvd") == \
+        (1 if "optim.refresh=owner" in fsdp_only else 0)
     single, fsdp = read_metrics(tmp_path / "single"), read_metrics(tmp_path / "fsdp")
     assert [l["step"] for l in fsdp] == [l["step"] for l in single] == list(range(1, 13))
     for a, b in zip(single, fsdp):

@@ -3,23 +3,20 @@ here, and a failing check or section must give a non-zero exit and still leave a
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import re
 import subprocess
 import sys
 from pathlib import Path
 
+from script_loader import load_script
+
 REPO = Path(__file__).resolve().parents[2]
 SCRIPT = REPO / "scripts" / "gpu_check.py"
 
 
-def load_script():
-    spec = importlib.util.spec_from_file_location("gpu_check", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # its dataclass looks its module up there
-    spec.loader.exec_module(module)
-    return module
+def gpu_check():
+    return load_script("scripts/gpu_check.py", "gpu_check")
 
 
 def test_dry_run_passes_every_section(tmp_path):
@@ -43,7 +40,7 @@ def test_dry_run_passes_every_section(tmp_path):
 
 
 def test_a_failing_section_still_writes_the_report_and_exits_1(tmp_path, monkeypatch):
-    script = load_script()
+    script = gpu_check()
 
     def broken(report, plan, ctx):
         raise RuntimeError("no such kernel")
@@ -57,7 +54,7 @@ def test_a_failing_section_still_writes_the_report_and_exits_1(tmp_path, monkeyp
 
 
 def test_a_failed_check_exits_1(tmp_path, monkeypatch):
-    script = load_script()
+    script = gpu_check()
     monkeypatch.setattr(script, "section_env", lambda report, plan, ctx: report.check("a check", False, "why"))
     report = tmp_path / "report.md"
     assert script.main(["--dry-run", "--only", "env", "--report", str(report)]) == 1
@@ -65,7 +62,7 @@ def test_a_failed_check_exits_1(tmp_path, monkeypatch):
 
 
 def test_bad_section_name_is_refused(capsys):
-    script = load_script()
+    script = gpu_check()
     try:
         script.main(["--dry-run", "--only", "env,sped"])
     except SystemExit as e:

@@ -1,20 +1,16 @@
 """scripts/compare.py's own logic: the sweep grid's scaling and reuse of finished runs (no training here)."""
 
-import importlib.util
 import json
 from pathlib import Path
 
 import pytest
+from script_loader import load_script
 
-REPO = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")
 def compare():
-    spec = importlib.util.spec_from_file_location("compare_script", REPO / "scripts" / "compare.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("scripts/compare.py", "compare_script")
 
 
 def test_sweep_scales_gamma_only_when_the_guaranteed_switch_does_not_fit(compare):

@@ -1,7 +1,6 @@
 """Hugging Face interop end to end: a 40-step run exported, loaded by transformers, imported and trained on."""
 
 import contextlib
-import importlib.util
 import io
 import json
 import re
@@ -13,6 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.distributed.checkpoint as dcp
+from script_loader import load_script
 
 from lotus_dist.data import build_train_stream, load_tokenizer
 from lotus_dist.model.llama import Llama, LlamaConfig
@@ -31,14 +31,7 @@ def train(overrides):
     assert main(["--config", str(REPO / "configs/tiny.yaml"), *merge_overrides(overrides)]) == 0
 
 
-def _load_exporter():
-    spec = importlib.util.spec_from_file_location("export_hf", EXPORT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-EXPORTER = _load_exporter()
+EXPORTER = load_script("scripts/export_hf.py", "export_hf")
 
 
 def export(*args, process=False):
