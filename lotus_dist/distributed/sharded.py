@@ -82,8 +82,9 @@ def _check_supported(group: dict, fallback: bool, projectors: str, name: str) ->
 
 def owner_refresh_replaces_rsvd(optim_cfg) -> bool:
     """Whether ``optim.refresh=owner`` swaps the method's rsvd solver for the exact SVD on each matrix's owner."""
-    solver = optim_cfg.solver or METHODS.get(optim_cfg.name, {}).get("solver")
-    return getattr(optim_cfg, "refresh", "distributed") == "owner" and solver == "rsvd"
+    if getattr(optim_cfg, "refresh", "distributed") != "owner":
+        return False
+    return (optim_cfg.solver or (METHODS.get(optim_cfg.name) or {}).get("solver")) == "rsvd"  # adamw's entry is None
 
 
 def build_sharded_optimizer(model: nn.Module, optim_cfg, plan: Plan, mesh: DeviceMesh) -> torch.optim.Optimizer:

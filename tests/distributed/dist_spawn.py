@@ -2,7 +2,8 @@
 
 Subprocesses of a script file rather than ``mp.spawn`` of test functions: pytest runs with
 ``--import-mode=importlib``, so test modules are not importable by name in a child. One failing rank kills the
-others (they would otherwise wait in a collective until gloo's 30-minute timeout).
+others (they would otherwise wait in a collective until gloo's 30-minute timeout); ranks that hang are found by
+their CPU use, not by a guessed time (``process_watch``).
 """
 
 from __future__ import annotations
@@ -15,6 +16,8 @@ import sys
 import time
 from pathlib import Path
 
+from process_watch import ProgressWatch
+
 REPO = Path(__file__).resolve().parents[2]
 WORKERS = Path(__file__).resolve().parent / "dist_workers.py"
 
@@ -25,8 +28,9 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def run_workers(world_size: int, options: dict, workdir: Path, timeout: float = 150.0) -> dict:
-    """Run ``dist_workers.py`` on ``world_size`` ranks with ``options``; return rank 0's result dict."""
+def run_workers(world_size: int, options: dict, workdir: Path) -> dict:
+    """Run ``dist_workers.py`` on ``world_size`` ranks with ``options``; return rank 0's result dict. Fails at once
+    when a rank fails, and when the ranks hang (``process_watch``), however slow the machine."""
     workdir.mkdir(parents=True, exist_ok=True)
     tag = options.get("tag", "run")
     port = free_port()
@@ -46,22 +50,22 @@ def run_workers(world_size: int, options: dict, workdir: Path, timeout: float = 
                 [sys.executable, str(WORKERS), json.dumps(options), str(workdir)],
                 cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT,
             ))
-    deadline = time.monotonic() + timeout
-    failed = None
+    watch = ProgressWatch([p.pid for p in procs])
+    failed, gave_up = None, None
     while any(p.poll() is None for p in procs):
         failed = next((r for r, p in enumerate(procs) if p.returncode not in (None, 0)), None)
-        if failed is not None or time.monotonic() > deadline:
+        gave_up = watch.why_give_up()
+        if failed is not None or gave_up:
             break
         time.sleep(0.2)
     if failed is None:
         failed = next((r for r, p in enumerate(procs) if p.returncode not in (None, 0)), None)
-    timed_out = any(p.poll() is None for p in procs)
     for p in procs:
         if p.poll() is None:
             p.kill()
             p.wait()
-    if failed is not None or timed_out:
+    if failed is not None or gave_up:
         rank = failed if failed is not None else 0
-        why = f"rank {rank} exited with {procs[rank].returncode}" if failed is not None else f"timeout {timeout}s"
+        why = f"rank {rank} exited with {procs[rank].returncode}" if failed is not None else gave_up
         raise AssertionError(f"{tag} at world {world_size}: {why}\n{logs[rank].read_text()[-6000:]}")
     return json.loads((workdir / f"{tag}.result.json").read_text())

@@ -70,7 +70,7 @@ def _refs() -> str:
 def world2() -> dict:
     opts = {"entry": "owner_workers", "tag": "w2", "methods": list(METHODS), "modes": modes(), "steps": STEPS,
             "save_at": SAVE_AT, "refs": _refs()}
-    return run_workers(2, opts, workdir(), timeout=240)
+    return run_workers(2, opts, workdir())
 
 
 @functools.cache
@@ -108,7 +108,7 @@ def world3() -> dict:
         ]
     opts = {"entry": "owner_workers", "tag": "w3", "methods": list(METHODS), "modes": modes(), "steps": STEPS,
             "resume": resume, "refs": _refs()}
-    return run_workers(3, opts, workdir(), timeout=300)
+    return run_workers(3, opts, workdir())
 
 
 def check_run(run: dict, ref: dict, world: int) -> None:

@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import os
-import signal
 import subprocess
 import sys
 from pathlib import Path
 
 from dist_spawn import free_port
+from process_watch import communicate
 from lotus_dist.train.config import merge_overrides
 
 REPO = Path(__file__).resolve().parents[2]
@@ -34,18 +34,14 @@ def command(nproc: int, args: list[str], max_restarts: int = 0, config: str = "c
             "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{free_port()}", "--monitor-interval=0.2", *script]
 
 
-def launch(nproc: int, args: list[str], *, env: dict | None = None, max_restarts: int = 0, timeout: float = 240,
-           check: bool = True, config: str = "configs/tiny.yaml") -> subprocess.CompletedProcess:
+def launch(nproc: int, args: list[str], *, env: dict | None = None, max_restarts: int = 0, check: bool = True,
+           config: str = "configs/tiny.yaml") -> subprocess.CompletedProcess:
+    """Run to the end; a hang (no CPU used by the job, see process_watch) kills it, whatever the machine's load."""
     cmd = command(nproc, args, max_restarts, config)
-    # Its own session, so that a timeout kills torchrun's workers too, not only the agent.
+    # Its own session, so that a hang kills torchrun's workers too, not only the agent.
     with subprocess.Popen(cmd, cwd=REPO, env=env_for(env), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                           start_new_session=True) as popen:
-        try:
-            out, err = popen.communicate(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            os.killpg(popen.pid, signal.SIGKILL)
-            out, err = popen.communicate()
-            raise AssertionError(f"timed out after {timeout}s\n{out[-3000:]}\n{err[-6000:]}") from None
+        out, err = communicate(popen)
     proc = subprocess.CompletedProcess(cmd, popen.returncode, out, err)
     if check and proc.returncode != 0:
         raise AssertionError(f"exit {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")

@@ -14,6 +14,7 @@ import pytest
 from lotus_dist.train.faults import flip_bit
 from lotus_dist.train.metrics import read_metrics
 from pretrain_launch import SMALL, launch, start
+from process_watch import ProgressWatch, communicate, kill_session
 
 STEPS = 12
 KEYS = ("step", "loss", "lr", "tokens", "val_loss", "grad_norm", "switches", "optimizer_state_bytes")
@@ -114,15 +115,14 @@ def test_metrics_have_no_duplicate_steps_after_a_sigkill_at_any_step(tmp_path):
         assert trajectory(run_dir) == straight, step
 
 
-def _wait_for_step(run_dir: Path, step: int, proc, timeout: float = 180) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if any(l["step"] >= step for l in read_metrics(run_dir)):
-            return
+def _wait_for_step(run_dir: Path, step: int, proc) -> None:
+    watch = ProgressWatch([proc.pid])
+    while not any(l["step"] >= step for l in read_metrics(run_dir)):
         if proc.poll() is not None:
-            raise AssertionError(f"exited early ({proc.returncode}): {proc.communicate()[1][-3000:]}")
+            raise AssertionError(f"exited early ({proc.returncode}): {communicate(proc)[1][-3000:]}")
+        if why := watch.why_give_up():
+            raise AssertionError(f"training did not reach step {step}: {why}\n{kill_session(proc)[1][-3000:]}")
         time.sleep(0.1)
-    raise AssertionError("training did not reach step {step}")
 
 
 def _children(pid: int) -> list[int]:
@@ -140,7 +140,7 @@ def test_sigterm_and_sigint_save_at_the_next_step_boundary_and_exit_0(tmp_path, 
     # torchrun's agent instead also saves, but torchelastic then exits non-zero by design: see the next test.)
     for pid in [proc.pid] if nproc == 0 else _children(proc.pid):
         os.kill(pid, sig)
-    out, err = proc.communicate(timeout=120)
+    out, err = communicate(proc)
     assert proc.returncode == 0, err[-3000:]
     last = max(l["step"] for l in read_metrics(run_dir))
     saved = run_dir / f"checkpoints/step_{last:08d}"
@@ -157,7 +157,7 @@ def test_ctrl_c_on_torchrun_saves_on_every_rank(tmp_path):
     proc = start(2, args)
     _wait_for_step(run_dir, 3, proc)
     os.killpg(proc.pid, signal.SIGINT)
-    out, err = proc.communicate(timeout=120)
+    out, err = communicate(proc)
     last = max(l["step"] for l in read_metrics(run_dir))
     assert (run_dir / f"checkpoints/step_{last:08d}/COMPLETE").exists(), err[-3000:]
     assert "SIGINT received" in out
@@ -170,7 +170,7 @@ def test_ctrl_c_on_torchrun_saves_on_every_rank(tmp_path):
 ])
 def test_bad_input_under_torchrun_every_rank_same_line(tmp_path, bad, needle):
     (tmp_path / "a_file").write_text("in the way of run.dir")
-    proc = launch(2, [*SMALL, f"run.dir={tmp_path}", bad.format(tmp=tmp_path)], check=False, timeout=120)
+    proc = launch(2, [*SMALL, f"run.dir={tmp_path}", bad.format(tmp=tmp_path)], check=False)
     assert proc.returncode != 0
     errors = [l for l in proc.stderr.splitlines() if l.startswith("error: ")]
     assert len(errors) == 2 and len(set(errors)) == 1 and needle in errors[0], proc.stderr[-3000:]

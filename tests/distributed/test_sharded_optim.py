@@ -38,7 +38,7 @@ def references():
 def _launch(world: int, work, extra_runs: list, **options) -> tuple[dict, dict]:
     runs = [{"key": m, "method": m} for m in METHODS] + extra_runs
     res = run_workers(world, {"suite": "sharded_optim", "tag": f"w{world}", "rsvd": True, "runs": runs, **options},
-                      work, timeout=200)
+                      work)
     return res, torch.load(work / f"w{world}.params.pt")
 
 
@@ -251,3 +251,17 @@ def test_batched_refresh_equals_per_matrix_and_owners_solve_their_own(world, wor
     owned = len([i for i in range(6) if i % world == 0])  # rank 0 writes the result: its own matrices
     assert b["svd_solves_here"] == owned, b
     assert b["svd_collectives"] == {"gather": world, "broadcast": world}, b
+
+
+@pytest.mark.parametrize("name, solver, refresh, replaced", [
+    ("lotus", None, "owner", True),  # lotus's own rsvd
+    ("galore", None, "owner", False),  # already the exact svd
+    ("galore", "rsvd", "owner", True),  # an rsvd asked for explicitly
+    ("adamw", None, "owner", False),  # no projected matrices at all
+    ("lotus", None, "distributed", False),
+])
+def test_owner_refresh_replaces_only_an_rsvd_solver(name, solver, refresh, replaced):
+    from lotus_dist.distributed.sharded import owner_refresh_replaces_rsvd
+    from lotus_dist.train.config import OptimConfig
+
+    assert owner_refresh_replaces_rsvd(OptimConfig(name=name, solver=solver, refresh=refresh)) is replaced

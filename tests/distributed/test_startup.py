@@ -18,8 +18,8 @@ def test_llama_60m_start_up_holds_half_the_model_per_rank_and_the_single_process
     from lotus_dist.model.llama import Llama, llama_config
 
     cache = f"data.cache_dir={tmp_path / 'cache'}"
-    launch(2, [*ARGS, cache, f"run.dir={tmp_path / 'fsdp'}"], config="configs/llama_60m.yaml", timeout=600)
-    launch(0, [*ARGS, cache, f"run.dir={tmp_path / 'single'}"], config="configs/llama_60m.yaml", timeout=600)
+    launch(2, [*ARGS, cache, f"run.dir={tmp_path / 'fsdp'}"], config="configs/llama_60m.yaml")
+    launch(0, [*ARGS, cache, f"run.dir={tmp_path / 'single'}"], config="configs/llama_60m.yaml")
     (startup,) = read_events(tmp_path / "fsdp", "startup")
     with torch.device("meta"):
         model = Llama(llama_config("llama_60m"))

@@ -1,0 +1,46 @@
+"""The launch helpers' hang detector: a job that sleeps is declared hung, one that computes is not, however long."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from process_watch import ProgressWatch, communicate, tree_cpu_ticks
+
+pytestmark = pytest.mark.skipif(not Path("/proc").is_dir(), reason="the CPU-progress watch reads Linux /proc")
+
+
+def _popen(code: str) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+
+
+def test_a_sleeping_job_is_declared_hung_and_killed_with_its_whole_session():
+    # the parent sleeps, its child sleeps too: nothing in the tree uses CPU
+    job = _popen("import subprocess, sys, time; subprocess.Popen([sys.executable, '-c', 'import time; "
+                 "time.sleep(600)']); print('started', flush=True); time.sleep(600)")
+    with pytest.raises(AssertionError, match="hung: no process of the job used any CPU for 2 s") as info:
+        communicate(job, stall_s=2.0)
+    assert "started" in str(info.value)
+    assert job.returncode == -9 and tree_cpu_ticks([job.pid]) == {}
+
+
+def test_a_computing_job_is_not_hung_and_its_child_counts():
+    # the parent only waits for a child that computes for a while: the child's CPU is the job's progress
+    job = _popen("import subprocess, sys; subprocess.run([sys.executable, '-c', "
+                 "'import time\\nend = time.process_time() + 5\\nwhile time.process_time() < end: pass']); print('done')")
+    out, _ = communicate(job, stall_s=2.5)
+    assert job.returncode == 0 and out.strip() == "done"
+
+
+def test_the_ceiling_bounds_a_job_that_never_ends():
+    job = _popen("while True: pass")
+    watch = ProgressWatch([job.pid], stall_s=60.0, ceiling_s=0.5)
+    try:
+        while not (why := watch.why_give_up()):
+            pass
+        assert "ceiling" in why
+    finally:
+        job.kill()
+        job.wait()
