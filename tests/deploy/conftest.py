@@ -92,7 +92,7 @@ class Runner:
             cwd=cwd or self.tmp,
             capture_output=True,
             text=True,
-            timeout=20,
+            timeout=300,  # a bound on a hang, not a guess at the duration (CI machines are shared)
         )
         launch = Launch(proc.returncode, proc.stdout, proc.stderr)
         if proc.returncode == 0:

@@ -21,7 +21,7 @@ def compose_config(runner, require_tool, *files, **env):
     for f in files:
         args += ["-f", str(runner.repo / f)]
     proc = subprocess.run(
-        [*args, "config"], env=runner.env(**env), cwd=runner.tmp, capture_output=True, text=True, timeout=20
+        [*args, "config"], env=runner.env(**env), cwd=runner.tmp, capture_output=True, text=True, timeout=300
     )
     assert proc.returncode == 0, proc.stderr
     return yaml.safe_load(proc.stdout)
@@ -131,7 +131,7 @@ def test_makefile_targets(runner):
     def dry(*args):
         proc = subprocess.run(
             [make, "-n", "-f", "docker/docker.mk", *args, "DOCKER_COMPOSE=docker-compose"],
-            cwd=runner.repo, env=runner.env(), capture_output=True, text=True, timeout=20,
+            cwd=runner.repo, env=runner.env(), capture_output=True, text=True, timeout=300,
         )
         assert proc.returncode == 0, proc.stderr
         return proc.stdout.splitlines()

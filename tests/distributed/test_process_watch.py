@@ -28,8 +28,8 @@ def test_a_sleeping_job_is_declared_hung_and_killed_with_its_whole_session():
 
 def test_a_computing_job_is_not_hung_and_its_child_counts():
     # the parent only waits for a child that computes for a while: the child's CPU is the job's progress
-    job = _popen("import subprocess, sys; subprocess.run([sys.executable, '-c', "
-                 "'import time\\nend = time.process_time() + 5\\nwhile time.process_time() < end: pass']); print('done')")
+    child = "import time\\nend = time.process_time() + 5\\nwhile time.process_time() < end: pass"
+    job = _popen(f"import subprocess, sys; subprocess.run([sys.executable, '-c', '{child}']); print('done')")
     out, _ = communicate(job, stall_s=2.5)
     assert job.returncode == 0 and out.strip() == "done"
 
