@@ -134,11 +134,10 @@ class DeepSpeedMode(OwnerDataParallel):
         # Bad configs are refused first, before DeepSpeed is imported or any engine exists.
         self.ds_config = deepspeed_config(cfg, self.world_size, self.device.type)
         stage = check_config(self.ds_config)
-        if stage and self.rank == 0:
-            print(f"deepspeed: ZeRO stage {stage} requested: lotus_dist runs its own matrix-granular ZeRO-2 inside the "
-                  f"engine (gradients reduce-scattered to whole-matrix owners, weights all-gathered back); "
-                  f"DeepSpeed's stage-{stage} partitions would cut matrices apart, which no projection can use",
-                  flush=True)
+        if stage:
+            self.log(f"deepspeed: ZeRO stage {stage} requested: lotus_dist runs its own matrix-granular ZeRO-2 inside "
+                     f"the engine (gradients reduce-scattered to whole-matrix owners, weights all-gathered back); "
+                     f"DeepSpeed's stage-{stage} partitions would cut matrices apart, which no projection can use")
         autocast = cfg.train.dtype == "bf16" or (cfg.train.dtype == "auto" and self.device.type == "cuda")
         if uses_bf16(self.ds_config) and not autocast:
             raise UserError(f"dist.mode=deepspeed: the DeepSpeed config enables bf16 but this run computes in fp32 "

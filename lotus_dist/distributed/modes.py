@@ -30,6 +30,11 @@ class SingleProcess:
         self.runtime = runtime
         self.rank, self.world_size, self.device = runtime.rank, runtime.world_size, runtime.device
 
+    def log(self, line: str) -> None:
+        """A start-up line said once for the job (by rank 0)."""
+        if self.rank == 0:
+            print(line, flush=True)
+
     def wrap_model(self, model, cfg):
         return self.materialize(model, cfg)
 
@@ -44,9 +49,8 @@ class SingleProcess:
 
         model.to_empty(device=self.device)
         if cfg.model.init_from:
-            log = print if self.rank == 0 else (lambda line: None)
-            log(f"initialising the model from {cfg.model.init_from} (model.init_from)")
-            load_hf_weights(model, cfg.model.init_from, local_part, log=log)
+            self.log(f"initialising the model from {cfg.model.init_from} (model.init_from)")
+            load_hf_weights(model, cfg.model.init_from, local_part, log=self.log)
         else:
             init_parameters(model, cfg.seed, local_part)
         return model
@@ -130,9 +134,8 @@ class FullyShardedDataParallel(Collective):
         plan = plan_for_model(model, self.world_size, optim.rank, optim.proj_type or "std", optim.solver or "rsvd",
                               replicate=cfg.dist.replicate)
         param_dtype, reduce_dtype = mixed_precision(cfg.train.dtype, self.device)
-        log = print if self.rank == 0 else (lambda line: None)
         self.plan = plan
-        model = apply_fsdp(model, mesh, plan, param_dtype=param_dtype, reduce_dtype=reduce_dtype, log_fn=log)
+        model = apply_fsdp(model, mesh, plan, param_dtype=param_dtype, reduce_dtype=reduce_dtype, log_fn=self.log)
         return self.materialize(model, cfg, local_part)  # sharded first: no rank ever holds the whole model
 
     def update_units(self, model):
@@ -143,10 +146,10 @@ class FullyShardedDataParallel(Collective):
     def build_optimizer(self, model, optim_cfg):
         from lotus_dist.distributed.sharded import build_sharded_optimizer, mesh_of, owner_refresh_replaces_rsvd
 
-        if owner_refresh_replaces_rsvd(optim_cfg) and self.rank == 0:
+        if owner_refresh_replaces_rsvd(optim_cfg):
             # a solver change the user should see: the exact SVD is what every projector refresh now computes
-            print(f"optim.refresh=owner: {optim_cfg.name}'s projectors are refreshed by an exact SVD on each "
-                  f"matrix's owner rank instead of the distributed rsvd", flush=True)
+            self.log(f"optim.refresh=owner: {optim_cfg.name}'s projectors are refreshed by an exact SVD on each "
+                     f"matrix's owner rank instead of the distributed rsvd")
         return build_sharded_optimizer(model, optim_cfg, self.plan, mesh_of(model))
 
 

@@ -24,6 +24,7 @@ import torch.distributed as dist
 from torch import nn
 
 from lotus_dist.model.llama import Llama, count_parameters, llama_config
+from lotus_dist.train.config import shape_overrides
 
 from .fsdp import apply_fsdp, mixed_precision
 from .plan import DistConfigError, Plan, default_projected, plan_for_model
@@ -48,9 +49,7 @@ def fake_process_group(world_size: int):
 
 
 def _model_config(cfg):
-    overrides = {f.name: getattr(cfg.model, f.name) for f in dataclasses.fields(cfg.model)
-                 if f.name not in ("name", "init_from")}
-    return llama_config(cfg.model.name, **overrides)
+    return llama_config(cfg.model.name, **shape_overrides(cfg.model))
 
 
 def _dtype_bytes(dtype: torch.dtype | None, default: int = 4) -> int:

@@ -411,6 +411,12 @@ def _validate_optim(o: OptimConfig) -> None:
         raise ConfigError(f"config key '{key}': {problem}") from None
 
 
+def shape_overrides(m: ModelConfig) -> dict:
+    """The model keys ``llama_config(m.name, **...)`` takes: all but the preset name and ``init_from`` (where the
+    weights come from, not the shape)."""
+    return {k: v for k, v in dataclasses.asdict(m).items() if k not in ("name", "init_from")}
+
+
 def _validate_model(m: ModelConfig) -> None:
     from lotus_dist.model.llama import llama_config
 
@@ -425,9 +431,8 @@ def _validate_model(m: ModelConfig) -> None:
         if not (folder / "config.json").is_file():
             raise ConfigError(f"config key 'model.init_from': '{m.init_from}' is not a Hugging Face model folder "
                               f"(no config.json{'' if folder.is_dir() else '; no such directory'})")
-    fields = {k: v for k, v in dataclasses.asdict(m).items() if k not in ("name", "init_from")}
     try:
-        llama_config(m.name, **fields)  # a known size, and a shape it can build (dim divisible by n_heads, ...)
+        llama_config(m.name, **shape_overrides(m))  # a known size, and a shape it can build (dim divisible by n_heads, ...)
     except ValueError as e:
         raise ConfigError(str(e)) from None
 

@@ -17,7 +17,7 @@ from lotus_dist.errors import UserError
 from lotus_dist.model.llama import Llama, llama_config
 from lotus_dist.counters import COUNTERS
 from lotus_dist.train.checkpoint import Checkpointer, NonFiniteStateError, check_compatible
-from lotus_dist.train.config import Config, to_dict
+from lotus_dist.train.config import Config, shape_overrides, to_dict
 from lotus_dist.train.consensus import StepConsensus, clip_, grad_sq_partial
 from lotus_dist.train.evaluate import evaluate
 from lotus_dist.train.faults import maybe_crash, maybe_poison_gradients, maybe_poison_weights
@@ -46,7 +46,7 @@ def resolve_autocast(dtype: str, device: torch.device):
 
 
 def model_fingerprint(cfg: Config, vocab_size: int) -> dict:
-    fields = {k: v for k, v in dataclasses.asdict(cfg.model).items() if k not in ("name", "init_from")}
+    fields = shape_overrides(cfg.model)
     model_cfg = llama_config(cfg.model.name, **{**fields, "vocab_size": cfg.model.vocab_size or vocab_size})
     return dataclasses.asdict(model_cfg)
 
