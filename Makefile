@@ -59,10 +59,11 @@ compare: install
 	$(PY) scripts/compare.py $(ARGS)
 
 # The GPU check runs on the machine's own Python and torch with this checkout on PYTHONPATH (nothing installed: a
-# GPU machine brings its cluster's torch). `make gpu-check ARGS=--dry-run GPU_PYTHON=.venv/bin/python` runs it on a CPU.
+# GPU machine brings its cluster's torch; the script first checks its needs: numpy pyyaml sentencepiece pytest).
+# `make gpu-check ARGS=--dry-run GPU_PYTHON=.venv/bin/python` runs it on a CPU.
 GPU_PYTHON ?= python3
 gpu-check:
-	@echo ">>> GPU check: CUDA correctness, NCCL/FSDP2/bf16 run + resume, speed and memory (< 8 min on one H200)"
+	@echo ">>> GPU check: CUDA correctness, NCCL/FSDP2/bf16 run + resume, speed and memory (within --budget, default 480 s)"
 	PYTHONPATH=$(CURDIR)$${PYTHONPATH:+:$$PYTHONPATH} $(GPU_PYTHON) scripts/gpu_check.py $(ARGS)
 
 clean:

@@ -5,7 +5,9 @@
   rank sends in them, counted as ring algorithms send them: an all-reduce of n bytes 2(W-1)/W·n; a reduce-scatter,
   all-gather, gather, broadcast or all-to-all (W-1)/W·n, n being the bytes of the whole tensor reduced or gathered.
 - ``host_syncs``: device-to-host synchronisations of the trainer and the optimizer (``to_host``: ``.tolist()``,
-  ``.item()``); on a CPU run they are counted as the same code would sync on a GPU.
+  ``.item()``); on a CPU run they are counted as the same code would sync on a GPU. A host sync is anything that
+  waits for the device, ``torch.tensor(v, device=cuda)`` included: ``lotus_dist/sync_audit.py`` checks in tests that
+  these counts miss none.
 
 One process-wide instance, ``COUNTERS``; the trainer resets it at the start of each step and logs what the step
 added. Counting is a few integer additions per collective: always on.

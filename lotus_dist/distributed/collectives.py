@@ -28,7 +28,7 @@ import torch
 import torch.distributed as dist
 
 from lotus_dist.counters import COUNTERS, nbytes, to_host
-from lotus_dist.optim.subspace import Comm, Request, svd_projector
+from lotus_dist.optim.subspace import Comm, Request, linalg_steps, orth_columns_steps, svd_projector, svd_projectors
 
 
 def counted(kind: str, whole_bytes: int, group) -> None:
@@ -100,6 +100,8 @@ class MatrixComm(Comm):
         self.me = dist.get_rank(group)
         self.shape, self.side, self.r, self.shard_dim, self.fallback = tuple(shape), side, rank, shard_dim, fallback
         self.owner = owner
+        if projectors not in ("replicate", "shard"):  # "auto" is decided before (sharded.resolve_projectors)
+            raise ValueError(f"MatrixComm: projectors must be replicate or shard, got {projectors!r}")
         self.projectors = projectors
         self.gathers_projector = projectors == "shard"
         self.sizes = chunk_sizes(self.shape[shard_dim], self.world)  # this matrix's shard sizes
@@ -151,6 +153,11 @@ class MatrixComm(Comm):
 
     def short_size(self, d: int) -> int:
         return self.shape[0] if self.fallback else d
+
+    def batch_shape(self, shape):
+        piece = list(shape)
+        piece[self.shard_dim] = max(self.sizes)
+        return tuple(piece)
 
     def orth(self, Y: torch.Tensor) -> torch.Tensor:
         if not self.fallback:
@@ -213,13 +220,15 @@ class MatrixComm(Comm):
 
     def orth_steps(self, Y):
         if not self.fallback:
-            return super().orth(Y)
-        Q = Y.double()  # CholeskyQR2, as ``orth``, with its sums and its definiteness check batched
+            return (yield from orth_columns_steps(Y))  # local Householder, batched with the other matrices'
+        # CholeskyQR2, as ``orth`` (float64 on every device: it squares κ(Y)), with its sums, Cholesky
+        # factorisations and definiteness check batched over the matrices
+        Q = Y.double()
         for _ in range(2):
-            L, info = torch.linalg.cholesky_ex((yield Request("sum", self, (Q.T @ Q,))))
+            L, info = yield from linalg_steps("cholesky", (yield Request("sum", self, (Q.T @ Q,))))
             if (yield Request("host", self, (info,))):
                 full = yield Request("gather_rows", self, (Y.contiguous(), self.sizes))
-                return super().orth(full)[self.offset : self.offset + Y.shape[0]]
+                return (yield from orth_columns_steps(full))[self.offset : self.offset + Y.shape[0]]
             Q = torch.linalg.solve_triangular(L, Q.T, upper=False).T
         return Q.to(Y.dtype)
 
@@ -361,14 +370,14 @@ def _owner_svd_all(group, requests: list[Request]) -> list[torch.Tensor]:
                 comm = requests[i].comm
                 rows = [split[r][j].view_as(pieces[i])[: comm.sizes[r]] for r in range(world)]
                 mine[i] = torch.cat(rows).movedim(0, comm.shard_dim)
-    solved = {}
-    for i, full in mine.items():  # every owner solves only its own matrices, all owners at the same time
-        comm, (G, side, r) = requests[i].comm, requests[i].args
-        try:
-            solved[i] = svd_projector(full, side, r).to(G.dtype).contiguous()
-        except torch.linalg.LinAlgError:
-            # a NaN basis, broadcast like any other: every rank then takes the solver fallback together
-            solved[i] = G.new_full(comm.full_projector, float("nan"))
+    # every owner solves only its own matrices (the same-shaped ones in one batched svd), all owners at the same time
+    solved = dict(zip(mine, svd_projectors(list(mine.values()), [requests[i].args[1] for i in mine],
+                                           [requests[i].args[2] for i in mine])))
+    for i, P in solved.items():
+        G = requests[i].args[0]
+        # a failure becomes a NaN basis, broadcast like any other: every rank then takes the solver fallback together
+        solved[i] = G.new_full(requests[i].comm.full_projector, float("nan")) if isinstance(P, Exception) \
+            else P.to(G.dtype).contiguous()
     out: list = [None] * len(requests)
     for owner in owners:
         idx = [i for i, req in enumerate(requests) if req.comm.owner == owner]

@@ -21,18 +21,40 @@ from .plan import Plan
 log = logging.getLogger(__name__)
 
 
-def mixed_precision(train_dtype: str, device: torch.device | str) -> tuple[torch.dtype | None, torch.dtype | None]:
-    """(param_dtype, reduce_dtype) for FSDP2 from ``train.dtype``.
+REDUCE_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}  # dist.reduce_dtype
 
-    bf16 compute with fp32 gradient reduction on CUDA for ``auto``/``bf16``; an explicit ``bf16`` is honoured on
-    CPU too; ``fp32`` (and ``auto`` on CPU) means no casting. Sharded master weights stay in their own dtype.
+
+def mixed_precision(train_dtype: str, device: torch.device | str,
+                    reduce: str = "fp32") -> tuple[torch.dtype | None, torch.dtype | None]:
+    """(param_dtype, reduce_dtype) for FSDP2 from ``train.dtype`` and ``dist.reduce_dtype``.
+
+    bf16 compute on CUDA for ``auto``/``bf16``; an explicit ``bf16`` is honoured on CPU too; ``fp32`` (and
+    ``auto`` on CPU) means no casting. Gradients are reduced in ``reduce`` (fp32 by default; bf16 halves the
+    reduce-scatter / all-reduce bytes at bf16 rounding of each reduction). Sharded master weights and the
+    reduced gradient shards stay in the parameters' own dtype (fp32).
     """
+    if reduce not in REDUCE_DTYPES:
+        raise ValueError(f"unknown dist.reduce_dtype '{reduce}' (known: {', '.join(REDUCE_DTYPES)})")
     device_type = torch.device(device).type
     if train_dtype == "bf16" or (train_dtype == "auto" and device_type == "cuda"):
-        return torch.bfloat16, torch.float32
+        return torch.bfloat16, REDUCE_DTYPES[reduce]
     if train_dtype in ("auto", "fp32"):
-        return None, None
+        return None, (None if reduce == "fp32" else REDUCE_DTYPES[reduce])
     raise ValueError(f"unknown train.dtype '{train_dtype}' (known: auto, fp32, bf16)")
+
+
+def set_gradient_sync(model: nn.Module, last: bool) -> None:
+    """``dist.reduce_last_micro_batch``: before each micro-batch's backward, reduce only on the ``last``.
+
+    Flat FSDP: no reduce-scatter before the last micro-batch (``set_requires_gradient_sync``; the unsharded
+    gradients accumulate on each rank). HSDP: the reduce-scatter inside the shard group still runs every
+    micro-batch, so gradients stay sharded; only the all-reduce across replicas waits (``set_requires_all_reduce``).
+    """
+    mesh = next(model.parameters()).device_mesh
+    if mesh.ndim == 2:
+        model.set_requires_all_reduce(last)
+    else:
+        model.set_requires_gradient_sync(last)
 
 
 def _check_mesh(mesh: DeviceMesh, plan: Plan) -> None:
@@ -107,4 +129,4 @@ def check_placements(model: nn.Module, plan: Plan) -> None:
             raise AssertionError(f"{name}: placement {p.placements}, the plan wants {want}")
 
 
-__all__ = ["apply_fsdp", "mixed_precision", "check_placements", "local_part"]
+__all__ = ["apply_fsdp", "mixed_precision", "check_placements", "local_part", "set_gradient_sync", "REDUCE_DTYPES"]

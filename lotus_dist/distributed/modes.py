@@ -13,6 +13,7 @@ and reads ``rank``, ``world_size``, ``device``.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import importlib
 
 import torch
@@ -109,7 +110,7 @@ class Collective(SingleProcess):
         return tensor
 
     def any_rank(self, flag: bool) -> bool:
-        t = torch.tensor([1.0 if flag else 0.0], device=self.device)
+        t = torch.full((1,), 1.0 if flag else 0.0, device=self.device)  # a fill on the device, not a host copy
         dist.all_reduce(t, op=dist.ReduceOp.MAX)
         return bool(to_host(t)[0])
 
@@ -133,10 +134,18 @@ class FullyShardedDataParallel(Collective):
         optim = cfg.optim
         plan = plan_for_model(model, self.world_size, optim.rank, optim.proj_type or "std", optim.solver or "rsvd",
                               replicate=cfg.dist.replicate)
-        param_dtype, reduce_dtype = mixed_precision(cfg.train.dtype, self.device)
+        param_dtype, reduce_dtype = mixed_precision(cfg.train.dtype, self.device, cfg.dist.reduce_dtype)
         self.plan = plan
+        self.reduce_last = cfg.dist.reduce_last_micro_batch
         model = apply_fsdp(model, mesh, plan, param_dtype=param_dtype, reduce_dtype=reduce_dtype, log_fn=self.log)
         return self.materialize(model, cfg, local_part)  # sharded first: no rank ever holds the whole model
+
+    def no_sync(self, model, last: bool):
+        if self.reduce_last:
+            from lotus_dist.distributed.fsdp import set_gradient_sync
+
+            set_gradient_sync(model, last)
+        return contextlib.nullcontext()
 
     def update_units(self, model):
         from lotus_dist.optim import units_of
@@ -144,12 +153,17 @@ class FullyShardedDataParallel(Collective):
         return units_of(model, root_as_one_unit=True)  # FSDP2 reduce-scatters the root's gradients together
 
     def build_optimizer(self, model, optim_cfg):
-        from lotus_dist.distributed.sharded import build_sharded_optimizer, mesh_of, owner_refresh_replaces_rsvd
+        from lotus_dist.distributed.sharded import (build_sharded_optimizer, mesh_of, owner_refresh_replaces_rsvd,
+                                                    resolve_projectors)
 
         if owner_refresh_replaces_rsvd(optim_cfg):
             # a solver change the user should see: the exact SVD is what every projector refresh now computes
             self.log(f"optim.refresh=owner: {optim_cfg.name}'s projectors are refreshed by an exact SVD on each "
                      f"matrix's owner rank instead of the distributed rsvd")
+        projectors, why = resolve_projectors(optim_cfg, self.plan)
+        if optim_cfg.name != "adamw":  # adamw keeps no projectors
+            self.log(f"optim.projectors={optim_cfg.projectors}: {projectors} ({why})")
+        optim_cfg = dataclasses.replace(optim_cfg, projectors=projectors)
         return build_sharded_optimizer(model, optim_cfg, self.plan, mesh_of(model))
 
 

@@ -30,11 +30,12 @@ from torch.optim import Optimizer
 from lotus_dist.counters import nbytes, to_host
 from lotus_dist.distributed.collectives import counted
 from lotus_dist.distributed.modes import Collective
-from lotus_dist.distributed.owner_buckets import OwnerReducer, build_layout, gather_weights, padding_ratio
+from lotus_dist.distributed.owner_buckets import (OwnerReducer, build_layout, check_fits, gather_weights,
+                                                  padding_ratio, step_buffer_bytes)
 from lotus_dist.distributed.plan import solver_cost
 from lotus_dist.errors import UserError
 
-BUCKET_MB = 25.0  # per-owner segment of a gradient bucket (dist.bucket_mb), at least the largest parameter
+BUCKET_MB = 25.0  # MiB of one gradient bucket, all ranks' segments together (dist.bucket_mb), whatever the world size
 
 
 def _hparams(group: dict) -> dict:
@@ -83,7 +84,7 @@ class OwnerOptimizer(Optimizer):
     FQN mapping see the whole model); ``local`` is the owner's optimizer over its own parameters. ``state`` holds
     this rank's entries (the same dicts as ``local.state``, which ``memory_report`` counts) and, for projected
     matrices owned elsewhere, a mirror ``{"n_bases": int}`` so that ``switch_report`` counts every matrix.
-    ``buckets`` is the gradient layout (``owner_buckets.build_layout`` over ``order``, the parameters in the order
+    ``layout`` is the gradient layout (``owner_buckets.build_layout`` over ``order``, the parameters in the order
     backward produces their gradients), which sets the owners. ``step()`` is collective: every rank calls it (the
     owners update, then every rank receives the weights).
     """
@@ -104,14 +105,18 @@ class OwnerOptimizer(Optimizer):
                             f"for {self.world_size} ranks (use dist.mode=fsdp)")
         order = list(order) if order is not None else all_params[::-1]
         self._costs = owner_costs(full)
-        self.buckets = build_layout(order, self.world_size, bucket_mb * 2**20,
-                                    state_bytes={k: mem for k, (mem, _) in self._costs.items()})
-        self.owners = {id(p): o for b in self.buckets for p, o in zip(b.params, b.owners)}
-        self.padding = padding_ratio(self.buckets)
+        self.layout = build_layout(order, self.world_size, bucket_mb * 2**20,
+                                   state_bytes={k: mem for k, (mem, _) in self._costs.items()})
+        self.owners = {id(p): o for p, o in zip(self.layout.params, self.layout.owners)}
+        self.padding = padding_ratio(self.layout)
+        self.gather_bytes = 0  # the most bytes the weights' all-gather buffers held at once (measured)
 
         # bf16 weights (weights_dtype): the owner keeps an fp32 master of each of its parameters, which its optimizer
         # steps; every rank holds the model in bf16. Otherwise the optimizer steps the parameters themselves.
         self.masters: dict[int, nn.Parameter] = {}
+        # fp32 master bytes of each parameter on its owner (every rank knows every rank's: the start-up check)
+        self._master_bytes = {id(p): p.numel() * p.element_size() for p in all_params
+                              if weights_dtype is not None and weights_dtype != p.dtype}
         self._param_of: dict[int, torch.Tensor] = {}  # id(tensor the local optimizer steps) -> model parameter
         groups, self._group_of = [], []
         for gi, g in enumerate(self.param_groups):
@@ -132,6 +137,7 @@ class OwnerOptimizer(Optimizer):
                 for p in all_params:
                     p.data = p.data.to(weights_dtype)
         self.local = type(full)(groups, **full.defaults)
+        self.local.refresh_batch_bytes = full.refresh_batch_bytes  # optim.refresh_batch_mb
         # Global matrix indices, as in the single-process optimizer: the seeds of the random bases depend on them.
         self.local._indices = {id(t): full._index_of(self._param_of[id(t)]) for g in groups for t in g["params"]}
         self.local.param_names = {id(t): self.param_names[id(self._param_of[id(t)])] for g in groups
@@ -237,7 +243,8 @@ class OwnerOptimizer(Optimizer):
         self._sync_hparams()  # the trainer sets lr on the full groups
         self.local.step()
         # every rank receives the owners' new weights (from the fp32 masters, cast, under bf16 weights)
-        gather_weights(self.buckets, self.group, source_of=lambda p: self.masters.get(id(p), p))
+        self.gather_bytes = max(self.gather_bytes, gather_weights(self.layout, self.group,
+                                                                  source_of=lambda p: self.masters.get(id(p), p)))
         self._counts_stale = True  # the n_bases mirrors are refreshed when a report asks (refresh_report)
         return loss
 
@@ -254,8 +261,10 @@ class OwnerOptimizer(Optimizer):
         if not self._projected:
             return
         device = self._projected[0].device
-        counts = torch.tensor([int(self.state[p].get("n_bases", 0)) if self.owned(p) else 0 for p in self._projected],
-                              dtype=torch.int64, device=device)
+        host = torch.tensor([int(self.state[p].get("n_bases", 0)) if self.owned(p) else 0 for p in self._projected],
+                            dtype=torch.int64)
+        # from pinned memory the copy is asynchronous: torch.tensor(..., device=cuda) would block the host
+        counts = (host.pin_memory() if device.type == "cuda" else host).to(device, non_blocking=True)
         counted("all_reduce", nbytes(counts), self.group)
         dist.all_reduce(counts, group=self.group)
         for p, n in zip(self._projected, to_host(counts)):
@@ -267,6 +276,20 @@ class OwnerOptimizer(Optimizer):
     @property
     def refresh_seconds(self) -> float:
         return self.local.refresh_seconds
+
+    def predicted_bytes(self, accum: int) -> dict:
+        """Per-rank bytes of the most loaded rank, from shapes (the same on every rank): the weights, the step's
+        buffers (``owner_buckets.step_buffer_bytes`` over ``accum`` micro-batches) and its optimizer state and
+        masters. Activations are not counted."""
+        layout = self.layout
+        weight_bytes = layout.params[0].element_size()
+        buffers = step_buffer_bytes(layout, accum, weight_bytes)
+        state = [0] * self.world_size
+        for p, owner in zip(layout.params, layout.owners):
+            state[owner] += self._costs[id(p)][0] + self._master_bytes.get(id(p), 0)
+        weights = sum(layout.numels) * weight_bytes
+        total = max(weights + b["peak"] + s for b, s in zip(buffers, state))
+        return {"weights": weights, "buffers": max(b["peak"] for b in buffers), "state": max(state), "total": total}
 
     def owner_loads(self) -> list[tuple[int, float]]:
         """(state bytes, solver flops) owned per rank: the LPT objective, for logs and tests."""
@@ -291,13 +314,14 @@ def build_owner_optimizer(model: nn.Module, optim_cfg, *, group=None, bucket_mb:
 
 class OwnerDataParallel(Collective):
     """``dist.mode=ddp``: the model whole on every rank, its gradients reduce-scattered to their owners from
-    backward hooks (``OwnerReducer``: only on the step's last micro-batch; earlier ones accumulate locally), the
+    backward hooks (``OwnerReducer``: on the step's last micro-batch; earlier ones accumulate in fp32 buckets), the
     optimizer state and update on the owners (``OwnerOptimizer``), the weights all-gathered back. After backward a
     rank holds the gradients of its own parameters only, so the trainer's norm (each owned gradient counted once,
     summed over the ranks) is the global one."""
 
     def wrap_model(self, model, cfg):
         self.bucket_mb = cfg.dist.bucket_mb
+        self.grad_accum = max(1, cfg.train.batch_size // (cfg.train.micro_batch_size * self.world_size))
         # bf16 weights where the trainer computes in bf16 (train.dtype=bf16, or auto on CUDA), fp32 masters on owners
         bf16 = cfg.train.dtype == "bf16" or (cfg.train.dtype == "auto" and self.device.type == "cuda")
         self.weights_dtype = torch.bfloat16 if bf16 else None
@@ -306,11 +330,20 @@ class OwnerDataParallel(Collective):
     def build_optimizer(self, model, optim_cfg):
         optimizer = build_owner_optimizer(model, optim_cfg, bucket_mb=getattr(self, "bucket_mb", BUCKET_MB),
                                           weights_dtype=getattr(self, "weights_dtype", None))
+        # refused on every rank alike (shapes only) before the first step, rather than out of memory in it
+        check_fits(optimizer.predicted_bytes(getattr(self, "grad_accum", 1))["total"], self.device_bytes(),
+                   "the weights, the step's gradient buffers and the optimizer state, without activations")
         # gradients are summed in fp32 whatever the weights' dtype, and go to the owner's master under bf16
-        self.reducer = OwnerReducer(optimizer.buckets, group=None, reduce_dtype=torch.float32,
+        self.reducer = OwnerReducer(optimizer.layout, group=None, reduce_dtype=torch.float32,
                                     target=optimizer.grad_target)
         self.optimizer = optimizer
         return optimizer
+
+    def device_bytes(self) -> int | None:
+        """The accelerator's memory (None on a CPU: no check)."""
+        if self.device.type == "cuda":
+            return torch.cuda.get_device_properties(self.device).total_memory
+        return None
 
     def gradients(self, model) -> list[torch.Tensor]:
         return self.optimizer.gradients()

@@ -26,8 +26,10 @@ from torch import nn
 from lotus_dist.model.llama import Llama, count_parameters, llama_config
 from lotus_dist.train.config import shape_overrides
 
+from . import step_time
 from .fsdp import apply_fsdp, mixed_precision
-from .plan import DistConfigError, Plan, default_projected, plan_for_model
+from .plan import DistConfigError, Plan, choose_projectors, default_projected, plan_for_model, projector_peak_bytes
+from .step_time import fsdp_bytes
 
 METHODS = ("adamw", "galore", "lotus")
 STATE_BYTES = 4  # optimizer states and projectors are fp32 (docs/algorithms.md section 4)
@@ -56,8 +58,7 @@ def _dtype_bytes(dtype: torch.dtype | None, default: int = 4) -> int:
     return default if dtype is None else torch.finfo(dtype).bits // 8
 
 
-def _ring(world: int) -> float:
-    return (world - 1) / world if world > 1 else 0.0
+_ring = step_time.ring
 
 
 def _sharded(cfg, mcfg, mesh, world: int, replicate: int, method: str) -> tuple[nn.Module, Plan]:
@@ -72,16 +73,24 @@ def _sharded(cfg, mcfg, mesh, world: int, replicate: int, method: str) -> tuple[
     return model, plan
 
 
-def _method_numbers(cfg, model: nn.Module, plan: Plan, method: str, gather_bytes: int, reduce_bytes: int) -> dict:
-    """Per-rank bytes of memory and communication for one method on one sharded meta model."""
+def _projectors(cfg, plan: Plan, method: str, per_layer: bool) -> str:
+    """optim.projectors for this method's plan, ``auto`` decided by the rule dist.mode=fsdp uses."""
+    shardable = (cfg.optim.solver or ("svd" if method == "galore" else "rsvd")) != "online_pca"
+    return choose_projectors(cfg.optim.projectors, plan, per_layer=per_layer, shardable=shardable)
+
+
+def _method_numbers(cfg, model: nn.Module, plan: Plan, method: str, gather_bytes: int, reduce_bytes: int,
+                    projectors: str) -> dict:
+    """Per-rank bytes of memory and communication for one method on one sharded meta model; ``projectors``:
+    replicate or shard (resolved)."""
     w, rep = plan.shard_size, plan.replicate
     q = cfg.optim.power_iters or 2
     k_over = cfg.optim.oversample or 8
-    shard_projectors = cfg.optim.projectors == "shard"
+    shard_projectors = projectors == "shard"
     owner_refresh = method == "galore" or cfg.optim.refresh == "owner"
     reference_bytes = REFERENCE_BYTES[cfg.optim.reference_dtype or "bf16"]
 
-    params = grads = moments = projectors = switch_state = transient = 0
+    params = grads = moments = switch_state = 0
     step_extra = switch = refresh = 0.0
     owner_in = [0.0] * w
     for name, p in model.named_parameters():
@@ -103,11 +112,6 @@ def _method_numbers(cfg, model: nn.Module, plan: Plan, method: str, gather_bytes
         if mp.fallback:
             step_extra += 2 * _ring(w) * r * n * STATE_BYTES
         proj = mp.projector_shape[0] * mp.projector_shape[1]
-        # sharded: rank 0's row slice (collectives.MatrixComm.projector_storage), the largest
-        stored = math.ceil(mp.projector_shape[0] / w) * mp.projector_shape[1] if shard_projectors else proj
-        projectors += stored * STATE_BYTES
-        if shard_projectors:  # one projector is whole at a time during a step (LowRankAdamW._prepare)
-            transient = max(transient, proj * STATE_BYTES)
         if method == "lotus":
             switch += 2 * _ring(w) * SWITCH_STATS * STATE_BYTES
             # Algorithm 1 compares each low-rank gradient with the one at the last switch (d_init), kept like a
@@ -125,24 +129,26 @@ def _method_numbers(cfg, model: nn.Module, plan: Plan, method: str, gather_bytes
             refresh += 2 * _ring(w) * ((q + 1) * short * k + k * k) * STATE_BYTES
     if owner_refresh:
         refresh += max(owner_in)
+    # plan.projector_peak_bytes: stored (rank 0's row slices when sharded) and the one gathered at a time
+    peak = projector_peak_bytes(plan, projectors)
+    projector_bytes, transient = peak["stored"], peak["in_use"]
+    whole = projector_peak_bytes(plan, "replicate")["stored"]
+    gathers = _ring(w) * whole if shard_projectors else 0.0  # every projector all-gathered once per step
 
-    # FSDP per micro-batch: all-gather every unit in forward, blocks again in backward (root is kept gathered),
-    # reduce-scatter all gradients; HSDP adds an all-reduce of the gradient shard across replicas.
     numel_full = sum(p.numel() for p in model.parameters())
     root_numel = sum(p.numel() for n, p in model.named_parameters() if not n.startswith("layers."))
     block_numel = numel_full - root_numel
-    all_gather = _ring(w) * (numel_full + block_numel) * gather_bytes
-    reduce_scatter = _ring(w) * numel_full * reduce_bytes
-    if rep > 1:
-        reduce_scatter += 2 * _ring(rep) * math.ceil(numel_full / w) * reduce_bytes
-    opt = moments + projectors + switch_state
+    comm = fsdp_bytes(numel_full, block_numel, w, rep, gather_bytes, reduce_bytes)
+    opt = moments + projector_bytes + switch_state
     return dict(
-        params=params, grads=grads, moments=moments, projectors=projectors, switch_state=switch_state, masters=0,
-        optimizer=opt,
-        projector_transient=transient, total=params + grads + opt + transient, all_gather=all_gather,
-        reduce_scatter=reduce_scatter,
-        lowrank_step=step_extra, switch_check=switch, refresh=refresh,
-        fallbacks=len(plan.fallbacks), projected=len(plan.matrices),
+        params=params, grads=grads, moments=moments, projectors=projector_bytes, switch_state=switch_state,
+        masters=0, optimizer=opt,
+        projector_transient=transient, total=params + grads + opt + transient, all_gather=comm["all_gather"],
+        reduce_scatter=comm["reduce_scatter"] + comm["all_reduce"],  # HSDP: the replicas' all-reduce too
+        lowrank_step=step_extra, projector_gather=gathers, switch_check=switch, refresh=refresh,
+        fallbacks=len(plan.fallbacks), projected=len(plan.matrices), projector_choice=projectors,
+        numel_full=numel_full, block_numel=block_numel, root_numel=root_numel,
+        optimizer_step_bytes=step_extra + gathers,
     )
 
 
@@ -175,70 +181,65 @@ def _per_layer_grads(model: nn.Module, plan: Plan, accum: int) -> int:
 
 
 def _per_layer_numbers(lotus: dict, model: nn.Module, plan: Plan, accum: int) -> dict:
+    """``lotus``: the whole-model numbers with the per-layer projector choice. Per-layer steps hold one unit's
+    gathered projectors at a time (the largest block's)."""
     grads = _per_layer_grads(model, plan, accum)
-    # Per-layer steps hold one unit's gathered projectors at a time (the largest block's).
-    transient = _per_layer_projectors(model, plan) if lotus["projector_transient"] else 0
+    transient = projector_peak_bytes(plan, lotus["projector_choice"], per_layer=True)["in_use"]
     return {**lotus, "grads": grads, "projector_transient": transient,
             "total": lotus["params"] + grads + lotus["optimizer"] + transient}
 
 
-def _per_layer_projectors(model: nn.Module, plan: Plan) -> int:
-    per_unit: dict[str, int] = {}
-    for name, mp in plan.matrices.items():
-        unit = ".".join(name.split(".")[:2])
-        per_unit[unit] = per_unit.get(unit, 0) + mp.projector_shape[0] * mp.projector_shape[1] * STATE_BYTES
-    return max(per_unit.values(), default=0)
-
-
 def _ddp_numbers(cfg, mcfg, world: int) -> dict:
     """lotus under dist.mode=ddp/deepspeed (matrix-granular ZeRO-2, owner.py): the model whole on every rank (bf16
-    where a CUDA run computes in bf16, with fp32 masters on the owners), each rank's own gradients plus the largest
-    bucket in flight, its own parameters' optimizer state; per step one reduce-scatter of the gradients (fp32) and
-    one all-gather of the weights, in the owner-aligned layout (padding included). Rank = the one holding the
-    most."""
+    where a CUDA run computes in bf16, with fp32 masters on the owners), every buffer of the step
+    (owner_buckets.step_buffer_bytes: the fp32 buckets, receive buffers and own gradients, the gradients waiting
+    for their bucket, the all-gather's buffers), its own parameters' optimizer state; per step one
+    reduce-scatter of the gradients (fp32) and one all-gather of the weights, in the owner layout (padding
+    included). Rank = the one holding the most."""
     from lotus_dist.optim import build_optimizer
     from lotus_dist.optim.lowrank import MOMENT_KEYS, PROJECTOR_KEYS
 
     from .owner import owner_costs
-    from .owner_buckets import build_layout
+    from .owner_buckets import build_layout, step_buffer_bytes
 
     with torch.device("meta"):
         model = Llama(mcfg)
     optim_cfg = dataclasses.replace(cfg.optim, name="lotus")
     opt = build_optimizer(model, optim_cfg)
     costs = owner_costs(opt)
-    buckets = build_layout(list(model.parameters())[::-1], world, cfg.dist.bucket_mb * 2**20,
-                           state_bytes={k: mem for k, (mem, _) in costs.items()})
+    layout = build_layout(list(model.parameters())[::-1], world, cfg.dist.bucket_mb * 2**20,
+                          state_bytes={k: mem for k, (mem, _) in costs.items()})
     opt.init_state()
-    per_rank = [dict(grads=0, moments=0, projectors=0, switch_state=0, masters=0) for _ in range(world)]
-    for b in buckets:
-        for p, owner in zip(b.params, b.owners):
-            r = per_rank[owner]
-            r["grads"] += p.numel() * STATE_BYTES
-            for key, v in opt.state[p].items():
-                if isinstance(v, torch.Tensor):
-                    kind = "moments" if key in MOMENT_KEYS else "projectors" if key in PROJECTOR_KEYS else "switch_state"
-                    r[kind] += v.numel() * v.element_size()
+    per_rank = [dict(moments=0, projectors=0, switch_state=0, masters=0) for _ in range(world)]
+    for p, owner in zip(layout.params, layout.owners):
+        r = per_rank[owner]
+        for key, v in opt.state[p].items():
+            if isinstance(v, torch.Tensor):
+                kind = "moments" if key in MOMENT_KEYS else "projectors" if key in PROJECTOR_KEYS else "switch_state"
+                r[kind] += v.numel() * v.element_size()
     # bf16 weights where a CUDA run computes in bf16: the model in bf16 on every rank, an fp32 master of each owned
     # parameter on its owner (optimizer-side state), gradients summed in fp32
     weight_bytes = _dtype_bytes(mixed_precision(cfg.train.dtype, "cuda")[0])
     if weight_bytes != STATE_BYTES:
-        for b in buckets:
-            for p, owner in zip(b.params, b.owners):
-                per_rank[owner]["masters"] += p.numel() * STATE_BYTES
-    in_flight = max(b.segment * b.world for b in buckets) * STATE_BYTES  # the largest bucket's full gradients
-    worst = max(per_rank, key=lambda r: sum(r.values()))
+        for p, owner in zip(layout.params, layout.owners):
+            per_rank[owner]["masters"] += p.numel() * STATE_BYTES
+    accum = max(1, math.ceil(cfg.train.batch_size / (cfg.train.micro_batch_size * world)))
+    buffers = step_buffer_bytes(layout, accum, weight_bytes, STATE_BYTES)
+    rank = max(range(world), key=lambda i: sum(per_rank[i].values()) + buffers[i]["peak"])
+    worst = per_rank[rank]
     params = sum(p.numel() for p in model.parameters()) * weight_bytes
-    padded = sum(b.segment * b.world for b in buckets)
+    padded = world * layout.stream
     optimizer = worst["moments"] + worst["projectors"] + worst["switch_state"] + worst["masters"]
-    grads = worst["grads"] + in_flight
+    grads = buffers[rank]["peak"]
     return dict(params=params, grads=grads, moments=worst["moments"], projectors=worst["projectors"],
                 switch_state=worst["switch_state"], masters=worst["masters"], optimizer=optimizer, projector_transient=0,
                 total=params + grads + optimizer, all_gather=_ring(world) * padded * weight_bytes,
                 reduce_scatter=_ring(world) * padded * STATE_BYTES,
-                lowrank_step=0, switch_check=0, refresh=0, once_per_step=True,
+                lowrank_step=0, projector_gather=0, switch_check=0, refresh=0, once_per_step=True,
                 state_per_rank=[r["moments"] + r["projectors"] + r["switch_state"] + r["masters"] for r in per_rank],
-                grads_per_rank=[r["grads"] for r in per_rank])
+                grads_per_rank=[b["own_grads"] for b in buffers], buffers_per_rank=buffers,
+                largest_bucket=max((b.numel for b in layout.buckets), default=0) * STATE_BYTES,
+                buckets=len(layout.buckets))
 
 
 def _fmt(b: float) -> str:
@@ -263,13 +264,69 @@ ROWS = [
     ("FSDP all-gather / micro", "all_gather"),
     ("FSDP reduce-scatter / micro", "reduce_scatter"),
     ("low-rank extra / step", "lowrank_step"),
+    ("projector all-gathers / step", "projector_gather"),
     ("switch stats / check step", "switch_check"),
     ("one full refresh", "refresh"),
 ]
 
 
-def dry_run(cfg, out: Callable[[str], None] = print) -> dict:
-    """Plan ``cfg`` for ``cfg.dist.world_size`` ranks and print the memory/communication table; return the numbers."""
+def _mesh(world: int, replicate: int):
+    from torch.distributed.device_mesh import init_device_mesh
+
+    shape = (world,) if replicate == 1 else (replicate, world // replicate)
+    names = ("shard",) if replicate == 1 else ("replicate", "shard")
+    return init_device_mesh("cpu", shape, mesh_dim_names=names)
+
+
+def _numbers(cfg, mcfg, world: int, replicate: int, method: str, accum: int, gather_bytes: int,
+             reduce_bytes: int) -> tuple[dict, nn.Module, Plan]:
+    """``method``'s per-rank numbers on a ``replicate`` x shard mesh (inside ``fake_process_group``); for
+    ``lotus+per_layer`` those of optim.per_layer=true."""
+    per_layer = method == "lotus+per_layer"
+    base = "lotus" if per_layer else method
+    model, plan = _sharded(cfg, mcfg, _mesh(world, replicate), world, replicate, base)
+    nums = _method_numbers(cfg, model, plan, base, gather_bytes, reduce_bytes,
+                           _projectors(cfg, plan, base, per_layer))
+    return (_per_layer_numbers(nums, model, plan, accum) if per_layer else nums), model, plan
+
+
+def _step_times(cfg, mcfg, world: int, accum: int, results: dict, gather_bytes: int, reduce_bytes: int,
+                cluster: step_time.Cluster, out) -> dict:
+    """The step-time section (step_time.py) for the configured method, per candidate layout; inside the fake
+    process group, since other meshes are planned for real too."""
+    method = cfg.optim.name if cfg.optim.name in METHODS else "lotus"
+    if cfg.optim.per_layer and method != "adamw":
+        method = "lotus+per_layer"
+    cache: dict = {}
+
+    def mesh_numbers(rep: int, nbytes: int = reduce_bytes) -> dict:
+        if (rep, nbytes) == (cfg.dist.replicate, reduce_bytes):
+            return results[method]
+        if (rep, nbytes) not in cache:
+            cache[rep, nbytes] = _numbers(cfg, mcfg, world, rep, method, accum, gather_bytes, nbytes)[0]
+        return cache[rep, nbytes]
+
+    t = cfg.train
+    args = (mcfg, t.seq_len, t.batch_size, world, cluster)
+    rows = step_time.plan_layouts(*args, reduce_bytes, gather_bytes, mesh_numbers,
+                                  reduce_last=not cfg.optim.per_layer)
+    rep = cfg.dist.replicate
+    configured = step_time.Layout(rep, world // rep, t.micro_batch_size, accum, t.activation_checkpointing,
+                                  cfg.dist.reduce_last_micro_batch and accum > 1, reduce_bytes)
+    configured = (step_time.evaluate(configured, mcfg, t.seq_len, t.batch_size, cluster, gather_bytes,
+                                     mesh_numbers(rep)) if t.batch_size % (t.micro_batch_size * world) == 0 else None)
+    bf16 = None
+    if rows and reduce_bytes != 2:
+        best = dataclasses.replace(rows[0]["layout"], reduce_bytes=2)
+        bf16 = step_time.evaluate(best, mcfg, t.seq_len, t.batch_size, cluster, gather_bytes,
+                                  mesh_numbers(best.replicate, 2))
+    step_time.report(rows, configured, cluster, out, bf16)
+    return {"layouts": rows, "configured": configured, "bf16": bf16, "method": method}
+
+
+def dry_run(cfg, out: Callable[[str], None] = print, cluster: step_time.Cluster | None = None) -> dict:
+    """Plan ``cfg`` for ``cfg.dist.world_size`` ranks and print the memory/communication table and the predicted
+    step time of each candidate layout on ``cluster`` (step_time.Cluster's defaults); return the numbers."""
     t0 = time.perf_counter()
     world = cfg.dist.world_size or int(os.environ.get("WORLD_SIZE", 1))
     replicate = cfg.dist.replicate
@@ -277,27 +334,21 @@ def dry_run(cfg, out: Callable[[str], None] = print) -> dict:
         raise DistConfigError(f"dist.world_size {world} must be a positive multiple of dist.replicate {replicate}")
     mcfg = _model_config(cfg)
     # The planner describes the target cluster run, so dtypes are those of a CUDA run of this config.
-    param_dtype, reduce_dtype = mixed_precision(cfg.train.dtype, "cuda")
+    param_dtype, reduce_dtype = mixed_precision(cfg.train.dtype, "cuda", cfg.dist.reduce_dtype)
     gather_bytes = _dtype_bytes(param_dtype)
     reduce_bytes = _dtype_bytes(reduce_dtype, default=gather_bytes)
     micro_global = cfg.train.micro_batch_size * world
     accum = max(1, math.ceil(cfg.train.batch_size / micro_global))
 
-    from torch.distributed.device_mesh import init_device_mesh
-
     results, plans = {}, {}
+    lines: list[str] = []  # the step-time section, printed after the table
     with fake_process_group(world):
-        shape = (world,) if replicate == 1 else (replicate, world // replicate)
-        names = ("shard",) if replicate == 1 else ("replicate", "shard")
-        mesh = init_device_mesh("cpu", shape, mesh_dim_names=names)
-        for method in METHODS:
-            model, plan = _sharded(cfg, mcfg, mesh, world, replicate, method)
-            results[method] = _method_numbers(cfg, model, plan, method, gather_bytes, reduce_bytes)
-            plans[method] = plan
-            if method == "lotus":
-                results["lotus+per_layer"] = _per_layer_numbers(results["lotus"], model, plan, accum)
-                plans["lotus+per_layer"] = plan
+        for method in (*METHODS, "lotus+per_layer"):
+            results[method], model, plans[method] = _numbers(cfg, mcfg, world, replicate, method, accum,
+                                                             gather_bytes, reduce_bytes)
         n_params = count_parameters(model)
+        timing = _step_times(cfg, mcfg, world, accum, results, gather_bytes, reduce_bytes,
+                             cluster or step_time.Cluster(), lines.append)
     if world > 1:
         results["lotus (ddp)"] = _ddp_numbers(cfg, mcfg, world)
 
@@ -306,7 +357,10 @@ def dry_run(cfg, out: Callable[[str], None] = print) -> dict:
         f"dry run: {cfg.model.name} ({n_params / 1e6:.1f}M params, vocab {mcfg.vocab_size}), world {world} "
         f"= replicate {replicate} x shard {world // replicate}, rank r={cfg.optim.rank}, "
         f"gather {param_dtype or torch.float32} / reduce {reduce_dtype or param_dtype or torch.float32}, "
-        f"projectors={cfg.optim.projectors}, lotus refresh={cfg.optim.refresh}"
+        f"projectors={cfg.optim.projectors}"
+        + (f" -> {results['lotus']['projector_choice']} (plan.choose_projectors)" if cfg.optim.projectors == "auto"
+           else "")
+        + f", lotus refresh={cfg.optim.refresh}"
     )
     out(
         f"batch: global {cfg.train.batch_size} seqs of {cfg.train.seq_len}, micro {cfg.train.micro_batch_size}/rank"
@@ -322,7 +376,7 @@ def dry_run(cfg, out: Callable[[str], None] = print) -> dict:
     for label, key in ROWS:
         out(f"{label:<{width}}" + "".join(f"{_fmt(results[m][key]):>16}" for m in columns))
     per_step = {m: (1 if r.get("once_per_step") else accum) * (r["all_gather"] + r["reduce_scatter"])
-                + r["lowrank_step"] for m, r in results.items() if m in columns}
+                + r["lowrank_step"] + r["projector_gather"] for m, r in results.items() if m in columns}
     out(f"{'comm per optimizer step':<{width}}" + "".join(f"{_fmt(per_step[m]):>16}" for m in columns))
     out("")
     out(
@@ -332,16 +386,20 @@ def dry_run(cfg, out: Callable[[str], None] = print) -> dict:
         + f"; switch stats are all-reduced every {cfg.optim.verify_gap or 50} steps (lotus)"
     )
     if world > 1:
-        out("lotus (ddp): dist.mode=ddp/deepspeed, the model whole on every rank; grads = its own parameters' plus "
-            "the largest bucket in flight; per step one reduce-scatter + one all-gather in the owner layout")
+        out("lotus (ddp): dist.mode=ddp/deepspeed, the model whole on every rank; grads = every buffer of the step at "
+            "its peak (fp32 buckets of dist.bucket_mb, own gradients, receive buffers); per step one reduce-scatter + "
+            "one all-gather in the owner layout")
     out("lotus+per_layer: grads = one block's gradient shards at a time"
         + (" (one micro-batch per step)" if accum == 1 else
            " + plain-parameter gradients and projected R accumulated across micro-batches (steady steps)"))
+    for line in lines:
+        out(line)
     out(f"planned in {time.perf_counter() - t0:.1f}s")
     for m in columns:
         results[m]["comm_per_step"] = per_step[m]
     results["n_params"] = n_params
     results["world"] = world
+    results["step_time"] = timing
     return results
 
 

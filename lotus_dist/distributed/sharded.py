@@ -37,7 +37,7 @@ from lotus_dist.errors import UserError
 from lotus_dist.optim import METHODS, LowRankAdamW, ProjFactor, build_optimizer
 
 from .collectives import MatrixComm, StatsComm
-from .plan import Plan
+from .plan import Plan, choose_projectors, projector_peak_bytes
 
 # Low-rank state tensors shaped like R (the long side kept) and like the projector.
 MOMENT_LIKE = frozenset({"exp_avg", "exp_avg_sq", "d_init", "pe_acc", "pe_sketch"})
@@ -87,14 +87,29 @@ def owner_refresh_replaces_rsvd(optim_cfg) -> bool:
     return (optim_cfg.solver or (METHODS.get(optim_cfg.name) or {}).get("solver")) == "rsvd"  # adamw's entry is None
 
 
+def resolve_projectors(optim_cfg, plan: Plan) -> tuple[str, str]:
+    """``optim.projectors`` for this plan (``auto`` decided by ``plan.choose_projectors``) and why, for the log."""
+    setting = getattr(optim_cfg, "projectors", "auto")
+    if setting not in ("auto", "replicate", "shard"):
+        raise UserError(f"optim.projectors: {setting!r} is not one of auto, replicate, shard")
+    solver = optim_cfg.solver or (METHODS.get(optim_cfg.name) or {}).get("solver")
+    per_layer = bool(getattr(optim_cfg, "per_layer", False))
+    choice = choose_projectors(setting, plan, per_layer=per_layer, shardable=solver != "online_pca")
+    def size(kind: str) -> str:
+        b = projector_peak_bytes(plan, kind, per_layer)["total"]
+        return f"{b / 2**20:.1f} MiB" if b >= 2**20 else f"{b / 2**10:.1f} KiB"
+
+    why = (f"per-rank projector peak {size('replicate')} replicated, {size('shard')} sharded over {plan.shard_size} "
+           f"with {'one unit' if per_layer else 'one'} gathered at a time")
+    return choice, why
+
+
 def build_sharded_optimizer(model: nn.Module, optim_cfg, plan: Plan, mesh: DeviceMesh) -> torch.optim.Optimizer:
     """The optimizer of ``optim_cfg`` for a model sharded by ``apply_fsdp(model, mesh, plan)``.
 
     Collective and deterministic: every rank of ``mesh`` must call it with the same model and config.
     """
-    projectors = getattr(optim_cfg, "projectors", "replicate")
-    if projectors not in ("replicate", "shard"):
-        raise UserError(f"optim.projectors: {projectors!r} is not one of replicate, shard")
+    projectors, _ = resolve_projectors(optim_cfg, plan)
     if owner_refresh_replaces_rsvd(optim_cfg):
         optim_cfg = dataclasses.replace(optim_cfg, solver="svd")
     opt = build_optimizer(model, optim_cfg)
@@ -153,4 +168,4 @@ def mesh_of(model: nn.Module) -> DeviceMesh:
     return p.device_mesh
 
 
-__all__ = ["build_sharded_optimizer", "mesh_of", "MOMENT_LIKE", "PROJECTOR_LIKE"]
+__all__ = ["build_sharded_optimizer", "mesh_of", "resolve_projectors", "MOMENT_LIKE", "PROJECTOR_LIKE"]

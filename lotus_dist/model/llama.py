@@ -221,8 +221,9 @@ def count_parameters(model: nn.Module) -> int:
 
 
 def flops_per_token(cfg: LlamaConfig, seq_len: int) -> float:
-    """Training FLOPs per token (6N + attention), for throughput/MFU reporting."""
-    n = 2 * cfg.vocab_size * cfg.dim + cfg.n_layers * (4 * cfg.dim**2 + 3 * cfg.dim * cfg.ffn_dim)
+    """Training FLOPs per token, for throughput/MFU (the one formula: scripts, planner): 6 N + 12 L d T, N the
+    weights that multiply (blocks and lm_head; the embedding is a lookup), 12 L d T the attention scores."""
+    n = cfg.vocab_size * cfg.dim + cfg.n_layers * (4 * cfg.dim**2 + 3 * cfg.dim * cfg.ffn_dim)
     return 6 * n + 12 * cfg.n_layers * cfg.dim * seq_len
 
 

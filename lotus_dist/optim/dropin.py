@@ -20,6 +20,9 @@ checks every parameter against a reference written from galore-torch's code):
   fp64 gradient (``LowRankAdamW`` keeps fp64 in fp64), the projector cast back to the gradient's dtype; and it clips
   the rank to ``min(m, n)`` (what ``svd(full_matrices=False)`` returns) for every ``proj_type``.
 - ``update_proj_gap`` (galore-torch's name, read at every step) is ``LowRankAdamW``'s ``update_gap``.
+- The optimizer state is fp32 whatever the parameter dtype (galore-torch keeps a bf16 model's moments and
+  projectors in bf16, where V stalls at β2 = 0.999 and the projector drifts from orthonormal); a bf16 weight's
+  update is computed in fp32 and rounded once.
 
 Known differences from galore-torch 1.0: ``proj_type="full"`` and the tensor (>2-D) projector are refused; a
 projected matrix whose first gradient is exactly zero waits for its first non-zero gradient before it computes a
@@ -45,11 +48,12 @@ GALORE_PROJ_TYPES = PROJ_TYPES  # galore-torch 1.0 also has "full" (both sides),
 
 class _GaLoreSVD(Comm):
     """Single-process communication whose exact svd is galore-torch's ``get_orthogonal_matrix``: a gradient that
-    is not fp32 is decomposed as ``G.float()`` (fp64 included), the projector cast back to the gradient's dtype."""
+    is not fp32 is decomposed as ``G.float()`` (fp64 included), the projector cast back to the gradient's dtype,
+    but never below fp32 (a bf16 model's projector stays fp32, see the module doc)."""
 
     def svd(self, G: torch.Tensor, side: str, r: int) -> torch.Tensor:
         U, _, Vh = torch.linalg.svd(G.float(), full_matrices=False)
-        return (U[:, :r] if side == "left" else Vh[:r]).to(G.dtype)
+        return (U[:, :r] if side == "left" else Vh[:r]).to(torch.promote_types(G.dtype, torch.float32))
 
 
 _GALORE_SVD = _GaLoreSVD()
@@ -128,13 +132,17 @@ class _DropIn(LowRankAdamW):
             st["step"] += 1
             t = st["step"]
             W, M, V = _local(p), _local(st["exp_avg"]), _local(st["exp_avg_sq"])
+            g = g.to(M.dtype)
+            Wf = W.to(M.dtype)  # a bf16 weight: its update computed in fp32 and rounded once (copied back below)
             M.mul_(beta1).add_(g, alpha=1.0 - beta1)
             V.mul_(beta2).addcmul_(g, g, value=1.0 - beta2)
             denom = V.sqrt().add_(eps)
             step_size = lr * math.sqrt(1.0 - beta2**t) / (1.0 - beta1**t) if correct else lr
-            W.add_(M / denom, alpha=-step_size)
+            Wf.add_(M / denom, alpha=-step_size)
             if wd > 0.0:
-                W.add_(W, alpha=-lr * wd)
+                Wf.add_(Wf, alpha=-lr * wd)
+            if Wf is not W:
+                W.copy_(Wf)
 
     def _adam_step(self, job, ok):
         N = super()._adam_step(job, ok)

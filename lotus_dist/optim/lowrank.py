@@ -42,6 +42,7 @@ from .subspace import (
     projector_shape,
     side_for,
 )
+from .refresh_batches import cut_batches, workspace_bytes
 from .switching import CHECK, POLICIES, STATS_WIDTH, STAY, SWITCH
 
 # The Lotus method (docs/algorithms.md section 8); gamma None = the switch policy's own default.
@@ -78,7 +79,7 @@ _POSITIVE_INT = ("rank", "update_gap", "verify_gap", "t_min", "window")
 _NONNEG_INT = ("oversample", "power_iters", "seed")
 _POSITIVE_FLOAT = ("gamma", "geodesic_step")
 FIRA_LIMIT = 1.01  # ζ, Fira's norm-growth limiter
-REFRESH_BATCH_BYTES = 256 << 20  # solver workspace of the matrices one batched refresh solves together
+REFRESH_BATCH_BYTES = 256 << 20  # solver workspace of the matrices one batched refresh solves (optim.refresh_batch_mb)
 ONLINE_PCA_WD = 0.01
 SALT_BASIS = 0x42
 
@@ -91,9 +92,22 @@ FP32_KEYS = frozenset({"pe_acc", "pe_sketch", "fira_norm"})  # statistics kept i
 OWN_DTYPE_KEYS = frozenset({"d_init"})  # kept in the dtype they were saved in (optim.reference_dtype)
 
 
+def state_dtype(param_dtype: torch.dtype) -> torch.dtype:
+    """Moments, projectors and statistics are fp32 at least whatever the parameter dtype (bf16 ones stall: V moves by
+    (1 - β2) = 1e-3 of itself a step, below bf16's 2^-8; bf16 projectors drift from orthonormal); fp64 stays fp64."""
+    return torch.promote_types(param_dtype, torch.float32)
+
+
 def reference_dtype(name: str, param_dtype: torch.dtype) -> torch.dtype:
-    """The switch reference's dtype: bf16, or ``fp32`` = the exact form (the parameter's dtype, at least fp32)."""
-    return torch.bfloat16 if name == "bf16" else torch.promote_types(param_dtype, torch.float32)
+    """The switch reference's dtype: bf16, or ``fp32`` = the exact form (the state dtype)."""
+    return torch.bfloat16 if name == "bf16" else state_dtype(param_dtype)
+
+
+def _fused(p: torch.Tensor) -> bool:
+    """Whether ``p`` takes torch's fused AdamW kernel: a plain tensor on CPU/CUDA whose states share its dtype (the
+    kernel takes one dtype: a bf16 parameter with fp32 states takes the op-by-op form, computed in fp32)."""
+    return (_FUSED_ADAMW and type(_local(p)) in (torch.Tensor, torch.nn.Parameter)
+            and p.device.type in ("cpu", "cuda") and state_dtype(p.dtype) == p.dtype)
 
 
 def check_options(opts: dict, prefix: str = "") -> None:
@@ -150,11 +164,12 @@ class _Job:
 class UnitStep:
     """A unit stepped on the device (``LowRankAdamW.step_unit(defer=True)``): its squared gradient norm, whether
     it was applied (``ok``) and whether its gradient was finite, as device scalars; ``undo()`` restores the host
-    counters (step, tau) of a unit that was not applied."""
+    counters (step, tau) of a unit that was not applied. ``local``: the three are this rank's (its shard's partial
+    norm, its own mask), not reduced across ranks (see optim/in_backward.py)."""
 
     def __init__(self, norm_sq: torch.Tensor, ok: torch.Tensor, finite: torch.Tensor,
-                 counters: list[tuple[dict, int, int | None]]):
-        self.norm_sq, self.ok, self.finite, self._counters = norm_sq, ok, finite, counters
+                 counters: list[tuple[dict, int, int | None]], local: bool = False):
+        self.norm_sq, self.ok, self.finite, self._counters, self.local = norm_sq, ok, finite, counters, local
 
     def undo(self) -> None:
         for st, step, tau in self._counters:
@@ -253,14 +268,14 @@ class LowRankAdamW(Optimizer):
     def _init_adamw_state(self, p: torch.Tensor) -> dict:
         st = self.state[p]
         st["step"] = 0
-        st["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-        st["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        st["exp_avg"] = torch.zeros_like(p, dtype=state_dtype(p.dtype), memory_format=torch.preserve_format)
+        st["exp_avg_sq"] = torch.zeros_like(p, dtype=state_dtype(p.dtype), memory_format=torch.preserve_format)
         return st
 
     def _init_lowrank_state(self, p: torch.Tensor, group: dict) -> dict:
         side, r = self._geometry(p, group)
         # side and r follow the global matrix; tensors have the local (long-side shard) shape, see _local
-        shape, dtype, device = tuple(_local(p).shape), p.dtype, p.device
+        shape, dtype, device = tuple(_local(p).shape), state_dtype(p.dtype), p.device
         piece = self.comm_for(p).state_piece(shape, side)  # the long side this rank's state covers
         st = self.state[p]
         st["step"] = 0
@@ -275,7 +290,7 @@ class LowRankAdamW(Optimizer):
         st["projector"] = torch.zeros(stored, dtype=dtype, device=device)
         short = self.comm_for(p).short_size(projected_dim(shape, side))
         POLICIES[group["switch"]].allocate(st, piece, side, r, dtype, device, short=short,
-                                           reference_dtype=reference_dtype(group["reference_dtype"], dtype))
+                                           reference_dtype=reference_dtype(group["reference_dtype"], p.dtype))
         if group["residual"] == "fira":
             st["fira_norm"] = torch.zeros((), dtype=torch.float32, device=device)
             st["fira_ready"] = 0
@@ -286,9 +301,9 @@ class LowRankAdamW(Optimizer):
         return st
 
     def load_state_dict(self, state_dict: dict) -> None:
-        """torch's load, except that the fp32 statistic buffers and the switch reference keep their dtype (torch
-        casts every floating state tensor to the parameter's, which would make a bf16-parameter resume lossy and a
-        bf16 reference grow back to fp32)."""
+        """torch's load, except that the states keep the dtype ``state_dtype`` gives them (fp32 statistics, the
+        switch reference its own): torch casts every floating state tensor to the parameter's, which would make a
+        bf16-parameter resume keep bf16 moments and projectors, and a bf16 reference grow back to fp32."""
         state = dict(state_dict["state"])
         # saved keys (ints, or FQNs when DCP's set_state_dict calls us) map to parameters by group order, as in torch
         saved = [k for group in state_dict["param_groups"] for k in group["params"]]
@@ -300,7 +315,9 @@ class LowRankAdamW(Optimizer):
             if p is not None and id(p) in projected:
                 # a sharded checkpoint hands projected-matrix state over as DTensors; the step runs on local tensors
                 st = state[key] = {k: _local(v) for k, v in st.items()}
-            extra = {k: v for k, v in st.items() if k in FP32_KEYS | OWN_DTYPE_KEYS} if p is not None else {}
+            promoted = p is not None and state_dtype(p.dtype) != p.dtype
+            extra = {k: v for k, v in st.items() if k in FP32_KEYS | OWN_DTYPE_KEYS or (
+                promoted and k != "step" and torch.is_tensor(v) and v.is_floating_point())} if p is not None else {}
             if extra:
                 kept[key] = extra
                 state[key] = {k: v for k, v in st.items() if k not in extra}
@@ -309,7 +326,8 @@ class LowRankAdamW(Optimizer):
         for key, extra in kept.items():
             p = params[key]
             for k, v in extra.items():
-                self.state[p][k] = v.to(device=p.device, dtype=torch.float32 if k in FP32_KEYS else v.dtype)
+                dtype = torch.float32 if k in FP32_KEYS else v.dtype if k in OWN_DTYPE_KEYS else state_dtype(p.dtype)
+                self.state[p][k] = v.to(device=p.device, dtype=dtype)
 
     def _projected_ids(self) -> set[int]:
         return {id(p) for group in self.param_groups if group.get("rank") is not None for p in group["params"]}
@@ -351,14 +369,16 @@ class LowRankAdamW(Optimizer):
         The unit's squared gradient norm rides as one more row in the switch statistics, so the switch consensus,
         the non-finite check and per-unit clipping (``max_norm`` > 0) cost one reduction and one host sync per
         unit. Returns that squared norm summed across ranks (of R for matrices given in ``projected``): if it is
-        not finite, nothing of the unit is updated.
+        not finite, nothing of the unit is updated. ``gate`` (a device bool, this rank's: False after an earlier
+        non-finite unit of the step, on_nonfinite=stop) rides in the same reduction: where it is False on any rank
+        nothing is updated and None is returned, on every rank alike.
 
         ``defer``: when nothing in the unit needs a host decision this step (no check, no switch; see
-        ``_deferrable``), the unit updates without any host sync and returns a ``UnitStep`` whose norm and
-        finiteness stay on the device: a non-finite unit is masked on the device (its weights and moments are left
-        as they were) and ``UnitStep.undo()`` rolls back its host counters once the caller has read the flag.
-        ``gate`` (a device bool): the unit is also masked where it is False (on_nonfinite=stop after an earlier
-        non-finite unit of the step).
+        ``_deferrable``), the unit updates without any collective or host sync (unless ``max_norm`` > 0, whose
+        clipping needs the reduced norm) and returns a ``local`` ``UnitStep``: this rank's partial norm and its
+        shard's finiteness stay on the device, a non-finite shard (or a False ``gate``) is masked on the device
+        (its weights and moments are left as they were), and the caller reduces every unit's values once per step
+        and calls ``UnitStep.undo()`` (host counters) where any rank masked the unit.
         """
         projected = projected or {}
         plain, jobs = self._collect({id(p) for p in params})
@@ -367,16 +387,18 @@ class LowRankAdamW(Optimizer):
             return 0.0
         grads = [_local(p.grad) for p in unit]
         zero = torch.zeros((), dtype=torch.float32, device=grads[0].device)
-        # [Σ‖G‖² of full gradients, Σ‖R‖² of accumulated projections, unused]: local partial sums
+        # [Σ‖G‖² of full gradients, Σ‖R‖² of accumulated projections, gate closed]: local partial sums
         norm_row = torch.stack([
             sum((_sq_norm(g) for p, g in zip(unit, grads) if id(p) not in projected), zero),
             sum((_sq_norm(projected[id(p)]) for p in unit if id(p) in projected), zero),
-            zero,
+            zero if gate is None else (~gate).float(),
         ])
         if defer and self._deferrable(plain, jobs):
             return self._step_unit_on_device(plain, jobs, grads, norm_row, projected, max_norm, gate)
         rows = [norm_row] + self._prepare(jobs, projected)
         stats = to_host(self.stats_comm.reduce_stats(torch.stack(rows).float()))
+        if stats[0][2] > 0:  # some rank's gate is closed: the step stops here on every rank
+            return None
         norm_sq = stats[0][0] + stats[0][1]
         if not math.isfinite(norm_sq):
             return norm_sq
@@ -399,10 +421,8 @@ class LowRankAdamW(Optimizer):
         with a policy and method whose state a device mask covers (not Fira, online PCA or path efficiency)."""
         if not _FUSED_ADAMW:
             return False
-        for _, ps in plain:
-            if any(type(_local(p)) not in (torch.Tensor, torch.nn.Parameter) or p.device.type not in ("cpu", "cuda")
-                   for p in ps):
-                return False
+        if not all(_fused(p) for _, ps in plain for p in ps):
+            return False
         for job in jobs:
             group, st = job.group, job.state
             if st["n_bases"] == 0 or group["residual"] != "none" or group["solver"] == "online_pca":
@@ -417,10 +437,11 @@ class LowRankAdamW(Optimizer):
         return self._deferrable(plain, jobs)
 
     def _step_unit_on_device(self, plain, jobs, grads, norm_row, projected, max_norm, gate) -> "UnitStep":
-        """``step_unit`` without a host sync: the norm is reduced and checked on the device, clipping and the
-        non-finite mask are device scalars (see ``step_unit``)."""
+        """``step_unit`` without a host sync: clipping and the non-finite mask are device scalars, from this rank's
+        partial norm, or from the reduced norm with ``max_norm`` > 0 (see ``step_unit``)."""
         self._prepare(jobs, projected)
-        reduced = self.stats_comm.reduce_stats(norm_row.reshape(1, -1).float())[0]
+        local = max_norm <= 0.0
+        reduced = norm_row if local else self.stats_comm.reduce_stats(norm_row.reshape(1, -1).float())[0]
         norm_sq = reduced[0] + reduced[1]
         finite = torch.isfinite(norm_sq)
         ok = finite if gate is None else finite & gate
@@ -439,7 +460,7 @@ class LowRankAdamW(Optimizer):
         self._update_all(jobs, ok=ok)
         for job in jobs:
             job.P = job.R = None
-        return UnitStep(norm_sq, ok, finite, counters)
+        return UnitStep(norm_sq, ok, finite, counters, local)
 
     def _collect(self, ids: set[int] | None) -> tuple[list[tuple[dict, list]], list[_Job]]:
         """(plain groups with their parameters that have a gradient, projected jobs), limited to ``ids``."""
@@ -512,7 +533,7 @@ class LowRankAdamW(Optimizer):
         for p in params:
             st = self.state[p] or self._init_adamw_state(p)
             st["step"] += 1
-            if _FUSED_ADAMW and type(_local(p)) in (torch.Tensor, torch.nn.Parameter) and p.device.type in ("cpu", "cuda"):
+            if _fused(p):
                 buckets.setdefault((p.device, p.dtype, st["step"]), []).append(p)
             else:
                 loop.append(p)
@@ -538,16 +559,19 @@ class LowRankAdamW(Optimizer):
         if loop and found_inf is not None:
             raise RuntimeError("found_inf needs the fused AdamW kernel for every parameter (see _deferrable)")
         for p in loop:
-            g = p.grad
             st = self.state[p]
-            t = st["step"]
-            p.mul_(1 - lr * wd)
-            st["exp_avg"].lerp_(g, 1 - beta1)
+            t, M = st["step"], st["exp_avg"]
+            g = p.grad.to(M.dtype)
+            W = p.to(M.dtype)  # a bf16 weight: its update computed in fp32 and rounded once (copied back below)
+            W.mul_(1 - lr * wd)
+            M.lerp_(g, 1 - beta1)
             st["exp_avg_sq"].mul_(beta2).addcmul_(g, g, value=1 - beta2)
             bc1 = 1 - beta1**t
             bc2_sqrt = math.sqrt(1 - beta2**t)
             denom = (st["exp_avg_sq"].sqrt() / bc2_sqrt).add_(eps)
-            p.addcdiv_(st["exp_avg"], denom, value=-lr / bc1)
+            W.addcdiv_(M, denom, value=-lr / bc1)
+            if W is not p:
+                p.copy_(W)
 
     def _prepare(self, jobs: list[_Job], projected: dict[int, torch.Tensor] | None = None,
                  settle: bool = False) -> list[torch.Tensor]:
@@ -641,7 +665,8 @@ class LowRankAdamW(Optimizer):
     def _refresh(self, jobs: list[_Job]) -> None:
         """New bases for every matrix switching this step, solved together: the solvers run in lockstep
         (``run_batched``), so each solver stage costs one collective for a batch of matrices, and one host sync
-        checks every new basis. Batches are capped at ``refresh_batch_bytes`` of solver workspace."""
+        checks every new basis. Batches are capped at ``refresh_batch_bytes`` of solver workspace, measured on the
+        global matrices, so every rank cuts them at the same matrices (optim/refresh_batches.py)."""
         for batch in self._refresh_batches(jobs):
             with self._timer:
                 solvers, gens = [], []
@@ -670,19 +695,10 @@ class LowRankAdamW(Optimizer):
                 POLICIES[job.group["switch"]].on_switch(job.state, job.group, job.R)
 
     def _refresh_batches(self, jobs: list[_Job]) -> list[list[_Job]]:
-        batches, size = [[]], 0
-        for job in jobs:
-            G = _local(job.p.grad)
-            if job.group["solver"] in ("svd", "online_pca"):
-                need = G.numel() * 4  # the owner gathers the whole matrix
-            else:
-                need = (sum(G.shape) + self.comm_for(job.p).short_size(0)) * (job.r + job.group["oversample"]) * 8
-            if batches[-1] and size + need > self.refresh_batch_bytes:
-                batches.append([])
-                size = 0
-            batches[-1].append(job)
-            size += need
-        return [b for b in batches if b]
+        # from p.shape, the global one (a DTensor's; a whole matrix on its owner under ddp/deepspeed), never the shard's
+        needs = [workspace_bytes(self.comm_for(job.p).batch_shape(tuple(job.p.shape)), job.group["solver"], job.r,
+                                 job.group["oversample"]) for job in jobs]
+        return [[jobs[i] for i in batch] for batch in cut_batches(needs, self.refresh_batch_bytes)]
 
     def _switch_basis(self, job: _Job, new: torch.Tensor | None, gen: torch.Generator) -> None:
         """Keep the new basis (apply the moment policy), or after a failed solve keep the current one, or for a first
@@ -783,11 +799,11 @@ class LowRankAdamW(Optimizer):
             M.mul_(beta1).add_(R, alpha=1.0 - beta1)
             V.mul_(beta2).addcmul_(R, R, value=1.0 - beta2)
         else:  # decays of 1 and a zero R leave the moments as they were where not ok
+            # torch.full fills on the device (torch.tensor(beta, device=cuda) would be a blocking host copy)
             one = torch.ones((), dtype=M.dtype, device=M.device)
             R = torch.where(ok, R, torch.zeros((), dtype=R.dtype, device=R.device))
-            M.mul_(torch.where(ok, torch.tensor(beta1, dtype=M.dtype, device=M.device), one)).add_(R, alpha=1.0 - beta1)
-            V.mul_(torch.where(ok, torch.tensor(beta2, dtype=V.dtype, device=V.device), one)).addcmul_(
-                R, R, value=1.0 - beta2)
+            M.mul_(torch.where(ok, torch.full_like(one, beta1), one)).add_(R, alpha=1.0 - beta1)
+            V.mul_(torch.where(ok, torch.full_like(one, beta2), one)).addcmul_(R, R, value=1.0 - beta2)
         return M / V.sqrt().add_(group["eps"])
 
     def _apply_update(self, job: _Job, N: torch.Tensor, R_whole: torch.Tensor | None,

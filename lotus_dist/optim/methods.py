@@ -123,6 +123,8 @@ def build_optimizer(model: nn.Module, optim_cfg, names: Mapping[torch.Tensor, st
         opt = cls(groups, lr=lr, betas=betas, eps=eps, weight_decay=wd)
     given = {id(p): n for p, n in (names or {}).items()}
     opt.param_names = {id(p): given.get(id(p), n) for n, p in projected + plain}
+    if getattr(optim_cfg, "refresh_batch_mb", None) is not None:  # else LowRankAdamW's REFRESH_BATCH_BYTES
+        opt.refresh_batch_bytes = max(1, int(optim_cfg.refresh_batch_mb * 2**20))
     return opt
 
 

@@ -13,7 +13,7 @@ import math
 
 import torch
 
-from .lowrank import LowRankAdamW
+from .lowrank import LowRankAdamW, state_dtype
 from .subspace import derive_seed, seeded
 
 SALT_PROJFACTOR = 0x5046
@@ -47,9 +47,10 @@ class ProjFactor(LowRankAdamW):
         st["step"] = 0
         st["index"] = self._index_of(p)
         st["n_bases"] = 0
-        st["exp_avg"] = torch.zeros(rows, r, dtype=p.dtype, device=p.device)
-        st["v_row"] = torch.zeros(rows, dtype=p.dtype, device=p.device)
-        st["v_col"] = torch.zeros(cols, dtype=p.dtype, device=p.device)
+        dtype = state_dtype(p.dtype)  # fp32 at least, as every optimizer state
+        st["exp_avg"] = torch.zeros(rows, r, dtype=dtype, device=p.device)
+        st["v_row"] = torch.zeros(rows, dtype=dtype, device=p.device)
+        st["v_col"] = torch.zeros(cols, dtype=dtype, device=p.device)
         return st
 
     @staticmethod
@@ -79,10 +80,10 @@ class ProjFactor(LowRankAdamW):
         gen = seeded(self._gen(p.device), derive_seed(group["seed"], st["index"], st["n_bases"], SALT_PROJFACTOR))
         with self._timer:
             Pt = torch.randn(cols, r, generator=gen, device=p.device, dtype=torch.float32).div_(math.sqrt(r))
-        Pt = Pt.to(p.dtype)
+        Pt = Pt.to(state_dtype(p.dtype))
         st["step"] += 1
         t = st["step"]
-        Gr = p.grad.reshape(rows, cols)
+        Gr = p.grad.reshape(rows, cols).to(Pt.dtype)
         Gt = Gr @ Pt  # (m·c) x r
         M = st["exp_avg"]
         M.mul_(beta1).add_(Gt, alpha=1 - beta1)

@@ -10,8 +10,9 @@ distributed layer can run the same code on a long-side-sharded gradient without 
 Solvers are written as generators (``rsvd_steps``, ``projector_steps``) that yield their collectives as requests
 (``x = yield from comm.sum_long(t)``) and get the results back: ``run_batched`` advances the solvers of every matrix
 switching in a step in lockstep and hands each round's requests to the Comm in one batch, so a refresh costs one
-collective per solver stage, not one per matrix and stage. With a Comm that needs no communication the requests
-never appear and a solver runs straight through; ``rsvd_columns`` / ``compute_projector`` run one solver alone.
+collective per solver stage, not one per matrix and stage. The small decompositions (QR, eigh, SVD, Cholesky) are
+requests too (``linalg_steps``), solved for every matrix of a round in one batched call per shape
+(``linalg_batch``): on CUDA each call is a host sync. ``rsvd_columns`` / ``compute_projector`` run one solver alone.
 """
 
 from __future__ import annotations
@@ -22,6 +23,8 @@ from dataclasses import dataclass
 from typing import Any, Generator
 
 import torch
+
+from .linalg_batch import LOCAL_KINDS, run_stacked, solve_dtype
 
 SIDES = ("left", "right")
 PROJ_TYPES = ("std", "reverse_std", "left", "right")
@@ -65,6 +68,11 @@ class Comm:
     def short_size(self, d: int) -> int:
         """Global size of the projected side given this rank's d."""
         return d
+
+    def batch_shape(self, shape: tuple[int, int]) -> tuple[int, int]:
+        """The largest rank's piece of the global ``shape`` (the one every rank pads its piece to): what sizes this
+        matrix in a refresh batch, the same on every rank (optim/refresh_batches.py)."""
+        return tuple(shape)
 
     def gather_short(self, S: torch.Tensor) -> torch.Tensor:
         """The full d x r basis from this rank's rows of it."""
@@ -110,7 +118,6 @@ class Comm:
         the long-side slices; otherwise the identity)."""
         return N
 
-
     # -- batched solver hooks: generators, ``x = yield from comm.sum_long(t)``. The defaults call the hooks above at
     # once (no request is yielded); the distributed layer yields Requests that ``execute`` runs for many matrices.
     def sum_long(self, t: torch.Tensor):
@@ -121,17 +128,20 @@ class Comm:
         return self.reduce_short(t)
         yield
 
+    # A subclass that replaces ``orth`` or ``svd`` (one matrix at a time) keeps its own; the base forms are batched.
     def orth_steps(self, Y: torch.Tensor):
-        return self.orth(Y)
-        yield
+        if type(self).orth is not Comm.orth:
+            return self.orth(Y)
+        return (yield from orth_columns_steps(Y))
 
     def gather_short_steps(self, S: torch.Tensor):
         return self.gather_short(S)
         yield
 
     def svd_steps(self, G: torch.Tensor, side: str, r: int):
-        return self.svd(G, side, r)
-        yield
+        if type(self).svd is not Comm.svd:
+            return self.svd(G, side, r)
+        return (yield from svd_projector_steps(G, side, r))
 
     shards_projected_side = False  # True for the FSDP fallback: R and the update N need collectives
 
@@ -163,14 +173,19 @@ class Request:
 
 def run_batched(solvers: list[Generator]) -> list[Any]:
     """Run solver generators in lockstep: each round, every solver still running has yielded one Request; requests
-    of one kind (and one Comm group, ``comm.batch_key``) go to one ``execute`` call, in a fixed order on every rank.
-    Returns each solver's result, or the exception it raised (a failed solve, e.g. ``LinAlgError``)."""
+    of one kind (and one Comm group, ``comm.batch_key``) go to one ``execute`` call, in a fixed order on every rank;
+    local decompositions (``LOCAL_KINDS``) go to ``run_stacked``, one batched call per kind and shape, and a failed
+    one is raised inside its solver. Returns each solver's result, or the exception it raised (a failed solve, e.g.
+    ``LinAlgError``)."""
     results: list[Any] = [None] * len(solvers)
     waiting: dict[int, Request] = {}
 
     def advance(i: int, value) -> None:
         try:
-            waiting[i] = solvers[i].send(value)
+            if isinstance(value, torch.linalg.LinAlgError):
+                waiting[i] = solvers[i].throw(value)
+            else:
+                waiting[i] = solvers[i].send(value)
         except StopIteration as done:
             results[i] = done.value
         except torch.linalg.LinAlgError as error:  # a degenerate gradient: the caller falls back, per matrix
@@ -180,10 +195,17 @@ def run_batched(solvers: list[Generator]) -> list[Any]:
         advance(i, None)
     while waiting:
         batches: dict[tuple, list[int]] = {}
+        local: dict[str, list[int]] = {}
         for i in sorted(waiting):
             req = waiting[i]
-            batches.setdefault((req.kind, getattr(req.comm, "batch_key", id(req.comm))), []).append(i)
+            if req.kind in LOCAL_KINDS:  # no communication: grouped by shape in run_stacked
+                local.setdefault(req.kind, []).append(i)
+            else:
+                batches.setdefault((req.kind, getattr(req.comm, "batch_key", id(req.comm))), []).append(i)
         current, waiting = waiting, {}
+        for kind, indices in sorted(local.items()):
+            for i, out in zip(indices, run_stacked(kind, [current[i].args[0] for i in indices])):
+                advance(i, out)
         for (kind, _), indices in sorted(batches.items(), key=lambda kv: (kv[0][0], str(kv[0][1]))):
             outs = current[indices[0]].comm.execute(kind, [current[i] for i in indices])
             for i, out in zip(indices, outs):
@@ -243,18 +265,25 @@ def to_projector(S: torch.Tensor, side: str) -> torch.Tensor:
 
 
 def project(G: torch.Tensor, P: torch.Tensor, side: str) -> torch.Tensor:
-    """R = Aᵀ G (left) or G Bᵀ (right)."""
+    """R = Aᵀ G (left) or G Bᵀ (right), in the wider dtype (a bf16 gradient against an fp32 projector: fp32)."""
+    dtype = torch.promote_types(G.dtype, P.dtype)
+    G, P = G.to(dtype), P.to(dtype)
     return P.T @ G if side == "left" else G @ P.T
 
 
 def project_back(N: torch.Tensor, P: torch.Tensor, side: str) -> torch.Tensor:
     """A N (left) or N B (right)."""
+    dtype = torch.promote_types(N.dtype, P.dtype)
+    N, P = N.to(dtype), P.to(dtype)
     return P @ N if side == "left" else N @ P
 
 
 def add_project_back_(W: torch.Tensor, N: torch.Tensor, P: torch.Tensor, side: str, alpha: float) -> None:
-    """W += alpha * project_back(N) in one GEMM: no full-size temporary."""
-    if side == "left":
+    """W += alpha * project_back(N) in one GEMM: no full-size temporary. A weight narrower than the update (bf16
+    weight, fp32 states) takes the update computed in fp32, rounded once."""
+    if W.dtype != torch.promote_types(N.dtype, P.dtype):
+        W.add_(project_back(N, P, side), alpha=alpha)
+    elif side == "left":
         W.addmm_(P, N, alpha=alpha)
     else:
         W.addmm_(N, P, alpha=alpha)
@@ -285,18 +314,45 @@ def solver_dtype(G: torch.Tensor) -> torch.dtype:
     return torch.promote_types(G.dtype, torch.float32)
 
 
-def svd_projector(G: torch.Tensor, side: str, r: int) -> torch.Tensor:
-    """GaLore: exact top-r singular vectors of G itself (not Gᵀ, so signs match GaLore's code)."""
-    U, _, Vh = torch.linalg.svd(G.to(solver_dtype(G)), full_matrices=False)
+def linalg_steps(kind: str, A: torch.Tensor):
+    """One small decomposition (``linalg_batch.LOCAL_KINDS``) as a solver request; its outputs as a tuple."""
+    return (yield Request(kind, IDENTITY, (A,)))
+
+
+def _top_singular(U: torch.Tensor, Vh: torch.Tensor, side: str, r: int) -> torch.Tensor:
     return U[:, :r].contiguous() if side == "left" else Vh[:r].contiguous()
 
 
-def _orth(Y: torch.Tensor) -> torch.Tensor:
-    """Householder QR in float64 with the sign convention diag(R) > 0: the unique Q that Cholesky-QR (the form a
-    row-sharded Y needs, see the distributed layer) also produces, so both paths give the same basis."""
-    Q, R = torch.linalg.qr(Y.double())
+def svd_projector_steps(G: torch.Tensor, side: str, r: int):
+    """GaLore: exact top-r singular vectors of G itself (not Gᵀ, so signs match GaLore's code); a solver generator."""
+    U, _, Vh = yield from linalg_steps("svd", G.to(solver_dtype(G)))
+    return _top_singular(U, Vh, side, r)
+
+
+def svd_projector(G: torch.Tensor, side: str, r: int) -> torch.Tensor:
+    """``svd_projector_steps`` for one matrix alone."""
+    return _drive(svd_projector_steps(G, side, r))
+
+
+def svd_projectors(Gs: list[torch.Tensor], sides: list[str], rs: list[int]) -> list:
+    """``svd_projector`` of several matrices, the same-shaped ones in one batched svd; a failed matrix's entry is
+    its ``LinAlgError``."""
+    outs = run_stacked("svd", [G.to(solver_dtype(G)) for G in Gs])
+    return [o if isinstance(o, Exception) else _top_singular(o[0], o[2], side, r)
+            for o, side, r in zip(outs, sides, rs)]
+
+
+def orth_columns_steps(Y: torch.Tensor):
+    """Householder QR (``linalg_batch.linalg_dtype``: float64 on the CPU) with the sign convention diag(R) > 0: the
+    unique Q that Cholesky-QR (the form a row-sharded Y needs, see the distributed layer) also produces, so both
+    paths give the same basis; a solver generator."""
+    Q, R = yield from linalg_steps("qr", Y.to(solve_dtype(Y)))
     sign = torch.where(torch.diagonal(R) < 0, -1.0, 1.0).to(Q.dtype)
     return (Q * sign).to(Y.dtype)
+
+
+def _orth(Y: torch.Tensor) -> torch.Tensor:
+    return _drive(orth_columns_steps(Y))
 
 
 def _fix_signs(E: torch.Tensor) -> torch.Tensor:
@@ -314,8 +370,8 @@ def rsvd_steps(Gs: torch.Tensor, r: int, oversample: int, power_iters: int, gen:
     Every product that sums over the long side l goes through ``comm.sum_long``, over the projected side d
     through ``comm.sum_short``; the d x k orthonormalisations go through ``comm.orth_steps`` (local Householder
     unless d is sharded). The half-step Gsᵀ Q lives on the long side and is not orthonormalised: Q is, after
-    every full step. The final small SVD comes from the k x k Gram of Qᵀ Gs, diagonalised in float64, with
-    deterministic eigenvector signs.
+    every full step. The final small SVD comes from the k x k Gram of Qᵀ Gs, diagonalised in ``linalg_dtype``
+    (float64 on the CPU), with deterministic eigenvector signs.
     """
     Gs = Gs.to(solver_dtype(Gs))
     d, l = Gs.shape
@@ -327,7 +383,7 @@ def rsvd_steps(Gs: torch.Tensor, r: int, oversample: int, power_iters: int, gen:
         Q = yield from comm.orth_steps((yield from comm.sum_long(Gs @ half)))
     Z = yield from comm.sum_short(Gs.T @ Q)  # = (Qᵀ Gs)ᵀ, l x k
     gram = yield from comm.sum_long(Z.T @ Z)
-    evals, evecs = torch.linalg.eigh(gram.double())
+    evals, evecs = yield from linalg_steps("eigh", gram.to(solve_dtype(gram)))
     top = torch.argsort(evals, descending=True)[:r]
     return (yield from comm.gather_short_steps(Q @ _fix_signs(evecs[:, top]).to(Q.dtype)))
 
@@ -339,22 +395,31 @@ def rsvd_columns(
     return _drive(rsvd_steps(Gs, r, oversample, power_iters, gen, comm))
 
 
-def random_columns(d: int, r: int, gen: torch.Generator, device) -> torch.Tensor:
-    """Uniformly random orthonormal basis (GoLore): Q of a Gaussian d x r."""
+def random_columns_steps(d: int, r: int, gen: torch.Generator, device):
+    """Uniformly random orthonormal basis (GoLore): Q of a Gaussian d x r; a solver generator."""
     Z = torch.randn(d, r, generator=gen, device=device, dtype=torch.float32)
-    return _orth(Z)
+    return (yield from orth_columns_steps(Z))
 
 
-def grasswalk_columns(S: torch.Tensor, eta: float, gen: torch.Generator) -> torch.Tensor:
-    """One geodesic step of length eta on the Grassmannian from span(S) in a random tangent direction."""
+def random_columns(d: int, r: int, gen: torch.Generator, device) -> torch.Tensor:
+    return _drive(random_columns_steps(d, r, gen, device))
+
+
+def grasswalk_steps(S: torch.Tensor, eta: float, gen: torch.Generator):
+    """One geodesic step of length eta on the Grassmannian from span(S) in a random tangent direction; a solver
+    generator."""
     S = S.float()
     Z = torch.randn(S.shape, generator=gen, device=S.device, dtype=torch.float32)
     H = Z - S @ (S.T @ Z)
     H = H / H.norm()
-    U_h, sig, Vh_h = torch.linalg.svd(H, full_matrices=False)
+    U_h, sig, Vh_h = yield from linalg_steps("svd", H)
     V_h = Vh_h.T
     new = (S @ V_h) * torch.cos(eta * sig) @ Vh_h + (U_h * torch.sin(eta * sig)) @ Vh_h
     return new + S - (S @ V_h) @ Vh_h  # S (I - V_h V_hᵀ): zero for a full-rank H, kept for rank-deficient H
+
+
+def grasswalk_columns(S: torch.Tensor, eta: float, gen: torch.Generator) -> torch.Tensor:
+    return _drive(grasswalk_steps(S, eta, gen))
 
 
 def online_pca_grad(S: torch.Tensor, Gs: torch.Tensor, comm: Comm = IDENTITY) -> torch.Tensor:
@@ -365,19 +430,9 @@ def online_pca_grad(S: torch.Tensor, Gs: torch.Tensor, comm: Comm = IDENTITY) ->
     return 2.0 * comm.reduce(E @ (g.T @ S) + g @ (E.T @ S))
 
 
-def online_pca_update_(
-    P: torch.Tensor,
-    exp_avg: torch.Tensor,
-    exp_avg_sq: torch.Tensor,
-    G: torch.Tensor,
-    side: str,
-    step: int,
-    lr: float,
-    betas: tuple[float, float],
-    eps: float,
-    weight_decay: float = 0.01,
-    comm: Comm = IDENTITY,
-) -> None:
+def online_pca_update_(P: torch.Tensor, exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor, G: torch.Tensor, side: str,
+                       step: int, lr: float, betas: tuple[float, float], eps: float, weight_decay: float = 0.01,
+                       comm: Comm = IDENTITY) -> None:
     """One AdamW step (torch.optim.AdamW semantics) on the projector P, in place; never re-orthonormalised."""
     S = columns(P, side)
     grad = online_pca_grad(S.float(), oriented(G, side), comm).to(P.dtype)
@@ -391,21 +446,11 @@ def online_pca_update_(
     P.addcdiv_(exp_avg, (exp_avg_sq.sqrt() / bc2_sqrt).add_(eps), value=-lr / bc1)
 
 
-def projector_steps(
-    solver: str,
-    G: torch.Tensor,
-    side: str,
-    r: int,
-    *,
-    gen: torch.Generator,
-    prev: torch.Tensor | None = None,
-    oversample: int = 8,
-    power_iters: int = 2,
-    geodesic_step: float = 0.1,
-    comm: Comm = IDENTITY,
-):
-    """A new projector (stored layout, G's dtype) from the current gradient G and the previous projector; a solver
-    generator (``run_batched`` runs many together, ``compute_projector`` one alone).
+def projector_steps(solver: str, G: torch.Tensor, side: str, r: int, *, gen: torch.Generator,
+                    prev: torch.Tensor | None = None, oversample: int = 8, power_iters: int = 2,
+                    geodesic_step: float = 0.1, comm: Comm = IDENTITY):
+    """A new projector (stored layout, ``solver_dtype(G)``: fp32 at least) from the current gradient G and the
+    previous projector; a solver generator (``run_batched`` runs many together, ``compute_projector`` one alone).
 
     online_pca's first basis is the svd one (its later updates are ``online_pca_update_``); grasswalk starts from
     a random basis and then walks.
@@ -415,16 +460,13 @@ def projector_steps(
         P = yield from comm.svd_steps(G, side, r)
     elif solver == "rsvd":
         P = to_projector((yield from rsvd_steps(oriented(G, side), r, oversample, power_iters, gen, comm)), side)
-    elif solver == "random":
-        P = to_projector(random_columns(d, r, gen, G.device), side)
+    elif solver == "random" or (solver == "grasswalk" and prev is None):
+        P = to_projector((yield from random_columns_steps(d, r, gen, G.device)), side)
     elif solver == "grasswalk":
-        if prev is None:
-            P = to_projector(random_columns(d, r, gen, G.device), side)
-        else:
-            P = to_projector(grasswalk_columns(columns(prev, side), geodesic_step, gen), side)
+        P = to_projector((yield from grasswalk_steps(columns(prev, side), geodesic_step, gen)), side)
     else:
         raise ValueError(f"solver: {solver!r} is not one of {', '.join(SOLVERS)}")
-    return P.to(G.dtype)
+    return P.to(solver_dtype(G))  # a bf16 gradient's basis is kept in fp32 (lowrank.state_dtype)
 
 
 def compute_projector(solver: str, G: torch.Tensor, side: str, r: int, **kwargs) -> torch.Tensor:
@@ -447,34 +489,9 @@ class Timer:
         return False
 
 
-__all__ = [
-    "Comm",
-    "IDENTITY",
-    "SIDES",
-    "PROJ_TYPES",
-    "SOLVERS",
-    "side_for",
-    "projected_dim",
-    "long_dim",
-    "lowrank_shape",
-    "projector_shape",
-    "oriented",
-    "columns",
-    "to_projector",
-    "project",
-    "project_back",
-    "add_project_back_",
-    "derive_seed",
-    "seeded",
-    "svd_projector",
-    "rsvd_columns",
-    "rsvd_steps",
-    "projector_steps",
-    "run_batched",
-    "Request",
-    "random_columns",
-    "grasswalk_columns",
-    "online_pca_grad",
-    "online_pca_update_",
-    "compute_projector",
-]
+__all__ = ["Comm", "IDENTITY", "SIDES", "PROJ_TYPES", "SOLVERS", "side_for", "projected_dim", "long_dim",
+           "lowrank_shape", "projector_shape", "oriented", "columns", "to_projector", "project", "project_back",
+           "add_project_back_", "derive_seed", "seeded", "svd_projector", "svd_projector_steps", "svd_projectors",
+           "linalg_steps", "orth_columns_steps", "rsvd_columns", "rsvd_steps", "projector_steps", "run_batched",
+           "Request", "random_columns", "grasswalk_columns", "online_pca_grad", "online_pca_update_",
+           "compute_projector"]

@@ -72,8 +72,14 @@ class OptimConfig:
     # gradient; with train.grad_accum > 1 projected matrices accumulate R (long x r), not G. Clip with
     # train.grad_clip_unit (global-norm train.grad_clip must be 0).
     per_layer: bool = False
-    projectors: str = "replicate"  # fsdp: replicate | shard
+    # fsdp: replicate (whole on every rank, no traffic) | shard (1/W row slices, all-gathered one at a time in a
+    # step) | auto: shard where that lowers the per-rank peak and replicated projectors would outweigh the rank's
+    # weight shard (plan.choose_projectors), said in the start-up log
+    projectors: str = "auto"
     refresh: str = "distributed"  # fsdp: distributed (sketch rsvd) | owner (exact SVD on each matrix's owner rank)
+    # MiB of solver workspace (global matrix shapes) per batch of a refresh's matrices solved together, one
+    # collective per stage per batch; > 0, default = optim/lowrank.py REFRESH_BATCH_BYTES
+    refresh_batch_mb: float = 256.0
 
 
 @dataclass
@@ -127,7 +133,13 @@ class DistConfig:
     replicate: int = 1  # HSDP: replicas (outer mesh dim); 1 = plain FSDP
     backend: str = "auto"  # auto (nccl on CUDA, gloo on CPU) | nccl | gloo
     deepspeed_config: Optional[str] = None  # a DeepSpeed JSON file; null: generated from this config
-    bucket_mb: float = 25.0  # ddp/deepspeed: MiB per owner segment of a gradient bucket (at least the largest matrix)
+    bucket_mb: float = 25.0  # ddp/deepspeed: MiB of one fp32 gradient bucket, all ranks' segments, at any world size
+    reduce_dtype: str = "fp32"  # fsdp: dtype of the gradient reduce-scatter / all-reduce (bf16: half the bytes)
+    # fsdp, train.grad_accum > 1: reduce gradients on the last micro-batch of a step only. Flat FSDP skips the
+    # reduce-scatter before it (each rank accumulates its blocks' unsharded gradients, the whole model's in
+    # dist.reduce_dtype); HSDP reduce-scatters inside the shard group every micro-batch and defers only the
+    # all-reduce across replicas (the inter-node bytes). Not with optim.per_layer (its hooks need every reduce).
+    reduce_last_micro_batch: bool = False
 
 
 @dataclass
@@ -171,7 +183,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "optim.moments": ("keep", "reset", "rotate", "rotate_subtrack"),
     "optim.residual": ("none", "fira"),
     "optim.reference_dtype": ("bf16", "fp32"),
-    "optim.projectors": ("replicate", "shard"),
+    "optim.projectors": ("auto", "replicate", "shard"),
     "optim.refresh": ("distributed", "owner"),
     "data.source": ("embedded", "c4", "indexed"),
     "data.split": ("auto", "node", "global"),
@@ -179,6 +191,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "train.on_nonfinite": ("stop", "skip"),
     "dist.mode": ("auto", "single", "fsdp", "ddp", "deepspeed"),
     "dist.backend": ("auto", "nccl", "gloo"),
+    "dist.reduce_dtype": ("fp32", "bf16"),
 }
 
 
@@ -385,6 +398,14 @@ def validate(cfg: Config) -> None:
                           f"({t.seq_len}) to make one validation sequence; or set train.eval_every=0")
     _at_least("dist.replicate", cfg.dist.replicate, 1)
     _at_least("dist.world_size", cfg.dist.world_size, 1)
+    if cfg.dist.reduce_last_micro_batch and cfg.optim.per_layer:
+        raise ConfigError("dist.reduce_last_micro_batch=true defers the gradient reduction that optim.per_layer=true "
+                          "updates from (its hooks run on every micro-batch's reduce-scatter): set one of them false")
+    if cfg.dist.mode in ("ddp", "deepspeed"):  # the owner backend reduces fp32 buckets on the last micro-batch
+        for key, default in (("reduce_dtype", "fp32"), ("reduce_last_micro_batch", False)):
+            if getattr(cfg.dist, key) != default:
+                raise ConfigError(f"config key 'dist.{key}' applies to dist.mode=fsdp only (dist.mode="
+                                  f"{cfg.dist.mode} reduces fp32 gradients on the last micro-batch already)")
     if cfg.dist.bucket_mb <= 0:
         raise ConfigError(f"config key 'dist.bucket_mb' must be positive, got {cfg.dist.bucket_mb}")
     _at_least("checkpoint.every", cfg.checkpoint.every, 0, " (0 = only at the end)")
@@ -404,6 +425,8 @@ def _validate_optim(o: OptimConfig) -> None:
     _at_least("optim.eps", o.eps, 0)
     _at_least("optim.weight_decay", o.weight_decay, 0)
     _at_least("optim.rank", o.rank, 1)
+    if not o.refresh_batch_mb > 0:
+        raise ConfigError(f"config key 'optim.refresh_batch_mb' must be positive, got {o.refresh_batch_mb}")
     try:
         resolve_parts(o)  # the method exists and its parts are valid (the messages name optim.<key>)
     except ValueError as e:  # "optim.<key>: <problem>"

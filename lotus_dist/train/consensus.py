@@ -13,7 +13,7 @@ import torch
 from lotus_dist.counters import to_host
 
 
-def _replicas(g: torch.Tensor) -> int:
+def replicas_of(g: torch.Tensor) -> int:
     """How many ranks hold the same values as this rank's piece of ``g``: the replicated mesh dims of a DTensor
     (HSDP's replicate dim); a plain gradient is held by one rank (one process, or its owner after the ddp /
     deepspeed reduce-scatter)."""
@@ -34,7 +34,7 @@ def grad_sq_partial(grads: list[torch.Tensor], device: torch.device) -> torch.Te
     buckets: dict[tuple, list[torch.Tensor]] = {}
     for g in grads:
         local = g.to_local() if hasattr(g, "to_local") else g
-        buckets.setdefault((_replicas(g), local.device, local.dtype), []).append(local)
+        buckets.setdefault((replicas_of(g), local.device, local.dtype), []).append(local)
     total = torch.zeros((), dtype=torch.float32, device=device)
     for (replicas, _, _), tensors in buckets.items():
         norms = torch._foreach_norm(tensors, 2.0)
@@ -62,8 +62,10 @@ class StepConsensus:
 
     def reduce(self, values: list[torch.Tensor], *, stop: bool, writing: bool) -> torch.Tensor:
         """All-reduce (sum) of this rank's ``values`` and its two flags; no host sync."""
-        flags = torch.tensor([float(stop), float(writing)], dtype=torch.float32, device=self.rt.device)
-        local = torch.cat([torch.stack([v.float().reshape(()).to(self.rt.device) for v in values]), flags])
+        # torch.full fills on the device from a kernel argument; torch.tensor(..., device=cuda) would be a blocking
+        # host-to-device copy every step (lotus_dist/sync_audit.py finds those)
+        flags = [torch.full((1,), float(f), dtype=torch.float32, device=self.rt.device) for f in (stop, writing)]
+        local = torch.cat([torch.stack([v.float().reshape(()).to(self.rt.device) for v in values]), *flags])
         return self.rt.all_reduce_sum(local)
 
     def read(self, summed: torch.Tensor, exact: list[torch.Tensor] = ()) -> list[float]:
@@ -75,4 +77,4 @@ class StepConsensus:
         return host[:n] + host[n + 2:]
 
 
-__all__ = ["StepConsensus", "clip_", "grad_sq_partial"]
+__all__ = ["StepConsensus", "clip_", "grad_sq_partial", "replicas_of"]

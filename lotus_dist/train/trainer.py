@@ -18,7 +18,7 @@ from lotus_dist.model.llama import Llama, llama_config
 from lotus_dist.counters import COUNTERS
 from lotus_dist.train.checkpoint import Checkpointer, NonFiniteStateError, check_compatible
 from lotus_dist.train.config import Config, shape_overrides, to_dict
-from lotus_dist.train.consensus import StepConsensus, clip_, grad_sq_partial
+from lotus_dist.train.consensus import StepConsensus, clip_, grad_sq_partial, replicas_of
 from lotus_dist.train.evaluate import evaluate
 from lotus_dist.train.faults import maybe_crash, maybe_poison_gradients, maybe_poison_weights
 from lotus_dist.train.metrics import MetricsLogger, truncate_metrics
@@ -129,6 +129,9 @@ class Trainer:
             self.in_backward = OptimizerInBackward(
                 self.optimizer, runtime.update_units(self.model), grad_accum=self.grad_accum,
                 max_unit_norm=t.grad_clip_unit, on_nonfinite=t.on_nonfinite, before_update=self._fault_in_unit)
+            # the blocks' norms are summed over the whole world in the step's one all-reduce: HSDP's replicas
+            # hold the same shards, so each rank's share is divided by them (every parameter has one mesh)
+            self._unit_replicas = replicas_of(next(self.model.parameters()))
         self.autocast = resolve_autocast(t.dtype, self.device)
 
         self.stream = build_train_stream(cfg.data, self.tokenizer, seq_len=t.seq_len, micro_batch_size=t.micro_batch_size,
@@ -273,10 +276,11 @@ class Trainer:
         loss_sum = self.forward_backward()
         pending = self.in_backward.finish_step()
         self.optimizer.zero_grad(set_to_none=True)  # a skipped block's gradients
-        summed = self.consensus.reduce([loss_sum], stop=self.signals.received is not None,
-                                       writing=self.checkpointer.writing())
-        # the step's one host sync also reads the blocks stepped on the device: their norms and finiteness
-        loss_total, *unit_values = self.consensus.read(summed, exact=pending.device_values)
+        # the blocks stepped on the device ride in the step's one all-reduce and host sync: their norms and which
+        # ranks masked them (per-unit clipping reduced them per block already: read as they are)
+        summed = self.consensus.reduce([loss_sum, *pending.partials(self._unit_replicas)],
+                                       stop=self.signals.received is not None, writing=self.checkpointer.writing())
+        loss_total, *unit_values = self.consensus.read(summed, exact=pending.reduced)
         report = pending.resolve(unit_values)
         loss_value = loss_total / self.rt.world_size
         record = {"loss": loss_value, "lr": lr}
@@ -293,6 +297,8 @@ class Trainer:
                     intact=False)
             self.end_step()
             record["skipped_units"] = report["nonfinite_units"]
+            if report["torn_units"]:  # skipped on the ranks whose shard was non-finite only (optim/in_backward.py)
+                record["torn_units"] = report["torn_units"]
             self.count_skipped()
             record["skipped"] = self.skipped_steps
             return record

@@ -2,7 +2,8 @@
 
 World 2 trains lotus, galore and adamw for 30 steps in ddp (and deepspeed, when importable) mode and saves a DCP
 checkpoint at step 15 of every run; a single-process lotus checkpoint is written at step 15 here; world 3 repeats
-the equivalence runs and resumes the world-2 and single-process checkpoints in ddp, deepspeed and fsdp mode.
+the equivalence runs and resumes the world-2 and single-process checkpoints in ddp, deepspeed and fsdp mode. Both
+also run ddp lotus with one micro-batch per step, and the bf16 accumulation check (owner_workers.accum_bf16_check).
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from pretrain_launch import REPO, SMALL, launch
 METHODS = ("lotus", "galore", "adamw")
 LOSS_TOL, PARAM_TOL = 1e-5, 5e-4  # see test_owner.py's docstring
 STEPS, SAVE_AT = 30, 15
+ONE_MICRO_STEPS = 4  # the ddp run with one micro-batch per step (gradients wait for their buckets)
 HAS_DEEPSPEED = importlib.util.find_spec("deepspeed") is not None
 
 
@@ -69,7 +71,7 @@ def _refs() -> str:
 @functools.cache
 def world2() -> dict:
     opts = {"entry": "owner_workers", "tag": "w2", "methods": list(METHODS), "modes": modes(), "steps": STEPS,
-            "save_at": SAVE_AT, "refs": _refs()}
+            "save_at": SAVE_AT, "refs": _refs(), "one_micro_batch": ONE_MICRO_STEPS, "accum_bf16": 4}
     return run_workers(2, opts, workdir())
 
 
@@ -107,7 +109,7 @@ def world3() -> dict:
             [ckpt("deepspeed", "lotus", 2), "fsdp", "lotus", SAVE_AT, True],
         ]
     opts = {"entry": "owner_workers", "tag": "w3", "methods": list(METHODS), "modes": modes(), "steps": STEPS,
-            "resume": resume, "refs": _refs()}
+            "resume": resume, "refs": _refs(), "one_micro_batch": ONE_MICRO_STEPS, "accum_bf16": 4}
     return run_workers(3, opts, workdir())
 
 

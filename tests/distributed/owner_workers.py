@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from lotus_dist.counters import COUNTERS
 from lotus_dist.distributed.dcp_util import load_sharded, save_sharded
 from lotus_dist.distributed.runtime import init_distributed
 from lotus_dist.model.llama import Llama, llama_config
@@ -73,13 +74,15 @@ class _Single:
 
 
 def train(model, opt, mode, rank: int, world: int, start: int, end: int, total: int, on_step=None,
-          held: list | None = None) -> list[float]:
+          held: list | None = None, micro: int = MICRO, comm: list | None = None) -> list[float]:
     """Steps ``start+1 .. end`` as the trainer runs them; returns the logged (global mean) losses. ``held``
-    collects, after each step's backward, (gradients this rank holds, of them not its own, its own parameters)."""
+    collects, after each step's backward, (gradients this rank holds, of them not its own, its own parameters);
+    ``comm`` each step's counted optimizer bytes (lotus_dist.counters, the trainer's optim_comm_bytes)."""
     per = GLOBAL_BATCH // world
-    accum = per // MICRO
+    accum = per // micro
     losses = []
     for step in range(start, end):
+        COUNTERS.reset()
         for group in opt.param_groups:
             group["lr"] = lr_at(step, total)
         x, y = batch(step)
@@ -87,7 +90,7 @@ def train(model, opt, mode, rank: int, world: int, start: int, end: int, total: 
         loss_sum = torch.zeros(())
         for i in range(accum):
             with mode.no_sync(model, last=i == accum - 1):
-                loss = model(x[i * MICRO:(i + 1) * MICRO], y[i * MICRO:(i + 1) * MICRO]) / accum
+                loss = model(x[i * micro:(i + 1) * micro], y[i * micro:(i + 1) * micro]) / accum
                 loss.backward()
             loss_sum += loss.detach()
         if held is not None and hasattr(opt, "owned"):
@@ -102,6 +105,8 @@ def train(model, opt, mode, rank: int, world: int, start: int, end: int, total: 
             dist.all_reduce(sq)
         clip_(grads, sq.sqrt(), CLIP)
         opt.step()
+        if comm is not None:
+            comm.append(COUNTERS.snapshot()["optim_comm_bytes"])
         opt.zero_grad(set_to_none=True)
         if on_step is not None:
             on_step(step + 1)
@@ -163,6 +168,69 @@ def gather(value):
     return out
 
 
+def layout_record(mode, opt, comm: list) -> dict:
+    """What the owner layout is and what it measured: stream lengths, owners per bucket, each step's counted
+    bytes, and every rank's measured buffer peaks (the reducer's in backward, the weights' all-gather's)."""
+    layout = opt.layout
+    return {"lengths": layout.lengths, "buckets": len(layout.buckets),
+            "owners_per_bucket": [len({piece[0] for piece in b.pieces.values()}) for b in layout.buckets],
+            "comm": comm, "reducer_peak": gather(mode.reducer.peak_bytes), "gather_peak": gather(opt.gather_bytes)}
+
+
+def accum_bf16_check(rt, accum: int) -> dict:
+    """ddp with bf16 weights over ``accum`` micro-batches: the owners' accumulated gradients against the fp32 sum
+    of the bf16 micro-batch gradients (averaged over the ranks) and against their bf16 running sum (what autograd
+    accumulates in a bf16 ``.grad``). Also: a device too small for the layout is refused on every rank."""
+    from lotus_dist.distributed.owner import OwnerDataParallel
+    from lotus_dist.errors import UserError
+
+    rank, world = rt.rank, rt.world_size
+    cfg = run_cfg("adamw", world)
+    cfg.train.dtype, cfg.train.batch_size = "bf16", MICRO * accum * world
+    mode = OwnerDataParallel(rt)
+    torch.manual_seed(0)
+    model = mode.wrap_model(Llama(CFG), cfg)
+    opt = mode.build_optimizer(model, optim_cfg("adamw"))
+    g = torch.Generator().manual_seed(7)
+    toks = torch.randint(0, CFG.vocab_size, (MICRO * accum * world, SEQ + 1), generator=g)
+    mine = toks[rank * MICRO * accum:(rank + 1) * MICRO * accum]
+    micro = [(mine[i * MICRO:(i + 1) * MICRO, :-1], mine[i * MICRO:(i + 1) * MICRO, 1:]) for i in range(accum)]
+    fp32_sum, bf16_sum = {}, {}
+    for x, y in micro:  # the reference: each micro-batch's bf16 gradient alone (the hooks are idle outside a step)
+        model.zero_grad(set_to_none=True)
+        (model(x, y) / accum).backward()
+        for name, p in model.named_parameters():
+            assert p.grad.dtype == torch.bfloat16
+            fp32_sum[name] = fp32_sum.get(name, 0) + p.grad.float()
+            bf16_sum[name] = p.grad.clone() if name not in bf16_sum else bf16_sum[name] + p.grad  # bf16 rounding
+    model.zero_grad(set_to_none=True)
+    for ref in (fp32_sum, bf16_sum):
+        for name, t in ref.items():
+            t = ref[name] = t.float()
+            dist.all_reduce(t)
+            t.div_(world)
+    for i, (x, y) in enumerate(micro):
+        with mode.no_sync(model, last=i == accum - 1):
+            (model(x, y) / accum).backward()
+    fp32_err = bf16_err = 0.0
+    for name, p in model.named_parameters():
+        if opt.owned(p):
+            got = opt.grad_target(p).grad
+            assert got.dtype == torch.float32
+            fp32_err = max(fp32_err, ((got - fp32_sum[name]).norm() / fp32_sum[name].norm()).item())
+            bf16_err = max(bf16_err, ((bf16_sum[name] - fp32_sum[name]).norm() / fp32_sum[name].norm()).item())
+    opt.zero_grad(set_to_none=True)
+    mode.reducer.remove()  # not close(): that would tear the process group down
+    small = OwnerDataParallel(rt)
+    small.device_bytes = lambda: 2**20  # a 1 MiB device: the layout cannot fit
+    refused = None
+    try:
+        small.build_optimizer(small.wrap_model(Llama(CFG), cfg), optim_cfg("adamw"))
+    except UserError as e:
+        refused = str(e)
+    return {"fp32_err": max(gather(fp32_err)), "bf16_err": max(gather(bf16_err)), "refused": gather(refused)}
+
+
 def main(options: dict, workdir: Path) -> None:
     faulthandler.enable()  # a native abort (SIGABRT) still shows the Python stack in the rank's log
     torch.set_num_threads(1)
@@ -193,7 +261,8 @@ def main(options: dict, workdir: Path) -> None:
                     save_sharded(str(ckpt), model, opt)
 
             held: list = []
-            losses = train(model, opt, mode, rank, world, 0, steps, steps, on_step, held)
+            comm: list = []
+            losses = train(model, opt, mode, rank, world, 0, steps, steps, on_step, held, comm=comm)
             params = full_params(model)
             run = {
                 "loss_rel": loss_diff(losses, ref["losses"]),
@@ -210,7 +279,19 @@ def main(options: dict, workdir: Path) -> None:
             }
             if mode_name == "deepspeed":
                 run["engine"] = type(mode.engine).__name__
+            if hasattr(mode, "reducer"):
+                run["layout"] = layout_record(mode, opt, comm)
             result["runs"][f"{mode_name}_{method}"] = run
+    if options.get("one_micro_batch"):  # ddp with each rank's whole batch in one micro-batch: gradients wait
+        steps1 = options["one_micro_batch"]
+        mode, model, opt = build("ddp", "lotus", rt)
+        built.append(mode)
+        comm = []
+        losses = train(model, opt, mode, rank, world, 0, steps1, steps, micro=GLOBAL_BATCH // world, comm=comm)
+        result["runs"]["ddp_lotus_one_micro"] = {"loss_rel": loss_diff(losses, ref_of("lotus")["losses"][:steps1]),
+                                                 "layout": layout_record(mode, opt, comm)}
+    if options.get("accum_bf16"):
+        result["accum_bf16"] = accum_bf16_check(rt, options["accum_bf16"])
     for entry in options.get("resume", []):
         ckpt, mode_name, method, start = entry[:4]
         lenient = len(entry) > 4 and entry[4]  # record a failure instead of raising (a combination still in work)

@@ -26,8 +26,10 @@ def env_for(extra: dict | None = None) -> dict:
     return env
 
 
-def command(nproc: int, args: list[str], max_restarts: int = 0, config: str = "configs/tiny.yaml") -> list[str]:
-    script = [str(REPO / "pretrain.py"), "--config", str(REPO / config), *merge_overrides(args)]
+def command(nproc: int, args: list[str], max_restarts: int = 0, config: str = "configs/tiny.yaml",
+            entry: Path = REPO / "pretrain.py") -> list[str]:
+    """``entry``: pretrain.py, or a test script that takes the same arguments."""
+    script = [str(entry), "--config", str(REPO / config), *merge_overrides(args)]
     if nproc == 0:  # a plain process, no torchrun
         return [sys.executable, *script]
     return [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", f"--max-restarts={max_restarts}",
@@ -35,9 +37,9 @@ def command(nproc: int, args: list[str], max_restarts: int = 0, config: str = "c
 
 
 def launch(nproc: int, args: list[str], *, env: dict | None = None, max_restarts: int = 0, check: bool = True,
-           config: str = "configs/tiny.yaml") -> subprocess.CompletedProcess:
+           config: str = "configs/tiny.yaml", entry: Path = REPO / "pretrain.py") -> subprocess.CompletedProcess:
     """Run to the end; a hang (no CPU used by the job, see process_watch) kills it, whatever the machine's load."""
-    cmd = command(nproc, args, max_restarts, config)
+    cmd = command(nproc, args, max_restarts, config, entry)
     # Its own session, so that a hang kills torchrun's workers too, not only the agent.
     with subprocess.Popen(cmd, cwd=REPO, env=env_for(env), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                           start_new_session=True) as popen:

@@ -32,7 +32,9 @@ from lotus_dist.train.config import OptimConfig
 CFG = llama_config("tiny", vocab_size=256, dim=64, n_layers=2, n_heads=4, ffn_dim=172, max_seq_len=32)
 GLOBAL_BATCH, SEQ, RANK_R, STEPS, SAVE_AT = 12, 16, 8, 30, 15
 # Small update_gap / verify_gap and a large gamma so that bases switch several times within 30 steps.
-OPTIM = dict(lr=0.01, rank=RANK_R, weight_decay=0.01, update_gap=10, verify_gap=3, gamma=0.5, power_iters=2)
+# projectors pinned to replicate (the default auto shards them here): the collective budgets count on it
+OPTIM = dict(lr=0.01, rank=RANK_R, weight_decay=0.01, update_gap=10, verify_gap=3, gamma=0.5, power_iters=2,
+             projectors="replicate")
 # Parameters in float64 (the optimizer's solvers still run in fp32): in fp32, the rounding differences of a
 # reduce-scattered gradient (~1e-7) are amplified by Adam's lr/eps = 1e4 where gradients are small, and even plain
 # AdamW under FSDP drifts to ~3e-2 relative from one process after 30 steps at lr 0.01. fp64 makes the comparison
@@ -227,8 +229,13 @@ def batched_refresh_check(cases, rank: int, world: int) -> dict:
               "collectives": COUNTERS.by_kind.copy()}
     # owner svd: six matrices, owners 0, 1, 2, ... round robin; count the solves each rank runs
     solves = []
-    real = collectives.svd_projector
-    collectives.svd_projector = lambda G, side, r: solves.append(tuple(G.shape)) or real(G, side, r)
+    real, real_many = collectives.svd_projector, collectives.svd_projectors
+
+    def counting(Gs, sides, rs):  # the owners' batched solves: count the matrices each rank solves
+        solves.extend(tuple(G.shape) for G in Gs)
+        return real_many(Gs, sides, rs)
+
+    collectives.svd_projectors = counting
     try:
         g = torch.Generator().manual_seed(3)
         solvers, alone = [], []
@@ -245,7 +252,7 @@ def batched_refresh_check(cases, rank: int, world: int) -> dict:
         result["svd_solves_here"] = len(solves)
         result["svd_collectives"] = COUNTERS.by_kind.copy()
     finally:
-        collectives.svd_projector = real
+        collectives.svd_projectors = real_many
     return result
 
 

@@ -9,11 +9,13 @@ here, so a 1e-5 bound on weights would fail for reasons that are not the backend
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 from torch.distributed.checkpoint import FileSystemReader
 
 from lotus_dist.distributed.owner import state_bytes
-from lotus_dist.distributed.owner_buckets import build_layout, padding_ratio
+from lotus_dist.distributed.owner_buckets import INFLIGHT, build_layout, check_fits, padding_ratio
+from lotus_dist.errors import UserError
 from lotus_dist.model.llama import Llama
 from lotus_dist.optim import METHODS, build_optimizer, memory_report
 
@@ -36,19 +38,65 @@ def test_state_bytes_are_measured_for_every_method():
 
 
 @pytest.mark.parametrize("world", [2, 3, 4])
-def test_owner_aligned_buckets_hold_every_matrix_whole_with_little_padding(world):
-    """The gradient layout: each parameter once, whole, in one owner's segment; segments balanced by LPT so the
-    reduce-scatter and all-gather move at most 5 % more than the gradients (the test model, one bucket)."""
+def test_owner_streams_hold_every_matrix_whole_with_little_padding(world):
+    """The gradient layout: each parameter once, whole and contiguous in its owner's stream, cut into buckets of at
+    most the cap; owners balanced by LPT so the reduce-scatter and all-gather move at most 5 % more than the
+    gradients (the test model in one chunk); the same layout on every call (every rank computes it)."""
     params = list(Llama(W.CFG).parameters())[::-1]
-    buckets = build_layout(params, world, cap_bytes=25 * 2**20)
-    laid = [p for b in buckets for p in b.params]
-    assert sorted(map(id, laid)) == sorted(map(id, params))
-    for b in buckets:
-        for owner in range(world):
-            ends = [off + p.numel() for p, o, off in zip(b.params, b.owners, b.offsets) if o == owner]
-            assert max(ends, default=0) <= b.segment  # whole, inside the owner's segment
-    assert padding_ratio(buckets) <= 1.05, padding_ratio(buckets)
-    assert build_layout(params, world, cap_bytes=25 * 2**20)[0].owners == buckets[0].owners  # deterministic
+    for cap in (25 * 2**20, 0.05 * 2**20):
+        layout = build_layout(params, world, cap_bytes=cap)
+        for k, p in enumerate(params):
+            pieces = [layout.buckets[b].pieces[k] for b in layout.spans[k]]
+            assert {owner for owner, *_ in pieces} == {layout.owners[k]}
+            assert [start for _, start, _, _ in pieces] == list(np.cumsum([0] + [n for _, _, n, _ in pieces])[:-1])
+            assert sum(n for _, _, n, _ in pieces) == p.numel()
+            for b, (_, start, n, at) in zip(layout.spans[k], pieces):  # at its stream position
+                assert layout.buckets[b].start + at == layout.offsets[k] + start
+                assert at + n <= layout.buckets[b].segment
+        assert max(b.numel for b in layout.buckets) * 4 <= cap
+        assert sum(layout.lengths) == sum(p.numel() for p in params)
+        assert build_layout(params, world, cap_bytes=cap).owners == layout.owners
+    assert padding_ratio(build_layout(params, world, cap_bytes=25 * 2**20)) <= 1.05
+
+
+def _plan_7b(world: int, *overrides: str) -> dict:
+    from lotus_dist.distributed.planner import _ddp_numbers, _model_config
+    from lotus_dist.train.config import load_config
+
+    cfg = load_config(R.REPO / "configs/llama_7b.yaml", [f"dist.world_size={world}", *overrides])
+    return cfg, _ddp_numbers(cfg, _model_config(cfg), world)
+
+
+@pytest.mark.parametrize("world", [8, 64])
+def test_planner_buckets_do_not_grow_with_world_size(world):
+    """llama_7b: the largest bucket is dist.bucket_mb at 8 and at 64 ranks (it was W x the 500 MiB lm_head: 31 GiB at
+    64 ranks), and with one micro-batch per step the step's buffers are at most every gradient waiting in bf16
+    plus the own gradients and INFLIGHT + 1 buckets with their receive buffers: no term grows with W."""
+    cfg, plan = _plan_7b(world, f"train.batch_size={4 * world}", "train.micro_batch_size=4")
+    cap = cfg.dist.bucket_mb * 2**20
+    assert cap / 2 < plan["largest_bucket"] <= cap
+    worst = max(plan["buffers_per_rank"], key=lambda b: b["peak"])
+    grads_bf16 = plan["params"]  # the model's gradients in the weights' dtype (bf16), all waiting at worst
+    assert worst["backward"] <= grads_bf16 + worst["own_grads"] + (INFLIGHT + 1) * cap * (1 + 1 / world)
+    assert worst["gather"] <= worst["own_grads"] + cap * (1 + 1 / world) / 2  # bf16 send + receive
+    assert plan["grads"] == worst["peak"] and plan["total"] >= plan["params"] + plan["grads"]
+
+
+def test_planner_counts_fp32_accumulation_buckets():
+    """llama_7b at 64 ranks, 2 micro-batches per step (the recipe): the fp32 buckets hold the padded model
+    across micro-batches (4 bytes per element on every rank) -- counted, not hidden."""
+    _, plan = _plan_7b(64)
+    worst = max(plan["buffers_per_rank"], key=lambda b: b["peak"])
+    padded = plan["reduce_scatter"] / ((64 - 1) / 64)  # W x the longest stream, in fp32 bytes
+    assert worst["backward"] >= padded + worst["own_grads"]
+
+
+def test_start_up_refusal_names_fsdp():
+    with pytest.raises(UserError, match="dist.mode=fsdp") as err:
+        check_fits(3 * 2**30, 2 * 2**30, "weights and buffers")
+    assert "\n" not in str(err.value) and "3072.0 MiB" in str(err.value)
+    check_fits(2**30, 2 * 2**30, "fits")
+    check_fits(2**40, None, "no device memory known (CPU)")
 
 
 # ---- gloo launches -----------------------------------------------------------------------------------------------
@@ -120,6 +168,54 @@ def test_planner_ddp_column_is_what_the_ranks_hold():
         planned = _ddp_numbers(cfg, W.CFG, world)
         assert planned["state_per_rank"] == res["runs"]["ddp_lotus"]["bytes"], (world, planned["state_per_rank"])
         assert planned["grads_per_rank"][0] == res["runs"]["ddp_lotus"]["held_bytes"][0]
+
+
+def _bucket_runs():
+    for res in (R.world2(), R.world3()):
+        yield res["world"], res["runs"]["ddp_lotus"], W.MICRO
+        yield res["world"], res["runs"]["ddp_lotus_one_micro"], W.GLOBAL_BATCH // res["world"]
+
+
+def test_small_buckets_with_several_owners_follow_one_process_and_count_the_bytes():
+    """dist.bucket_mb=0.05 on the test model, 2 and 3 ranks: a dozen buckets, most with every rank's segment in
+    them, streams of unequal lengths (padding); the run follows one process (check_run: losses, weights, switches;
+    with one micro-batch per step too), and each step's counted bytes are exactly a reduce-scatter of the padded
+    fp32 gradients and an all-gather of the padded weights: one all-reduce's worth of both, plus the padding."""
+    for world, run, micro in _bucket_runs():
+        layout = run["layout"]
+        assert layout["buckets"] >= 8 and sum(o == world for o in layout["owners_per_bucket"]) >= 6, layout
+        assert len(set(layout["lengths"])) > 1  # uneven ownership: the shorter streams are padded
+        assert run["loss_rel"] < R.LOSS_TOL, run["loss_rel"]
+        if micro == W.MICRO:
+            check_run(run, R.world2()["ref"]["lotus"], world)
+        padded, real = world * max(layout["lengths"]), sum(layout["lengths"])
+        ring = (world - 1) / world
+        assert layout["comm"] == [round(ring * padded * (4 + 4))] * len(layout["comm"]), (layout["comm"], padded)
+        assert real < padded <= 1.25 * real  # the padding, and nothing else on top of one all-reduce's bytes
+
+
+def test_planner_predicts_the_measured_step_buffers():
+    """The planner's ddp buffers (owner_buckets.step_buffer_bytes on shapes) against the buffers the reducer and
+    the weights' all-gather allocated in the runs, rank by rank, with 2-3 micro-batches (fp32 buckets kept across
+    them) and with one (gradients waiting for their buckets)."""
+    from lotus_dist.distributed.planner import _ddp_numbers
+
+    for world, run, micro in _bucket_runs():
+        cfg = W.run_cfg("lotus", world)
+        cfg.train.micro_batch_size = micro
+        planned = _ddp_numbers(cfg, W.CFG, world)["buffers_per_rank"]
+        assert [b["backward"] for b in planned] == run["layout"]["reducer_peak"], (world, micro, planned)
+        assert [b["gather"] - b["own_grads"] for b in planned] == run["layout"]["gather_peak"]
+
+
+def test_bf16_micro_batches_accumulate_in_fp32():
+    """ddp with bf16 weights, 4 micro-batches: an owner's gradient is the fp32 sum of the bf16 micro-batch
+    gradients (averaged over the ranks), not their bf16 running sum (which is 3e-3 away here); and a device
+    too small for the layout is refused at start-up on every rank, naming dist.mode=fsdp."""
+    for res in (R.world2(), R.world3()):
+        check = res["accum_bf16"]
+        assert check["fp32_err"] <= 1e-6 and check["bf16_err"] >= 1e-4, check
+        assert all(msg and "dist.mode=fsdp" in msg and "\n" not in msg for msg in check["refused"]), check
 
 
 def test_bf16_weights_keep_fp32_masters_on_their_owners():

@@ -136,3 +136,42 @@ def test_fsdp2_rejects_uneven_shard1_as_the_plan_assumes(fake_world3):
     assert uneven0.weight.to_local().shape == (58, 64)
     plan = build_plan({"a": (64, 172), "b": (64, 174)}, {"a", "b"}, 3, 8)
     assert plan.matrices["a"].fallback and not plan.matrices["b"].fallback
+
+
+def test_choose_projectors_shards_when_the_peak_is_lower():
+    """optim.projectors=auto, by hand: replicated = every projector whole; sharded = rank 0's row slices plus the
+    one projector (per layer: the one unit's) gathered at a time."""
+    from lotus_dist.distributed.plan import choose_projectors, projector_peak_bytes
+
+    even = build_plan({"tall": (300, 100), "wide": (100, 300)}, {"tall", "wide"}, world_size=4, rank_r=16)
+    # tall: right B 16 x 100, rows 4 per rank; wide: left A 100 x 16, rows 25 per rank; fp32
+    assert projector_peak_bytes(even, "replicate") == {"stored": 3200 * 4, "in_use": 0, "total": 3200 * 4}
+    assert projector_peak_bytes(even, "shard") == {"stored": (400 + 400) * 4, "in_use": 1600 * 4,
+                                                   "total": 2400 * 4}
+    # sharding lowers the peak (2400 < 3200 x 4 bytes), but the projectors weigh less than this rank's shard of the
+    # weights (75 x 100 + 25 x 300 = 15000 x 4 bytes): not worth an all-gather of each projector every step
+    assert choose_projectors("auto", even) == "replicate"
+    assert choose_projectors("replicate", even) == "replicate" and choose_projectors("shard", even) == "shard"
+    # full rank (r = 100): 20000 elements of projectors outweigh the 15000 of the weight shard, and sharding them
+    # gives 2 x 2500 stored + 10000 gathered = 15000 < 20000
+    heavy = build_plan({"tall": (300, 100), "wide": (100, 300)}, {"tall", "wide"}, world_size=4, rank_r=100)
+    assert projector_peak_bytes(heavy, "shard")["total"] == 15000 * 4
+    assert choose_projectors("auto", heavy) == "shard"
+    assert choose_projectors("auto", heavy, shardable=False) == "replicate"  # online_pca trains it in place
+    # at 32 ranks the rank-16 projectors (3200) outweigh the weight shard (10 x 100 + 4 x 300 = 2200): shard
+    wide_world = build_plan({"tall": (300, 100), "wide": (100, 300)}, {"tall", "wide"}, world_size=32, rank_r=16)
+    assert choose_projectors("auto", wide_world) == "shard"
+    # one projector is most of them: gathering it costs more than the slices save (16000 > 16100 - 4030)
+    lopsided = build_plan({"big": (1000, 1000), "small": (10, 10)}, {"big", "small"}, world_size=4, rank_r=16)
+    assert projector_peak_bytes(lopsided, "shard")["total"] == (4000 + 30 + 16000) * 4
+    assert choose_projectors("auto", lopsided) == "replicate"
+    # shard size 1 (one rank, or HSDP with one rank per replica): slicing saves nothing
+    assert choose_projectors("auto", build_plan({"tall": (300, 100)}, {"tall"}, 2, 16, replicate=2)) == "replicate"
+    # per layer, a unit's projectors are gathered together: three 16 x 100 in one unit, over 2 ranks:
+    # 3 x 800 + 1600 < 4800 one at a time, 3 x 800 + 4800 > 4800 the unit at once
+    # (full rank, r = 100, over 4 ranks, so that the projectors outweigh the weight shard: 3 x 10000 > 3 x 75 x 100)
+    unit = {f"layers.0.{k}.weight": (300, 100) for k in "abc"}
+    three = build_plan(unit, set(unit), world_size=4, rank_r=100)
+    assert projector_peak_bytes(three, "shard", per_layer=True)["in_use"] == 3 * 10000 * 4
+    assert choose_projectors("auto", three) == "shard"  # 3 x 2500 + 10000 < 30000
+    assert choose_projectors("auto", three, per_layer=True) == "replicate"  # 3 x 2500 + 30000 > 30000

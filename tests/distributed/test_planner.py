@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 
+import torch
 import torch.distributed as dist
 
 from lotus_dist.distributed.planner import METHODS, dry_run
@@ -48,7 +49,7 @@ def test_fallback_and_hsdp_and_sharded_projectors():
             expected += 2 * rows * (p.numel() // p.shape[0]) * 4
     assert res["lotus"]["moments"] == expected
     assert any("fallback layers.0.mlp.down_proj.weight" in line for line in lines)
-    replicated, _ = run("model.name=tiny", "dist.world_size=4", "optim.rank=16")
+    replicated, _ = run("model.name=tiny", "dist.world_size=4", "optim.rank=16", "optim.projectors=replicate")
     sharded, _ = run("model.name=tiny", "dist.world_size=4", "optim.rank=16", "optim.projectors=shard")
     assert abs(sharded["lotus"]["projectors"] * 4 - replicated["lotus"]["projectors"]) < 64 * 4 * 4
     # a step gathers one projector at a time (every projector of tiny at r=16 is 16 x 128 fp32)
@@ -80,3 +81,69 @@ def test_per_layer_column_holds_one_block_of_gradients():
                    "train.micro_batch_size=8")
     assert per_layer["grads"] < accum["lotus+per_layer"]["grads"] < accum["lotus"]["grads"]
     assert any("lotus+per_layer" in line for line in lines)
+
+
+def test_llama_7b_at_64_shards_projectors_and_lotus_is_under_adamw():
+    """The done-when of issue 25 items 7-8: the shipped 7B recipe planned for 64 ranks."""
+    from lotus_dist.distributed.step_time import GB
+
+    lines: list[str] = []
+    res = dry_run(load_config("configs/llama_7b.yaml", ["dist.world_size=64"]), out=lines.append)
+    lotus, adamw = res["lotus"], res["adamw"]
+    assert lotus["projector_choice"] == "shard" and lotus["total"] <= adamw["total"]
+    # rank 0's row slice of each projector over 64 ranks: B (1024 x 4096) 16 rows, down_proj's A (4096 x 1024)
+    # 64 rows; plus one whole 1024 x 4096 in use
+    with torch.device("meta"):
+        model = Llama(llama_config("llama_7b", vocab_size=32000))
+    slices = sum(16 * 4096 if p.shape[0] >= p.shape[1] else 64 * 1024
+                 for n, p in model.named_parameters() if n.split(".")[-2].endswith("_proj"))
+    assert lotus["projectors"] == slices * 4 and lotus["projector_transient"] == 1024 * 4096 * 4
+    assert any("projectors=auto -> shard" in line for line in lines)
+
+    timing = res["step_time"]
+    rows = timing["layouts"]
+    names = {r["layout"].name for r in rows}
+    assert {"FSDP 64, micro 4 x 2", "HSDP 8x8, micro 4 x 2"} <= names
+    table = lines[lines.index(next(l for l in lines if l.startswith("layout"))) + 1:]
+    for r in rows:  # every candidate printed with its step time and MFU
+        assert any(l.startswith(r["layout"].name) and f"{r['step_s']:.3f}s" in l and f"{100 * r['mfu']:.1f}%" in l
+                   for l in table), r["layout"].name
+    # what the numbers say: flat FSDP pays every micro-batch's all-gather + reduce-scatter on the NIC, at least
+    # accum x (AG + RS) / 50 GB/s; the recommendation is the fastest fitting layout, an HSDP one
+    flat = [r for r in rows if r["layout"].replicate == 1]
+    for r in flat:
+        reductions = 1 if r["layout"].reduce_last else r["layout"].accum
+        nic = (r["layout"].accum * lotus["all_gather"] + reductions * lotus["reduce_scatter"]) / (50 * GB)
+        assert nic <= r["step_s"] <= 1.1 * nic + r["compute_s"]
+    best = rows[0]
+    assert best["step_s"] == min(r["step_s"] for r in rows) and best["layout"].replicate == 8
+    assert best["step_s"] < min(r["step_s"] for r in flat)
+    assert best["fits"] and best["mfu"] > timing["configured"]["mfu"]
+    (rec,) = [l for l in lines if l.startswith("recommendation:")]
+    assert rec.startswith(f"recommendation: {best['layout'].name}: {best['step_s']:.3f} s/step")
+    assert "dist.replicate=8" in rec
+
+
+def test_auto_replicates_where_sharding_costs_more():
+    # one rank per shard group: the slices are the whole projectors, and one is gathered on top
+    one, lines = run("model.name=tiny", "dist.world_size=1", "optim.rank=16")
+    assert one["lotus"]["projector_choice"] == "replicate" and one["lotus"]["projector_transient"] == 0
+    hsdp, _ = run("model.name=tiny", "dist.world_size=2", "dist.replicate=2", "optim.rank=16")
+    assert hsdp["lotus"]["projector_choice"] == "replicate"
+    # 2 ranks, rank 16: the projectors (7 x 16 x 128) weigh less than the rank's half of the block's weights
+    small, _ = run("model.name=tiny", "model.n_layers=1", "dist.world_size=2", "optim.rank=16")
+    assert small["lotus"]["projector_choice"] == small["lotus+per_layer"]["projector_choice"] == "replicate"
+    # one block, full rank (128) over 8 ranks: the projectors outweigh the weight shard; whole-model steps gather
+    # one of its 7 projectors at a time (shard), per-layer steps all 7 at once (replicate)
+    wide = ("model.name=tiny", "model.n_layers=1", "dist.world_size=8", "optim.rank=128")
+    block, _ = run(*wide)
+    assert block["lotus"]["projector_choice"] == "shard"
+    assert block["lotus+per_layer"]["projector_choice"] == "replicate"
+    assert block["lotus+per_layer"]["projector_transient"] == 0
+    assert block["lotus+per_layer"]["projectors"] == 7 * 128 * 128 * 4  # every projector of tiny is 128 x 128 here
+    # auto's bytes are those of the explicit choice
+    for key in ("shard", "replicate"):
+        explicit, _ = run(*wide, f"optim.projectors={key}")
+        chosen = block["lotus"] if key == "shard" else block["lotus+per_layer"]
+        column = "lotus" if key == "shard" else "lotus+per_layer"
+        assert chosen["total"] == explicit[column]["total"]

@@ -1,10 +1,13 @@
 """Optimizer-in-backward (optim.per_layer) against the whole-model step of the same optimizer, in one process."""
 
+import contextlib
+
 import pytest
 import torch
 
 from lotus_dist.model.llama import Llama, llama_config
 from lotus_dist.optim import OptimizerInBackward, build_optimizer, switch_report, units_of
+from lotus_dist.optim.subspace import Comm
 from lotus_dist.train.config import OptimConfig
 
 SMALL = dict(vocab_size=64, dim=32, n_layers=2, n_heads=2, ffn_dim=48)
@@ -258,3 +261,189 @@ def test_a_matrix_missing_from_the_last_micro_batch_keeps_its_accumulated_R():
         report = stepper.end_step()
     assert report["grad_norm"] is None  # the last step accumulated R
     _assert_same(whole, per_layer, atol=1e-6)
+
+
+class _CountingStats(Comm):
+    """A statistics Comm that reduces over one rank but counts its calls, as a distributed one would issue them."""
+
+    def __init__(self):
+        self.calls = 0
+
+    def reduce_stats(self, t):
+        self.calls += 1
+        return t
+
+
+def test_one_statistics_reduction_per_step_for_every_unit():
+    """Across ranks (a non-identity statistics Comm), ordinary steps reduce every unit's norm once at the end of the
+    step, and the first step solves every unit's first basis together: one reduction, not one per unit; the run is
+    still the whole-model run's."""
+    batches = _batches(steps=5, micro=1)
+    whole, _ = _whole_model_run("lotus", batches, **FAST_SWITCHING)
+    model = _model()
+    opt = build_optimizer(model, OptimConfig(name="lotus", **FAST_SWITCHING))
+    opt.stats_comm = counting = _CountingStats()
+    units = units_of(model)
+    stepper = OptimizerInBackward(opt, units)
+    calls = []
+    for step in batches:
+        counting.calls = 0
+        b = step[0]
+        stepper.begin_micro_batch(0)
+        model(b[:, :-1], b[:, 1:]).backward()
+        report = stepper.end_step()
+        calls.append(counting.calls)
+        assert report["nonfinite_units"] == 0 and not report.get("torn_units")
+    _assert_same(whole, model)
+    assert len(units) > 3
+    # step 1: the first bases together (1) + the plain units' end-of-step sum (1); checks reduce per checking unit
+    assert calls[0] == 2 and min(calls) == 1, calls
+
+
+class _Recorder:
+    """Stands in for UnitStream: records what OptimizerInBackward asks of it, in order."""
+
+    def __init__(self, log):
+        self.log = log
+
+    @contextlib.contextmanager
+    def run(self, device):
+        self.log.append(("enter", device.type))
+        yield
+        self.log.append(("exit",))
+
+    def release(self, t):
+        self.log.append(("release", id(t)))
+
+    def join(self):
+        self.log.append(("join",))
+
+
+def test_unit_steps_run_inside_the_unit_stream_and_the_step_joins_it():
+    batches = _batches(steps=2, micro=2)
+    model = _model()
+    opt = build_optimizer(model, OptimConfig(name="lotus", rank=4, verify_gap=100))
+    log = []
+    stepper = OptimizerInBackward(opt, units_of(model), grad_accum=2)
+    stepper.stream = _Recorder(log)
+    step_unit, project = opt.step_unit, opt.project_gradient
+    opt.step_unit = lambda params, **kw: (log.append(("step_unit", [id(p.grad) for p in params])),
+                                          step_unit(params, **kw))[1]
+    opt.project_gradient = lambda p: (log.append(("project", id(p.grad))), project(p))[1]
+    for step in batches:
+        for i, b in enumerate(step):
+            stepper.begin_micro_batch(i)
+            (model(b[:, :-1], b[:, 1:]) / 2).backward()
+        stepper.end_step()
+        log.append(("end",))
+    inside, released = False, set()
+    for event in log:
+        if event[0] in ("step_unit", "project"):
+            assert inside, event  # optimizer work only on the unit stream
+            grads = event[1] if event[0] == "step_unit" else [event[1]]
+            released.update(grads)
+        elif event[0] == "enter":
+            assert not inside and event[1] == "cpu"
+            inside = True
+        elif event[0] == "exit":
+            inside = False
+        elif event[0] == "release":
+            released.discard(event[1])  # every gradient the stream read is released before it is dropped
+    assert not released
+    assert sum(e[0] == "project" for e in log) > 0  # the first micro-batch's R, on the stream too
+    ends = [i for i, e in enumerate(log) if e == ("end",)]
+    joins = [i for i, e in enumerate(log) if e == ("join",)]
+    assert len(joins) == len(ends) and all(j == e - 1 for j, e in zip(joins, ends))  # joined last in each step
+
+
+class _FakeStream:
+    def __init__(self, log, name):
+        self.log, self.name = log, name
+
+    def wait_stream(self, other):
+        self.log.append((self.name, "wait_stream", other.name))
+
+
+def test_unit_stream_on_cuda_waits_records_and_joins_in_order(monkeypatch):
+    """No GPU here: torch.cuda's stream API replaced by fakes that log the calls UnitStream makes."""
+    from lotus_dist.optim.unit_stream import UnitStream
+
+    log = []
+    current = {"s": _FakeStream(log, "reduce_scatter")}
+    monkeypatch.setattr(torch.cuda, "Stream", lambda device=None: _FakeStream(log, "optimizer"))
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: current["s"])
+
+    @contextlib.contextmanager
+    def use(stream):
+        before, current["s"] = current["s"], stream
+        log.append(("enter", stream.name))
+        yield
+        current["s"] = before
+        log.append(("exit", stream.name))
+
+    monkeypatch.setattr(torch.cuda, "stream", use)
+
+    class Grad:  # a CUDA tensor made on the reduce-scatter stream
+        device = torch.device("cuda", 0)
+
+        def record_stream(self, stream):
+            log.append(("grad", "record_stream", stream.name))
+
+    cuda = torch.device("cuda", 0)
+    us = UnitStream()
+    with us.run(cuda):
+        log.append(("kernels", torch.cuda.current_stream().name))
+    us.release(Grad())
+    with us.run(cuda):
+        pass
+    current["s"] = _FakeStream(log, "default")  # the end of the step runs on the default stream
+    us.join()
+    us.join()  # nothing new to join: no call
+    assert log == [
+        ("optimizer", "wait_stream", "reduce_scatter"), ("enter", "optimizer"), ("kernels", "optimizer"),
+        ("exit", "optimizer"), ("grad", "record_stream", "optimizer"),
+        ("optimizer", "wait_stream", "reduce_scatter"), ("enter", "optimizer"), ("exit", "optimizer"),
+        ("default", "wait_stream", "optimizer"),
+    ]
+
+
+def test_unit_stream_does_nothing_off_cuda(monkeypatch):
+    from lotus_dist.optim.unit_stream import UnitStream
+
+    def no_cuda(*args, **kwargs):
+        raise AssertionError("torch.cuda used on CPU")
+
+    for name in ("Stream", "current_stream", "stream"):
+        monkeypatch.setattr(torch.cuda, name, no_cuda)
+    us = UnitStream()
+    t = torch.ones(3)
+    with us.run(t.device):
+        t.add_(1)
+    us.release(t)
+    us.join()
+    assert torch.equal(t, torch.full((3,), 2.0))
+
+
+def test_the_step_verdict_is_global_and_rolls_counters_back_on_every_rank():
+    """Two ranks' partial values, summed as the step's all-reduce sums them: a unit masked on one rank only is
+    non-finite for the step and torn, on both; its counters go back on both; a unit masked on both is not torn."""
+    from lotus_dist.optim.in_backward import StepReport
+    from lotus_dist.optim.lowrank import UnitStep
+
+    def rank(finite_units):  # two units; the first one's shard finite or not on this rank
+        states = [{"step": 5, "tau": 2}, {"step": 5}]
+        steps = []
+        for st, finite in zip(states, finite_units):
+            st["step"] += 1  # the update advanced the counters, as _step_unit_on_device does before masking
+            f = torch.tensor(finite)
+            steps.append(UnitStep(torch.tensor(1.0 if finite else float("nan")), f, f,
+                                  [(st, 5, st.get("tau"))], local=True))
+        return StepReport(steps, 0.0, 0, False, exact=True, stop=False), states
+
+    for finite_on_rank0 in (True, False):
+        reports = [rank([finite_on_rank0, True]), rank([False, True])]
+        summed = torch.stack([torch.stack(r.partials()) for r, _ in reports]).sum(0).tolist()
+        for report, states in reports:
+            out = report.resolve(summed)
+            assert out["nonfinite_units"] == 1 and out["torn_units"] == (1 if finite_on_rank0 else 0)
+            assert states[0]["step"] == 5 and states[1]["step"] == 6  # alike on both ranks

@@ -70,6 +70,7 @@ def test_nan_gradient_skips_one_block(tmp_path, small_overrides, monkeypatch):
     got = lines(tmp_path / "skip")
     assert got[3]["skipped"] == 1 and got[3]["skipped_units"] == 1
     assert "skipped" not in got[4] and all(l["loss"] == l["loss"] for l in got.values())
+    assert "torn_units" not in got[3]  # one process holds every shard: a unit is skipped whole
 
 
 def test_nan_gradient_stop_does_not_save_the_partly_applied_step(tmp_path, small_overrides, monkeypatch, capsys):
