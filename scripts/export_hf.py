@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import sys
 import time
@@ -106,6 +107,15 @@ def run_tokenizer(run_dir: Path, override: str | None):
     return load_tokenizer(load_config(str(config), []).data.tokenizer)
 
 
+def follow_umask(folder: Path) -> None:
+    """Give every file under ``folder`` (and the folder) the mode the umask gives a new file (0644 under the usual
+    022): safetensors writes its files 0600, which other users of a shared cluster could not read."""
+    umask = os.umask(0)
+    os.umask(umask)
+    for path in [folder, *folder.rglob("*")]:
+        os.chmod(path, (0o777 if path.is_dir() else 0o666) & ~umask)
+
+
 def export(run_dir: Path, out: Path, step: int | None = None, dtype: str | None = None,
            max_shard_bytes: int = 5 * 10**9, tokenizer: str | None = None, overwrite: bool = False,
            log=print) -> Path:
@@ -164,6 +174,7 @@ def export(run_dir: Path, out: Path, step: int | None = None, dtype: str | None 
     for name, text in hf_tokenizer_files(tok, cfg.max_seq_len).items():
         (tmp / name).write_text(text)
 
+    follow_umask(tmp)
     if out.exists():
         shutil.rmtree(out)
     tmp.rename(out)

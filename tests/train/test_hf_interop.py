@@ -3,7 +3,9 @@
 import contextlib
 import io
 import json
+import os
 import re
+import stat
 import subprocess
 import sys
 import warnings
@@ -100,6 +102,20 @@ def test_export_of_an_older_step_and_refusals(run):
     missing = export("--run-dir", run_dir, "--out", root / "x", "--step", 7)
     assert missing.returncode == 2 and "complete: 20, 40" in missing.stderr
     assert not (root / "x").exists() and not (root / "x.tmp").exists()
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o027])
+def test_every_exported_file_follows_the_umask(run, tmp_path, umask):
+    _, run_dir = run
+    old = os.umask(umask)
+    try:  # shards as well as the small files (safetensors writes its files 0600 by itself)
+        assert export("--run-dir", run_dir, "--out", tmp_path / "out", "--max-shard-size", "200KB").returncode == 0
+    finally:
+        os.umask(old)
+    modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in (tmp_path / "out").iterdir()}
+    assert any(name.endswith(".safetensors") for name in modes) and "config.json" in modes
+    assert modes == dict.fromkeys(modes, 0o666 & ~umask)
+    assert stat.S_IMODE((tmp_path / "out").stat().st_mode) == 0o777 & ~umask
 
 
 def test_damaged_checkpoint_is_not_exported(run, tmp_path):
