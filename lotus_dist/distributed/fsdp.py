@@ -77,6 +77,7 @@ def apply_fsdp(
     reduce_dtype: torch.dtype | None = None,
     reshard_after_forward: bool = True,
     log_fn: Callable[[str], None] | None = None,
+    details: str | None = None,
 ) -> nn.Module:
     """Shard ``model`` (a ``Llama``: blocks in ``model.layers``) in place with FSDP2 and return it.
 
@@ -94,7 +95,7 @@ def apply_fsdp(
     # gloo's AVG reduce-scatter sums in several torch releases (pytorch/pytorch#162338): average by hand there.
     sum_reductions_on_gloo([*model.layers, model], mesh)
     emit = log_fn or log.info
-    for line in plan.summary():
+    for line in plan.summary(details):  # ``details``: the file naming each fallback matrix, if one was written
         emit(line)
     return model
 

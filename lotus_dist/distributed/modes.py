@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import importlib
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -123,6 +124,20 @@ class Collective(SingleProcess):
         dist.barrier()
 
 
+FALLBACKS_FILE = "plan_fallbacks.txt"  # in the run directory: each fallback matrix of the plan, one a line
+
+
+def write_fallbacks(plan, run_dir) -> str | None:
+    """Write the plan's fallback matrices to the run directory (a large model has dozens: the log gets one line);
+    returns the file's path, or None when there is none."""
+    lines = plan.fallback_details()
+    if not lines:
+        return None
+    path = Path(run_dir) / FALLBACKS_FILE
+    path.write_text("\n".join(lines) + "\n")
+    return str(path)
+
+
 class FullyShardedDataParallel(Collective):
     """``dist.mode=fsdp``: FSDP2 per block with the side-aware plan (HSDP when ``dist.replicate > 1``)."""
 
@@ -137,7 +152,9 @@ class FullyShardedDataParallel(Collective):
         param_dtype, reduce_dtype = mixed_precision(cfg.train.dtype, self.device, cfg.dist.reduce_dtype)
         self.plan = plan
         self.reduce_last = cfg.dist.reduce_last_micro_batch
-        model = apply_fsdp(model, mesh, plan, param_dtype=param_dtype, reduce_dtype=reduce_dtype, log_fn=self.log)
+        details = write_fallbacks(plan, cfg.run.dir) if self.rank == 0 else None
+        model = apply_fsdp(model, mesh, plan, param_dtype=param_dtype, reduce_dtype=reduce_dtype, log_fn=self.log,
+                           details=details)
         return self.materialize(model, cfg, local_part)  # sharded first: no rank ever holds the whole model
 
     def no_sync(self, model, last: bool):

@@ -152,8 +152,9 @@ class Plan:
             raise KeyError("parameter not bound to the plan: call plan.bind(model) before fully_shard")
         return self.placement(name)
 
-    def summary(self) -> list[str]:
-        """Human-readable lines for the start-up log."""
+    def summary(self, details: str | None = None) -> list[str]:
+        """Human-readable lines for the start-up log: the fallbacks in one line (how many, of which shapes, why),
+        the matrices themselves in ``fallback_details`` (``details``: the file that holds them, named in the line)."""
         mats = self.matrices.values()
         n1 = sum(1 for p in mats if p.shard_dim == 1)
         lines = [
@@ -167,9 +168,18 @@ class Plan:
                 loads[p.owner] += p.cost
             mean = sum(loads) / len(loads)
             lines.append(f"plan: owner solver load max/mean = {max(loads) / mean:.3f}" if mean else "plan: no solver load")
+        groups: dict[tuple, int] = {}
         for p in self.fallbacks:
-            lines.append(f"plan: fallback {p.name} {p.shape[0]}x{p.shape[1]}: {p.reason}")
+            groups[(p.shape, p.reason)] = groups.get((p.shape, p.reason), 0) + 1
+        if groups:
+            kinds = "; ".join(f"{n} x {m}x{k}: {why}" for ((m, k), why), n in groups.items())
+            where = f" (each matrix in {details})" if details else ""
+            lines.append(f"plan: {len(self.fallbacks)} fallback matrices{where}: {kinds}")
         return lines
+
+    def fallback_details(self) -> list[str]:
+        """One line per fallback matrix: name, shape, why (the run directory's plan_fallbacks.txt)."""
+        return [f"fallback {p.name} {p.shape[0]}x{p.shape[1]}: {p.reason}" for p in self.fallbacks]
 
 
 PROJECTOR_BYTES = 4  # projectors are fp32 whatever the parameter dtype (docs/algorithms.md section 4)

@@ -55,8 +55,15 @@ def test_llama_1b_ffn_5461_falls_back(world):
     up = plan.matrices["layers.0.mlp.up_proj.weight"]  # 5461 x 2048: rows, uneven Shard(0) is fine
     assert (up.side, up.shard_dim, up.fallback) == ("right", 0, False)
     assert all(plan.placement(n).dim == 0 for n in plan.unprojected)
-    lines = plan.summary()
-    assert "24 fallback" in lines[0] and sum("fallback layers." in s for s in lines) == 24
+    lines = plan.summary(details="run/plan_fallbacks.txt")
+    assert "24 fallback" in lines[0]
+    # one line for the 24 alike (count, shape, why, where the list is), each matrix in the details
+    (line,) = [s for s in lines if "fallback matrices" in s]
+    assert line.startswith("plan: 24 fallback matrices (each matrix in run/plan_fallbacks.txt): 24 x 2048x5461: "
+                           "n=5461 not divisible"), line
+    assert sum("fallback" in s for s in lines) == 2
+    details = plan.fallback_details()
+    assert len(details) == 24 and details[0] == f"fallback layers.0.mlp.down_proj.weight 2048x5461: {down.reason}"
 
 
 def test_llama_7b_at_64_needs_no_fallback_and_hsdp_uses_shard_size():
