@@ -20,7 +20,7 @@ from .prefetch import PrefetchStream
 from .tokenizer import Tokenizer, load_tokenizer
 
 __all__ = ["DataError", "PrefetchStream", "Tokenizer", "TokenStream", "load_tokenizer", "build_train_stream",
-           "build_val_blocks"]
+           "build_val_blocks", "check_data"]
 
 
 def build_train_stream(data_cfg, tokenizer, *, seq_len: int, micro_batch_size: int, rank: int, world_size: int,
@@ -41,6 +41,23 @@ def build_train_stream(data_cfg, tokenizer, *, seq_len: int, micro_batch_size: i
     if depth > 0:
         return PrefetchStream(stream, depth=depth, pin_memory=pin_memory)
     return stream
+
+
+def check_data(data_cfg, tokenizer, *, evaluate: bool) -> None:
+    """Refuse (DataError) a data source that cannot feed the run, before the model is built: a local C4 mirror
+    without train shards (or validation shards when the run evaluates), an indexed prefix that is missing or of
+    another tokenizer. Reads no data; the streams built later check the rest."""
+    if data_cfg.source == "indexed":
+        from .indexed import check_tokenizer_matches, parse_blend, require_megatron
+
+        require_megatron()
+        for prefix in parse_blend(data_cfg)[0]:
+            check_tokenizer_matches(prefix, tokenizer)
+    elif data_cfg.source == "c4" and data_cfg.path:
+        from .c4 import find_shards
+
+        for split in ("train", "validation") if evaluate else ("train",):
+            find_shards(data_cfg.path, split, "data.path", warn=False)  # the stream's own call warns
 
 
 def build_val_blocks(data_cfg, tokenizer, *, seq_len: int) -> torch.Tensor:

@@ -54,9 +54,9 @@ def _split_pattern(split: str) -> re.Pattern:
     return re.compile(rf"(?:^|[-_.]){split}(?:[-_.]|$)")
 
 
-def find_shards(root: str | Path, split: str, key: str = "data.path") -> list[Path]:
+def find_shards(root: str | Path, split: str, key: str = "data.path", warn: bool = True) -> list[Path]:
     """Sorted ``*{split}*`` JSON-lines shards (``.json.gz``, ``.jsonl.gz``, ``.json``, ``.jsonl``) in ``root``
-    or ``root/en`` (the layout of the allenai/c4 repository)."""
+    or ``root/en`` (the layout of the allenai/c4 repository). ``warn``: say so when a mirror is incomplete."""
     root = Path(root).expanduser()
     what = f"option '{key}'" if key.startswith("--") else f"config key '{key}'"  # scripts name their options
     if not root.exists():
@@ -73,7 +73,8 @@ def find_shards(root: str | Path, split: str, key: str = "data.path") -> list[Pa
     )
     if not files:
         raise DataError(f"{what}: no {split} shards (*{split}*.json[l][.gz]) in '{root}'")
-    _warn_incomplete_mirror(files, split)
+    if warn:
+        _warn_incomplete_mirror(files, split)
     return files
 
 

@@ -99,12 +99,13 @@ class Trainer:
 
     def build(self, cfg: Config, runtime) -> None:
         """Tokenizer, model (built on ``meta``, sharded, then materialised shard by shard), optimizer, data."""
-        from lotus_dist.data import build_train_stream, build_val_blocks, load_tokenizer
+        from lotus_dist.data import build_train_stream, build_val_blocks, check_data, load_tokenizer
 
         t = cfg.train
         # a hub tokenizer (hf:<repo>) is fetched by one process per machine, the others read the cache after it
         self.tokenizer = load_tokenizer(cfg.data.tokenizer, first=runtime.runtime.local_rank == 0,
                                         agree=runtime.all_gather_object)
+        check_data(cfg.data, self.tokenizer, evaluate=bool(t.eval_every))  # before minutes of model building
         self.fingerprint = {"model": model_fingerprint(cfg, self.tokenizer.vocab_size), "optim_method": cfg.optim.name,
                             "resume": resume_keys(cfg)}
         model_cfg = llama_config(**{"name": cfg.model.name, **self.fingerprint["model"]})

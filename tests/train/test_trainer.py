@@ -126,3 +126,20 @@ def test_checkpoint_of_another_method_is_refused(tmp_path, small_overrides, caps
     assert run(small_overrides + ["train.steps=4", "train.eval_every=0", f"run.dir={tmp_path}", "optim.name=galore"]) == 2
     err = capsys.readouterr().err
     assert "optim method 'lotus'" in err and "'galore'" in err and len(err.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("eval_every, missing", [(0, "train"), (10, "validation")])
+def test_a_data_path_without_shards_is_refused_before_the_model_is_built(tmp_path, small_overrides, capsys,
+                                                                         monkeypatch, eval_every, missing):
+    import lotus_dist.train.trainer as trainer
+
+    mirror = tmp_path / "c4"
+    mirror.mkdir()
+    if missing == "validation":  # train shards only: an evaluating run has nothing to evaluate on
+        (mirror / "c4-train.00000-of-01024.json").write_text('{"text": "a line of text"}\n')
+    built = []
+    monkeypatch.setattr(trainer, "Llama", lambda *a, **k: built.append(1) or pytest.fail("the model was built"))
+    code = run(small_overrides + ["data.source=c4", f"data.path={mirror}", f"train.eval_every={eval_every}",
+                                  f"run.dir={tmp_path / 'run'}"])
+    assert code == 2 and not built
+    assert f"config key 'data.path': no {missing} shards" in capsys.readouterr().err
