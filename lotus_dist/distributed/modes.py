@@ -129,9 +129,9 @@ FALLBACKS_FILE = "plan_fallbacks.txt"  # in the run directory: each fallback mat
 
 def write_fallbacks(plan, run_dir) -> str | None:
     """Write the plan's fallback matrices to the run directory (a large model has dozens: the log gets one line);
-    returns the file's path, or None when there is none."""
+    returns the file's path, or None when there is none (or no run directory: a mode used outside the trainer)."""
     lines = plan.fallback_details()
-    if not lines:
+    if not lines or not Path(run_dir).is_dir():
         return None
     path = Path(run_dir) / FALLBACKS_FILE
     path.write_text("\n".join(lines) + "\n")
