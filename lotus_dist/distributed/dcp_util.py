@@ -7,14 +7,17 @@ These helpers write into a given directory; atomic rename and retention are the 
 
 from __future__ import annotations
 
+import dataclasses
+import gc
 import inspect
 from typing import Any, Iterable, Iterator, Mapping
 
 import torch
 import torch.distributed.checkpoint as dcp
 from torch import nn
-from torch.distributed.checkpoint import FileSystemWriter
-from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
+from torch.futures import Future
+from torch.distributed.checkpoint import FileSystemReader, FileSystemWriter
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
 
 _OPTS = StateDictOptions(full_state_dict=False)
 
@@ -141,28 +144,98 @@ def save_sharded(checkpoint_dir: str, model: nn.Module, optimizers=None, extra: 
     save_state(checkpoint_dir, state)
 
 
+class OneItemReader(FileSystemReader):
+    """DCP's file reader, one stored item per call: its loop over a file's items keeps the previous item's tensor
+    until the next one is read, two items (two whole embeddings, unsharded) at a time; one call per item frees
+    each on return."""
+
+    def read_data(self, plan, planner):
+        for item in plan.items:
+            super().read_data(dataclasses.replace(plan, items=[item]), planner).wait()
+        future = Future()
+        future.set_result(None)
+        return future
+
+
+def allocate_state(optimizers) -> None:
+    """Allocate each optimizer's state as a fresh start's first step would (``init_state``: zeros, sharded, on the
+    parameters' device), so that a load has live tensors to fill. Without it ``get_state_dict`` would initialise
+    the state by a zero-gradient step, whose gradients (model/W bytes) and step temporaries come on top."""
+    for opt in _as_list(optimizers):
+        if not opt.state and hasattr(opt, "init_state"):
+            opt.init_state()
+
+
+def _storage_ptr(t: torch.Tensor) -> int:
+    t = t.to_local() if hasattr(t, "to_local") else t
+    return t.untyped_storage().data_ptr() if t.device.type != "meta" else id(t)
+
+
+def _apply_loaded(optims: list, loaded: Mapping[str, Any]) -> None:
+    """Put the loaded non-tensor parts (step counters, ints, group hyper-parameters) into the optimizers; their
+    tensors were filled in place already. Saved groups match ours by position, as in torch's ``load_state_dict``
+    (several optimizers: their groups in order)."""
+    groups = [g for opt in optims for g in opt.param_groups]
+    saved_groups = loaded["param_groups"]
+    if len(saved_groups) != len(groups) or any(len(s["params"]) != len(g["params"])
+                                              for s, g in zip(saved_groups, groups)):
+        raise ValueError("the checkpoint's optimizer has other parameter groups than this one")
+    owner = {id(g): opt for opt in optims for g in opt.param_groups}
+    for g, s in zip(groups, saved_groups):
+        g.update({k: v for k, v in s.items() if k != "params"})
+        opt = owner[id(g)]
+        for key, p in zip(s["params"], g["params"]):
+            saved = loaded["state"].get(key) or {}
+            live = opt.state[p] if saved else None
+            for k, v in saved.items():
+                if isinstance(v, torch.Tensor):
+                    if k not in live or _storage_ptr(live[k]) != _storage_ptr(v):
+                        raise RuntimeError(f"optimizer state {key}.{k} was not loaded in place")
+                else:
+                    live[k] = v
+    for opt in optims:
+        if hasattr(opt, "_groups"):  # LowRankAdamW's group cache (the dicts are the same; cheap to rebuild)
+            opt._groups = None
+        if hasattr(opt, "_sync_switch_counts"):  # OwnerOptimizer: the other ranks' switch counts (collective)
+            opt._sync_switch_counts()
+
+
+def release_memory(device: torch.device | None = None) -> None:
+    """Free what a load or a build left for the garbage collector (reference cycles hold some), and hand the
+    CUDA allocator's cached blocks back, so that the next step starts as a fresh run's would."""
+    gc.collect()
+    if torch.cuda.is_available() and (device is None or torch.device(device).type == "cuda"):
+        torch.cuda.empty_cache()
+
+
 def load_sharded(
     checkpoint_dir: str, model: nn.Module, optimizers=None, extra: Mapping[str, Any] | None = None
 ) -> dict[str, Any]:
     """Collective: load ``checkpoint_dir`` into ``model`` (and ``optimizers``), whatever world size wrote it.
 
+    In place: the optimizer state is allocated once (``allocate_state``), the state dict DCP fills is made of
+    views of the live parameter and state tensors, and only the non-tensor parts are set afterwards, so no second
+    copy of the model or of the optimizer state exists at any time (DCP reads one stored item at a time).
+
     ``extra`` gives the keys and templates to read back (same structure as saved); ``Stateful`` values are
     restored in place. Returns the loaded ``extra`` dict (primitives come back by value).
     """
     optims = _as_list(optimizers)
+    allocate_state(optims)
     state = sharded_state(model, optims)
     if extra:
         state["extra"] = dict(extra)
-    dcp.load(state, checkpoint_id=checkpoint_dir)
-    set_state_dict(
-        model,
-        optims,
-        model_state_dict=state["model"],
-        optim_state_dict=state.get("optim", {}),
-        options=_OPTS,
-    )
-    return state.get("extra", {})
+    params = {_storage_ptr(t) for t in state["model"].values() if isinstance(t, torch.Tensor)}
+    dcp.load(state, storage_reader=OneItemReader(checkpoint_dir))
+    if any(isinstance(t, torch.Tensor) and _storage_ptr(t) not in params for t in state["model"].values()):
+        raise RuntimeError("the model's weights were not loaded in place")
+    if optims:
+        _apply_loaded(optims, state["optim"])
+    loaded = state.get("extra", {})
+    del state
+    release_memory(next(model.parameters()).device)
+    return loaded
 
 
-__all__ = ["METADATA_FILE", "RecordingWriter", "async_save_state", "load_sharded", "nonfinite_count",
-           "nonfinite_names", "save_sharded", "save_state", "sharded_state"]
+__all__ = ["METADATA_FILE", "OneItemReader", "RecordingWriter", "allocate_state", "async_save_state", "load_sharded",
+           "nonfinite_count", "nonfinite_names", "release_memory", "save_sharded", "save_state", "sharded_state"]

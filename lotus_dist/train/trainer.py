@@ -316,13 +316,16 @@ class Trainer:
     # ---- the loop --------------------------------------------------------------------------------------------
     def fit(self) -> dict:
         cfg, t = self.cfg, self.cfg.train
+        started = time.perf_counter()
         with PeakMemory(self.device) as resume_memory:
             resumed_step = self.resume_if_possible()
+        load_seconds = time.perf_counter() - started
         if self.is_main:
             self.run.write_config(to_dict(cfg), resumed_step)
         self.logger = MetricsLogger(self.run_dir, enabled=self.is_main, tensorboard=cfg.log.tensorboard,
                                     progress=cfg.log.progress, total_steps=t.steps, start_step=self.step)
-        self.log_startup(max(self.startup_memory.peak_bytes, resume_memory.peak_bytes))
+        self.log_startup(max(self.startup_memory.peak_bytes, resume_memory.peak_bytes),
+                         load_seconds if resumed_step is not None else None)
         self.signals.install()
         last_eval = {}
         try:
@@ -378,15 +381,21 @@ class Trainer:
             getattr(self.stream, "close", lambda: None)()  # the prefetch thread
         return {"step": self.step, "tokens": self.tokens, **last_eval}
 
-    def log_startup(self, peak_bytes: int) -> None:
-        """The startup record (metrics.jsonl, before the steps): the most tensor bytes any rank held before step 1
-        (CUDA allocator peak on GPU, the storage account of peak_memory.py on CPU) against the model's bytes."""
-        peak = max(self.rt.all_gather_object(int(peak_bytes)))
-        self.logger.log({"event": "startup", "step": self.step, "startup_peak_bytes": peak,
-                         "model_bytes": self.model_bytes, "world_size": self.rt.world_size,
-                         "device": self.device.type, "backend": self.rt.runtime.backend or "none"})
+    def log_startup(self, peak_bytes: int, load_seconds: float | None = None) -> None:
+        """The startup record (metrics.jsonl, before the steps): the most tensor bytes any rank held before its
+        first step (CUDA allocator peak on GPU, the storage account of peak_memory.py on CPU; a resume's load
+        included) against the model's bytes; ``load_s``: the slowest rank's resume (proof and load), if resumed."""
+        peaks = self.rt.all_gather_object((int(peak_bytes), load_seconds))
+        peak = max(p for p, _ in peaks)
+        record = {"event": "startup", "step": self.step, "startup_peak_bytes": peak,
+                  "model_bytes": self.model_bytes, "world_size": self.rt.world_size,
+                  "device": self.device.type, "backend": self.rt.runtime.backend or "none"}
+        if load_seconds is not None:
+            record["load_s"] = max(s for _, s in peaks)
+        self.logger.log(record)
+        loaded = f", the checkpoint loaded in {record['load_s']:.1f} s" if load_seconds is not None else ""
         self.logger.message(f"start-up: at most {peak / 2**20:.1f} MiB of tensors on a rank before step "
-                            f"{self.step + 1} (the model is {self.model_bytes / 2**20:.1f} MiB)")
+                            f"{self.step + 1} (the model is {self.model_bytes / 2**20:.1f} MiB{loaded})")
 
     def stop_after_nonfinite(self, error: NonFiniteError) -> None:
         """Stop for a non-finite step (or too many skipped ones), saying what was saved; always raises."""
