@@ -242,6 +242,13 @@ def _ddp_numbers(cfg, mcfg, world: int) -> dict:
                 buckets=len(layout.buckets))
 
 
+def resume_bytes(numbers: dict, largest_param: int) -> int:
+    """What a resume holds at most before its first step: the weights and optimizer state it fills in place
+    (dcp_util.load_sharded) and one stored item on its way in (at most the largest parameter, fp32 in the
+    checkpoint). No gradients or activations: it stays below the step's TOTAL unless that parameter is large."""
+    return numbers["params"] + numbers["optimizer"] + largest_param
+
+
 def _fmt(b: float) -> str:
     if b == 0:
         return "0"
@@ -261,6 +268,7 @@ ROWS = [
     ("optimizer state", "optimizer"),
     ("projector in use (peak)", "projector_transient"),
     ("TOTAL per rank", "total"),
+    ("resume start-up (peak)", "resume"),
     ("FSDP all-gather / micro", "all_gather"),
     ("FSDP reduce-scatter / micro", "reduce_scatter"),
     ("low-rank extra / step", "lowrank_step"),
@@ -351,6 +359,10 @@ def dry_run(cfg, out: Callable[[str], None] = print, cluster: step_time.Cluster 
                              cluster or step_time.Cluster(), lines.append)
     if world > 1:
         results["lotus (ddp)"] = _ddp_numbers(cfg, mcfg, world)
+    with torch.device("meta"):
+        largest = max(p.numel() for p in Llama(mcfg).parameters()) * STATE_BYTES
+    for r in results.values():
+        r["resume"] = resume_bytes(r, largest)
 
     lotus_plan = plans["lotus"]
     out(
@@ -389,6 +401,8 @@ def dry_run(cfg, out: Callable[[str], None] = print, cluster: step_time.Cluster 
         out("lotus (ddp): dist.mode=ddp/deepspeed, the model whole on every rank; grads = every buffer of the step at "
             "its peak (fp32 buckets of dist.bucket_mb, own gradients, receive buffers); per step one reduce-scatter + "
             "one all-gather in the owner layout")
+    out("resume start-up: params + optimizer state filled in place by the checkpoint load, plus one stored item in "
+        "flight (at most the largest parameter, fp32); compare it with TOTAL, not with a fresh start's smaller peak")
     out("lotus+per_layer: grads = one block's gradient shards at a time"
         + (" (one micro-batch per step)" if accum == 1 else
            " + plain-parameter gradients and projected R accumulated across micro-batches (steady steps)"))
