@@ -1,8 +1,10 @@
 #!/usr/bin/env python
-"""Fit at scale, measured: the start-up peak per rank against the model, and each rank's optimizer state against
-the capacity planner, for the paths that shard (meta start-up, the FSDP fallback, sharded projectors).
+"""Fit at scale, measured: the start-up peak per rank against the model, a resume's against a fresh start's, and each
+rank's optimizer state against the capacity planner, for the paths that shard (meta start-up, the FSDP fallback,
+sharded projectors).
 
-    python scripts/bench_sharding.py            # ~2 min on 2 CPU cores (gloo; several ranks share the cores)
+    python scripts/bench_sharding.py                 # ~4 min on 2 CPU cores (gloo; several ranks share the cores)
+    python scripts/bench_sharding.py --resume-only   # the resume table alone (scripts/peak_pretrain.py per step)
 
 Every figure comes from a real ``pretrain.py`` run under torchrun: ``startup_peak_bytes`` / ``model_bytes`` from the
 startup record of metrics.jsonl (the most tensor bytes any rank held before step 1), and ``optimizer_state_bytes``
@@ -12,6 +14,7 @@ from rank 0's step record (rank 0 holds the largest shards), next to ``dry_run``
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import subprocess
 import sys
@@ -31,12 +34,13 @@ STATE = ["train.seq_len=32", "train.steps=2", "train.eval_every=0", "log.progres
          "checkpoint.every=0", "optim.rank=16", "optim.verify_gap=1"]
 
 
-def run(config: str, world: int, overrides: list[str], run_dir: Path) -> None:
+def run(config: str, world: int, overrides: list[str], run_dir: Path, entry: Path = REPO / "pretrain.py",
+        env: dict | None = None) -> None:
     launcher = [sys.executable] if world == 1 else [sys.executable, "-m", "torch.distributed.run", "--standalone",
                                                    f"--nproc_per_node={world}"]
-    cmd = [*launcher, str(REPO / "pretrain.py"), "--config", str(REPO / config),
+    cmd = [*launcher, str(entry), "--config", str(REPO / config),
            *merge_overrides(overrides, [f"run.dir={run_dir}"])]
-    env = dict(os.environ, OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")
+    env = dict(os.environ, OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="", **(env or {}))
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True)
     if proc.returncode:
         raise SystemExit(f"{' '.join(cmd)} failed:\n{proc.stderr[-3000:]}")
@@ -60,6 +64,42 @@ def startup_table(work: Path, worlds: list[int]) -> None:
         print(f"{world:>5} {mib(model):>10} {mib(peak):>9} {peak / model:>10.3f} {mib(bound):>9}")
 
 
+def run_peaks(config: str, world: int, overrides: list[str], run_dir: Path) -> dict:
+    """``run`` under peak_pretrain.py: {rank: {step: {"peak_bytes", "start_bytes"}}} of that launch's steps."""
+    out = run_dir.parent / f"{run_dir.name}_peaks_{len(list(run_dir.parent.glob(run_dir.name + '_peaks_*')))}"
+    run(config, world, overrides, run_dir, entry=REPO / "scripts/peak_pretrain.py", env={"PEAK_OUT": str(out)})
+    return {int(p.stem[4:]): {r["step"]: r for r in json.loads(p.read_text())} for p in out.glob("rank*.json")}
+
+
+def resume_table(work: Path, world: int = 2) -> None:
+    """A fresh start against a resume of the same run at step 2 (llama_60m): the start-up record of each, the
+    peak of step 3 in the resumed run against an uninterrupted one, and the load's wall time."""
+    print(f"\n## resume vs fresh start per rank (llama_60m, {world} ranks; checkpoint at step 2, resumed for step 3)")
+    overrides = [*STARTUP, f"train.batch_size={world}", "train.steps=3", "checkpoint.every=2"]
+    straight = run_peaks("configs/llama_60m.yaml", world, overrides, work / "straight")
+    run("configs/llama_60m.yaml", world, [*overrides, "train.stop_at=2"], work / "resumed")
+    resumed = run_peaks("configs/llama_60m.yaml", world, overrides, work / "resumed")
+    fresh, resume = read_events(work / "resumed", "startup")
+    model = resume["model_bytes"]
+    held = max(r[3]["start_bytes"] for r in straight.values())  # weights + optimizer state at step 3
+    bound = held + 32000 * 512 * 4 + 0.05 * model
+    step_straight = max(r[3]["peak_bytes"] for r in straight.values())
+    step_resumed = max(r[3]["peak_bytes"] for r in resumed.values())
+    print(f"{'':<32} {'MiB':>9}  (bound = weights + optimizer state on a rank + largest matrix + 5 % of the model)")
+    for label, value in (("fresh start-up peak", fresh["startup_peak_bytes"]),
+                         ("resume start-up peak", resume["startup_peak_bytes"]),
+                         ("weights + optimizer state", held), ("bound", bound),
+                         ("step 3 peak, uninterrupted", step_straight), ("step 3 peak, resumed", step_resumed)):
+        print(f"{label:<32} {mib(value):>9}")
+    from lotus_dist.distributed.planner import dry_run
+
+    planned = dry_run(load_config(REPO / "configs/llama_60m.yaml", merge_overrides(overrides, [f"dist.world_size={world}"])),
+                      out=lambda line: None)["lotus"]["resume"]
+    print(f"{'planned resume (dry run)':<32} {mib(planned):>9}")
+    print(f"resume / bound {resume['startup_peak_bytes'] / bound:.3f}, step peak resumed / uninterrupted "
+          f"{step_resumed / step_straight:.3f}, load {resume['load_s']:.2f} s (slowest rank)")
+
+
 def state_table(work: Path) -> None:
     from lotus_dist.distributed.planner import dry_run
 
@@ -80,11 +120,15 @@ def state_table(work: Path) -> None:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--worlds", default="1,2,4", help="world sizes of the start-up table (default 1,2,4)")
+    parser.add_argument("--resume-only", action="store_true", help="only the resume table")
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory(prefix="bench_sharding_") as tmp:
         work = Path(tmp)
-        startup_table(work, [int(w) for w in args.worlds.split(",")])
-        state_table(work)
+        if not args.resume_only:
+            startup_table(work, [int(w) for w in args.worlds.split(",")])
+        resume_table(work)
+        if not args.resume_only:
+            state_table(work)
     return 0
 
 
