@@ -48,7 +48,10 @@ def test_fallback_and_hsdp_and_sharded_projectors():
         else:
             expected += 2 * rows * (p.numel() // p.shape[0]) * 4
     assert res["lotus"]["moments"] == expected
-    assert any("fallback layers.0.mlp.down_proj.weight" in line for line in lines)
+    # one summary line for the 4 (issue 31), each matrix in the plan's fallback_details
+    (said,) = [line for line in lines if "fallback matrices" in line]
+    assert said.startswith("plan: 4 fallback matrices") and "4 x 128x344" in said
+    assert not any(line.startswith("fallback ") for line in lines)
     replicated, _ = run("model.name=tiny", "dist.world_size=4", "optim.rank=16", "optim.projectors=replicate")
     sharded, _ = run("model.name=tiny", "dist.world_size=4", "optim.rank=16", "optim.projectors=shard")
     assert abs(sharded["lotus"]["projectors"] * 4 - replicated["lotus"]["projectors"]) < 64 * 4 * 4
