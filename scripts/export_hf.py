@@ -8,7 +8,9 @@ safetensors shard at a time (``--max-shard-size``), so memory stays at one shard
 checkpoint is proven against its manifests first. The folder gets ``config.json``, ``generation_config.json``,
 ``model.safetensors`` (or shards + ``model.safetensors.index.json``) and the run's sentencepiece model as
 ``tokenizer.model`` with its ``tokenizer_config.json``; ``transformers`` is not needed to write it. It is written
-under ``OUT.tmp`` and renamed when complete; an existing OUT is refused unless ``--overwrite``.
+under ``OUT.tmp`` and renamed when complete; an existing OUT is refused unless ``--overwrite``, and even then only
+a previous export is replaced (recognised by the ``lotus_export.json`` every export carries, listing its files):
+never the run directory, a folder inside it or holding it, the current directory, or a folder with other files.
 
 Evaluate: ``lm_eval --model hf --model_args pretrained=OUT --tasks hellaswag``.
 """
@@ -41,6 +43,7 @@ from lotus_dist.train.config import load_config  # noqa: E402
 # torch 2.6 words it without "disabled, "
 warnings.filterwarnings("ignore", message="torch.distributed is (disabled, )?unavailable or uninitialized")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+MARKER = "lotus_export.json"  # written into every export: only a folder holding it may be replaced
 UNITS = {"KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "B": 1}
 
 
@@ -116,11 +119,66 @@ def follow_umask(folder: Path) -> None:
         os.chmod(path, (0o777 if path.is_dir() else 0o666) & ~umask)
 
 
+def not_an_export(folder: Path) -> str | None:
+    """Why ``folder`` may not be deleted as a previous export (None: it is one, holding only the files its marker
+    lists)."""
+    try:
+        files = json.loads((folder / MARKER).read_text())["files"]
+        assert isinstance(files, list) and all(isinstance(f, str) for f in files)
+    except FileNotFoundError:
+        # exports written before the marker existed are not told apart from a user's folder: the user decides
+        return (f"it has no {MARKER}, so it is not an export of this script (or one from before exports carried "
+                f"that file); remove it yourself if it may go, or choose another --out")
+    except (OSError, ValueError, KeyError, TypeError, AssertionError):
+        return f"its {MARKER} cannot be read; remove the folder yourself if it may go, or choose another --out"
+    for entry in sorted(folder.iterdir()):
+        if entry.name != MARKER and (entry.name not in files or (entry.is_dir() and not entry.is_symlink())):
+            return f"it holds {entry.name}, which the export did not write; move that away or choose another --out"
+    return None
+
+
+def check_out(run_dir: Path, out: Path, overwrite: bool) -> tuple[Path, Path]:
+    """The export's folder and its working folder ``OUT.tmp``, symlinks and '..' resolved; UserError for an --out
+    whose replacement could delete anything but a previous export."""
+    run, target = run_dir.resolve(), out.resolve()
+    shown = str(out) if str(out) == str(target) else f"{out} (= {target})"
+    hint = f"choose a folder outside the run, e.g. --out exports/{run.name}"
+    if target == run:
+        raise UserError(f"--out: {shown} is the run directory itself; replacing it would delete the run's "
+                        f"checkpoints: {hint}")
+    if run in target.parents:
+        raise UserError(f"--out: {shown} lies inside the run directory {run}: {hint}")
+    if target in run.parents:
+        raise UserError(f"--out: {shown} holds the run directory {run}; replacing it would delete the run: {hint}")
+    tmp = target.with_name(target.name + ".tmp")
+    if tmp.resolve() == run or tmp.resolve() in run.parents:
+        raise UserError(f"--out: the export is written under {tmp} first, which is (or holds) the run directory "
+                        f"{run}: {hint}")
+    cwd = Path.cwd().resolve()
+    if target == cwd or target in cwd.parents:
+        raise UserError(f"--out: {shown} is the current directory{'' if target == cwd else ' or holds it'}: "
+                        f"name a new folder, e.g. --out exports/{run.name}")
+    if target.exists() and not target.is_dir():
+        raise UserError(f"--out: {shown} is a file, not a folder: name a new folder (or a previous export, with "
+                        f"--overwrite)")
+    if target.is_dir() and any(target.iterdir()):
+        if not overwrite:
+            raise UserError(f"--out: {out} exists and is not empty (pass --overwrite to replace a previous export)")
+        problem = not_an_export(target)
+        if problem:
+            raise UserError(f"--out: --overwrite refuses to delete {shown}: {problem}")
+    if os.path.lexists(tmp):  # a leftover of an interrupted export is deleted; anything else stays
+        problem = ("it is a link or a file, not a folder" if tmp.is_symlink() or not tmp.is_dir()
+                   else not_an_export(tmp) if any(tmp.iterdir()) else None)
+        if problem:
+            raise UserError(f"--out: the export's working folder {tmp} is in the way: {problem}")
+    return target, tmp
+
+
 def export(run_dir: Path, out: Path, step: int | None = None, dtype: str | None = None,
            max_shard_bytes: int = 5 * 10**9, tokenizer: str | None = None, overwrite: bool = False,
            log=print) -> Path:
-    if out.exists() and any(out.iterdir()) and not overwrite:
-        raise UserError(f"--out: {out} exists and is not empty (pass --overwrite to replace it)")
+    target, tmp = check_out(run_dir, out, overwrite)
     path = choose_checkpoint(run_dir, step)
     train_state = json.loads((path / "train_state.json").read_text())
     cfg = LlamaConfig(**train_state["model"])
@@ -141,10 +199,17 @@ def export(run_dir: Path, out: Path, step: int | None = None, dtype: str | None 
     nbytes = {n: meta[n].size.numel() * out_dtype.itemsize for n in names}
     shards = plan_shards(((n, nbytes[n]) for n in names), max_shard_bytes)
     files = shard_file_names(len(shards))
+    tokenizer_files = hf_tokenizer_files(tok, cfg.max_seq_len)
+    marker = {"lotus_dist_export": 1, "run_dir": str(run_dir.resolve()), "step": train_state["step"],
+              "complete": False, "files": sorted([*files, *([INDEX_FILE] if len(files) > 1 else []), "config.json",
+                                                  "generation_config.json", "tokenizer.model", *tokenizer_files])}
 
-    tmp = out.with_name(out.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
+    shutil.rmtree(tmp, ignore_errors=True)  # check_out found it absent, empty or an export's leftover
+    try:
+        tmp.mkdir(parents=True)
+    except OSError as e:
+        raise UserError(f"--out: cannot create {tmp} ({e.strerror or e})") from None
+    (tmp / MARKER).write_text(json.dumps(marker, indent=2) + "\n")  # first: a leftover is recognised as ours
     from safetensors.torch import save_file
 
     log(f"exporting {path} ({sum(nbytes.values()) / 2**20:.1f} MiB as {out_dtype}, {len(files)} file(s)) to {out}")
@@ -171,13 +236,17 @@ def export(run_dir: Path, out: Path, step: int | None = None, dtype: str | None 
                   if v is not None}
     (tmp / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
     shutil.copyfile(tok.path, tmp / "tokenizer.model")
-    for name, text in hf_tokenizer_files(tok, cfg.max_seq_len).items():
+    for name, text in tokenizer_files.items():
         (tmp / name).write_text(text)
+    (tmp / MARKER).write_text(json.dumps({**marker, "complete": True}, indent=2) + "\n")
 
     follow_umask(tmp)
-    if out.exists():
-        shutil.rmtree(out)
-    tmp.rename(out)
+    if target.is_dir():
+        problem = any(target.iterdir()) and not_an_export(target)  # again: it may have changed meanwhile
+        if problem:
+            raise UserError(f"--out: --overwrite refuses to delete {target}: {problem} (the new export is in {tmp})")
+        shutil.rmtree(target)
+    tmp.rename(target)
     log(f"done: {out} (step {train_state['step']}); load with transformers.AutoModelForCausalLM.from_pretrained")
     return out
 
@@ -192,7 +261,8 @@ def main(argv=None) -> int:
     parser.add_argument("--max-shard-size", default="5GB", help="largest safetensors file (default 5GB)")
     parser.add_argument("--tokenizer", default=None,
                         help="sentencepiece model (default: the run's data.tokenizer from its config.yaml)")
-    parser.add_argument("--overwrite", action="store_true", help="replace an existing --out folder")
+    parser.add_argument("--overwrite", action="store_true",
+                        help=f"replace a previous export in --out (only a folder holding its {MARKER})")
     args = parser.parse_args(argv)
     try:
         export(args.run_dir, args.out, step=args.step, dtype=args.dtype,

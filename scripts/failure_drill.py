@@ -2,7 +2,7 @@
 """Failure drill: run pretrain.py as a user would, with bad values, damaged checkpoints and signals, and print a
 Markdown table of what each case gave (exit code and the line the user sees). docs/results.md shows its output.
 
-    python scripts/failure_drill.py                 # every case, ~3 min on 2 CPU cores
+    python scripts/failure_drill.py                 # every case, ~10 min on 2 CPU cores
     python scripts/failure_drill.py --only lock,bitflip
 
 Each case is a real ``pretrain.py`` process (one process, CPU, the tiny model of the tests) in a fresh run
@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import fcntl
+import gzip
 import json
 import os
 import shutil
@@ -22,6 +23,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import zlib
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -208,9 +210,202 @@ def _(d):
     for change in ("optim.rank=4", "train.batch_size=16", "train.seq_len=64"):
         code, out, err = d.run(run_dir, "train.steps=4", change)
         rows.append((f"resume with `{change}`", code, shown(code, out, err)))
-    code, out, err = d.run(run_dir, "train.steps=4", "optim.lr=0.005")
+    for change in ("optim.switch=fixed", "optim.residual=fira", "optim.solver=online_pca"):
+        code, out, err = d.run(run_dir, "train.steps=4", change)
+        rows.append((f"resume with `{change}` (a part with its own state)", code, shown(code, out, err)))
+    code, out, err = d.run(run_dir, "train.steps=4", "optim.lr=0.005", "optim.weight_decay=0.5")
     history = [l for l in (run_dir / "config.yaml").read_text().splitlines() if l.startswith("# - ")]
-    rows.append(("resume with `train.steps=4 optim.lr=0.005`", code, f"config.yaml history: `{history[-1][4:]}`"))
+    applied = next((l for l in out.splitlines() if l.startswith("resume applies")), "no line")
+    saved = json.loads((run_dir / "checkpoints/step_00000004/train_state.json").read_text())["optim_groups"]
+    rows.append(("resume with `train.steps=4 optim.lr=0.005 optim.weight_decay=0.5`", code,
+                 f"{applied} / next checkpoint's weight_decay: {sorted({g['weight_decay'] for g in saved})} / "
+                 f"config.yaml history: `{history[-1][4:]}`"))
+    return rows
+
+
+@case("legacy_truncated")
+def _(d):
+    run_dir = d.fresh("legacy_truncated")
+    d.run(run_dir, "train.steps=8", "checkpoint.every=4", "checkpoint.keep=3")
+    last = run_dir / "checkpoints/step_00000008"
+    (last / "manifest_rank_00000.json").unlink()  # as written before manifests existed: only loading finds damage
+    (last / "COMPLETE").write_text("step 8\n")
+    os.truncate(last / "__0_0.distcp", (last / "__0_0.distcp").stat().st_size // 2)
+    code, out, err = d.run(run_dir, "train.steps=10", "checkpoint.every=4", "checkpoint.keep=3")
+    resumed = next((l for l in out.splitlines() if l.startswith("resumed from")), "not resumed")
+    return ("legacy checkpoint (no manifest) with a truncated `__0_0.distcp`; rerun", code,
+            f"{shown(code, out, err)} / {resumed.split('/')[-1]}")
+
+
+@case("full_disk")
+def _(d):
+    run_dir = d.fresh("full_disk")
+    run_dir.mkdir()
+    cmd = [sys.executable, str(REPO / "pretrain.py"), "--config", str(REPO / "configs/tiny.yaml"),
+           *d.args(run_dir, "train.steps=4", "checkpoint.every=2", "checkpoint.keep=1")]
+    # a 24 MB tmpfs holds one checkpoint of this model (~17 MB), not two; mounted in a namespace of its own
+    script = f"mount -t tmpfs -o size=24m tmpfs {run_dir} || exit 99; {' '.join(cmd)}; code=$?; ls {run_dir}/checkpoints; exit $code"
+    proc = subprocess.run(["unshare", "-rm", "sh", "-c", script], cwd=REPO, capture_output=True, text=True)
+    what = "run.dir on a 24 MB tmpfs: the step-2 checkpoint fits, the step-4 one does not"
+    if proc.returncode == 99 or "unshare" in proc.stderr[:200]:
+        return what, "-", f"not run: cannot mount a tmpfs here ({proc.stderr.strip()[:120]})"
+    return what, proc.returncode, f"{shown(proc.returncode, proc.stdout, proc.stderr)} / checkpoints: " \
+                                  f"{proc.stdout.split()[-1] if proc.stdout.split() else 'none'}"
+
+
+@case("init_from_gone")
+def _(d):
+    base = d.fresh("init_from_source")
+    d.run(base, "train.steps=2")
+    export = d.fresh("init_from_export")
+    subprocess.run([sys.executable, str(REPO / "scripts/export_hf.py"), "--run-dir", str(base), "--out", str(export)],
+                   cwd=REPO, capture_output=True, check=True)
+    run_dir = d.fresh("init_from_run")
+    d.run(run_dir, "train.steps=2", f"model.init_from={export}")
+    shutil.rmtree(export)
+    code, out, err = d.run(run_dir, "train.steps=4", f"model.init_from={export}")
+    said = next((l for l in out.splitlines() if "init_from is not read" in l), "")
+    return ("resume of a run started from `model.init_from`, the folder deleted since", code,
+            f"{said} / {shown(code, out, err)}")
+
+
+def export(run_dir: Path, out, *flags: str) -> tuple[int, str, str]:
+    proc = subprocess.run([sys.executable, str(REPO / "scripts/export_hf.py"), "--run-dir", str(run_dir), "--out",
+                           str(out), *flags], cwd=REPO, capture_output=True, text=True)
+    return proc.returncode, proc.stdout, proc.stderr
+
+
+@case("export")
+def _(d):
+    run_dir = d.fresh("export_run")
+    d.run(run_dir, "train.steps=2")
+    mine = d.fresh("export_mine")
+    mine.mkdir()
+    (mine / "notes.txt").write_text("mine")
+    (d.work / "a_file.txt").write_text("x")
+    rows = []
+    for what, out in [("the run directory itself", run_dir), ("the run's parent `RUN/..`", run_dir / ".."),
+                      ("a folder inside the run", run_dir / "checkpoints"), ("a folder of the user's", mine),
+                      ("a file", d.work / "a_file.txt")]:
+        code, out_text, err = export(run_dir, out, "--overwrite")
+        rows.append((f"`export_hf.py --overwrite --out` {what}", code,
+                     f"{shown(code, out_text, err)} / run's checkpoints: {listing(run_dir)}"))
+    return rows
+
+
+def hf_folder(d: Drill, name: str, edit) -> Path:
+    """A copy of one exported run's Hugging Face folder, with ``edit(config dict)`` applied to its config.json."""
+    source = d.work / "hf_source"
+    if not source.exists():
+        run_dir = d.fresh("hf_source_run")
+        d.run(run_dir, "train.steps=2")
+        export(run_dir, source)
+    folder = d.fresh(f"{name}_hf")
+    shutil.copytree(source, folder)
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps(edit(config)))
+    return folder
+
+
+@case("init_from_mismatch")
+def _(d):
+    rows = []
+    for what, edit in [("`hidden_act: gelu`", lambda c: {**c, "hidden_act": "gelu"}),
+                       ("`rope_scaling` (llama3, factor 8)", lambda c: {**c, "rope_scaling": {"rope_type": "llama3",
+                                                                                              "factor": 8.0}}),
+                       ("another `num_attention_heads`", lambda c: {**c, "num_attention_heads": 2}),
+                       ("a JSON list", lambda c: [c])]:
+        folder = hf_folder(d, "mismatch", edit)
+        code, out, err = d.run(d.fresh("mismatch_run"), "train.steps=1", f"model.init_from={folder}")
+        rows.append((f"`model.init_from` whose config.json has {what}", code, shown(code, out, err)))
+    return rows
+
+
+@case("deepspeed_json")
+def _(d):
+    ds = d.work / "ds.json"
+    ds.write_text(json.dumps({"gradient_clipping": 0.1}))
+    code, out, err = d.run(d.fresh("ds"), "train.steps=1", f"dist.deepspeed_config={ds}")
+    return "`dist.deepspeed_config=ds.json` without `dist.mode=deepspeed`", code, shown(code, out, err)
+
+
+def c4_mirror(d: Drill, name: str, shards: int = 3) -> Path:
+    """A local C4-format mirror (``c4-{train,validation}.*.json.gz``) of the embedded corpus's documents."""
+    from lotus_dist.data.corpus import embedded_documents
+
+    root = d.fresh(name)
+    root.mkdir(parents=True)
+    docs = embedded_documents()[:600]
+    for i in range(shards):
+        lines = [json.dumps({"text": t, "url": "u", "timestamp": "t"}) + "\n" for t in docs[i::shards]]
+        (root / f"c4-train.{i:05d}-of-{shards:05d}.json.gz").write_bytes(gzip.compress("".join(lines).encode()))
+    val = "".join(json.dumps({"text": t, "url": "u", "timestamp": "t"}) + "\n" for t in docs[-40:])
+    (root / "c4-validation.00000-of-00001.json.gz").write_bytes(gzip.compress(val.encode()))
+    return root
+
+
+@case("data_damage")
+def _(d):
+    rows = []
+    corrupt = c4_mirror(d, "mirror_corrupt")
+    shard = corrupt / "c4-train.00001-of-00003.json.gz"
+    lines = gzip.decompress(shard.read_bytes()).splitlines(keepends=True)
+    c = zlib.compressobj(6, zlib.DEFLATED, 31)  # gzip framing; a block of the reserved type 3 after 50 good lines,
+    head = c.compress(b"".join(lines[:50])) + c.flush(zlib.Z_FULL_FLUSH)  # as a bit flip in a download leaves it
+    tail = c.compress(b"".join(lines[50:])) + c.flush()
+    shard.write_bytes(head + b"\x06" + tail[1:])
+    empty = c4_mirror(d, "mirror_empty")
+    (empty / "c4-train.00002-of-00003.json.gz").write_bytes(b"")
+    for what, mirror in [("one shard's deflate stream broken after 50 documents", corrupt), ("one zero-byte shard", empty)]:
+        run_dir = d.fresh("damaged_data_run")
+        code, out, err = d.run(run_dir, "train.steps=2", "data.source=c4", f"data.path={mirror}")
+        warning = next((l for l in (out + err).splitlines() if str(mirror) in l), "nothing said about the shard")
+        rows.append((f"`data.source=c4` mirror with {what}", code, f"{warning} / {shown(code, out, '')}"))
+    return rows
+
+
+@case("data_inputs")
+def _(d):
+    sys.path.insert(0, str(REPO / "tests"))
+    from tokenizer_copies import swapped_model  # a model of the embedded tokenizer's size and EOS, two ids swapped
+
+    rows = []
+    code, out, err = d.run(d.fresh("vocab"), "train.steps=1", "model.vocab_size=100")
+    rows.append(("`model.vocab_size=100` (the tokenizer has more ids)", code, shown(code, out, err)))
+    offline = {"HF_ENDPOINT": "http://127.0.0.1:9", "HF_HOME": str(d.fresh("empty_hf_home"))}
+    code, out, err = d.run(d.fresh("no_net"), "train.steps=1", "data.source=c4", env=offline)
+    rows.append(("`data.source=c4` without `data.path`, no network", code, shown(code, out, err)))
+    code, out, err = d.run(d.fresh("no_net_tok"), "train.steps=1", "data.tokenizer=hf:google-t5/t5-base", env=offline)
+    rows.append(("`data.tokenizer=hf:google-t5/t5-base`, no network, empty cache", code, shown(code, out, err)))
+    run_dir = d.fresh("tokenizer_change")
+    d.run(run_dir, "train.steps=2")
+    other = swapped_model(d.work / "swapped.model")
+    code, out, err = d.run(run_dir, "train.steps=4", f"data.tokenizer={other}")
+    rows.append(("resume with another tokenizer of the same vocabulary size", code, shown(code, out, err)))
+    return rows
+
+
+@case("indexed_damage")
+def _(d):
+    mirror = c4_mirror(d, "mirror_for_indexed")
+    (mirror / "c4-train.00002-of-00003.json.gz").write_bytes(b"")  # preprocessing skips and names it
+    output = d.fresh("indexed")
+    proc = subprocess.run([sys.executable, str(REPO / "scripts/preprocess_c4.py"), "--input", str(mirror), "--output",
+                           str(output), "--workers", "1"], cwd=REPO, capture_output=True, text=True)
+    rows = [("`preprocess_c4.py` of a mirror with a zero-byte shard", proc.returncode,
+             shown(proc.returncode, proc.stdout, proc.stderr))]
+    if proc.returncode:
+        return rows
+    bins = sorted(output.glob("*train*.bin"))
+    for what, harm in [("a `.bin` cut to half its size", lambda b: os.truncate(b, b.stat().st_size // 2)),
+                       ("a `.idx` overwritten with garbage", lambda b: b.with_suffix(".idx").write_bytes(b"garbage" * 8))]:
+        saved = {p: p.read_bytes() for p in (bins[0], bins[0].with_suffix(".idx"))}
+        harm(bins[0])
+        code, out, err = d.run(d.fresh("indexed_run"), "train.steps=1", "data.source=indexed",
+                               f"data.path={bins[0].with_suffix('')}")
+        rows.append((f"`data.source=indexed` with {what}", code, shown(code, out, err)))
+        for p, data in saved.items():
+            p.write_bytes(data)
     return rows
 
 

@@ -4,8 +4,10 @@
     python scripts/preprocess_c4.py --input embedded --output /tmp/embedded_tok
 
 writes ``OUTPUT/c4-train_text_document.{bin,idx}`` and ``OUTPUT/c4-validation_text_document.{bin,idx}`` (each
-document's tokens followed by EOS, documents in file order) plus a ``.json`` sidecar naming the tokenizer. Train with
+document's tokens followed by EOS, documents in file order) plus a ``.json`` sidecar naming the tokenizer and its
+fingerprint (training on the data with another tokenizer is refused). Train with
 ``data.source=indexed data.path=OUTPUT/c4-train_text_document``; the validation prefix is found beside it.
+Damaged shards (empty, truncated, corrupt gzip) and bad lines are skipped and counted, as in training, and named.
 
 Shards are tokenized in parallel, one worker process per shard (C4 has 1024), into partial datasets that are merged
 in shard order, so the output does not depend on the number of workers.
@@ -52,6 +54,8 @@ def main(argv=None) -> int:
             bad = {k: v for k, v in meta["bad_inputs"].items() if v}
             print(f"{prefix}: {meta['docs']} documents, {meta['tokens']} tokens, {time.time() - start:.0f}s"
                   + (f", skipped {bad}" if bad else ""))
+            for shard, why in meta["damaged_shards"].items():  # skipped whole or in part, as training would
+                print(f"warning: damaged shard {shard}: {why}", file=sys.stderr)
     except DataError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -17,10 +17,11 @@ import torch
 from .c4 import TokenStream, build_text_stream, build_text_val_blocks
 from .errors import DataError
 from .prefetch import PrefetchStream
+from .probe import check_vocab
 from .tokenizer import Tokenizer, load_tokenizer
 
 __all__ = ["DataError", "PrefetchStream", "Tokenizer", "TokenStream", "load_tokenizer", "build_train_stream",
-           "build_val_blocks", "check_data"]
+           "build_val_blocks", "check_data", "check_vocab"]
 
 
 def build_train_stream(data_cfg, tokenizer, *, seq_len: int, micro_batch_size: int, rank: int, world_size: int,
@@ -45,19 +46,27 @@ def build_train_stream(data_cfg, tokenizer, *, seq_len: int, micro_batch_size: i
 
 def check_data(data_cfg, tokenizer, *, evaluate: bool) -> None:
     """Refuse (DataError) a data source that cannot feed the run, before the model is built: a local C4 mirror
-    without train shards (or validation shards when the run evaluates), an indexed prefix that is missing or of
-    another tokenizer. Reads no data; the streams built later check the rest."""
+    without train shards (or validation shards when the run evaluates), the hub without a network, an indexed
+    prefix that is missing, damaged (index unreadable, data file shorter than its index) or of another tokenizer.
+    Reads no documents; the streams built later check the rest."""
+    splits = ("train", "validation") if evaluate else ("train",)
     if data_cfg.source == "indexed":
-        from .indexed import check_tokenizer_matches, parse_blend, require_megatron
+        from .indexed import (allow_tokenizer_change, check_tokenizer_matches, parse_blend, require_megatron,
+                              validation_prefix)
 
         require_megatron()
-        for prefix in parse_blend(data_cfg)[0]:
-            check_tokenizer_matches(prefix, tokenizer)
+        prefixes = parse_blend(data_cfg)[0]
+        for prefix in prefixes + ([validation_prefix(data_cfg, prefixes)] if evaluate else []):
+            check_tokenizer_matches(prefix, tokenizer, allow_change=allow_tokenizer_change(data_cfg))
     elif data_cfg.source == "c4" and data_cfg.path:
         from .c4 import find_shards
 
-        for split in ("train", "validation") if evaluate else ("train",):
+        for split in splits:
             find_shards(data_cfg.path, split, "data.path", warn=False)  # the stream's own call warns
+    elif data_cfg.source == "c4":
+        from .probe import probe_hub_dataset
+
+        probe_hub_dataset(data_cfg, splits)
 
 
 def build_val_blocks(data_cfg, tokenizer, *, seq_len: int) -> torch.Tensor:

@@ -22,10 +22,9 @@ whole stream and takes its slice of each global batch, so global batches do not 
 
 from __future__ import annotations
 
-import gzip
 import itertools
-import json
 import logging
+import os
 import random
 import re
 from pathlib import Path
@@ -34,6 +33,7 @@ from typing import Any, Callable, Iterator, Optional
 import numpy as np
 import torch
 
+from .damage import BAD_KINDS, READ_ERRORS, BadInputReport, open_shard, parse_line, read_error  # noqa: F401
 from .errors import DataError
 
 log = logging.getLogger(__name__)
@@ -41,8 +41,6 @@ log = logging.getLogger(__name__)
 STATE_VERSION = 1
 ENCODE_BATCH = 16  # documents tokenized together (sentencepiece threads); their tokens wait in the stream state
 SHARD_SUFFIXES = (".json.gz", ".jsonl.gz", ".json", ".jsonl")
-MAX_WARNINGS_PER_KIND = 10  # per reader; C4 is large and one bad shard must not flood the log
-BAD_KINDS = ("malformed", "empty", "non_utf8", "missing_shard", "corrupt_shard")
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -89,57 +87,7 @@ def _warn_incomplete_mirror(files: list[Path], split: str) -> None:
 
 
 # --------------------------------------------------------------------------------------------------------------
-# Bad-input bookkeeping
-
-
-class BadInputReport:
-    """Counts skipped inputs by kind and logs the first few of each kind with file and line."""
-
-    def __init__(self, counts: Optional[dict] = None):
-        self.counts = {kind: 0 for kind in BAD_KINDS}
-        self.counts.update(counts or {})
-        self._logged = {kind: 0 for kind in BAD_KINDS}
-
-    def add(self, kind: str, where: str, why: str) -> None:
-        self.counts[kind] += 1
-        self._logged[kind] += 1
-        if self._logged[kind] <= MAX_WARNINGS_PER_KIND:
-            log.warning("%s: %s; skipped", where, why)
-        elif self._logged[kind] == MAX_WARNINGS_PER_KIND + 1:
-            log.warning("further '%s' inputs are skipped without a warning (counted in the stream's stats)", kind)
-
-
-# --------------------------------------------------------------------------------------------------------------
-# Sources: one epoch of documents in a fixed order, with a position
-
-
-def _open_shard(path: str):
-    return gzip.open(path, "rb") if path.endswith(".gz") else open(path, "rb")
-
-
-def parse_line(raw: bytes, where: str, report: BadInputReport) -> Optional[str]:
-    """The document text of one JSON line, or None (counted and warned) when the line is unusable."""
-    raw = raw.strip()
-    if not raw:
-        return None  # a blank line (e.g. a trailing newline) is no document
-    try:
-        line = raw.decode("utf-8")
-    except UnicodeDecodeError as e:
-        report.add("non_utf8", where, f"not valid UTF-8 (byte 0x{raw[e.start]:02x} at column {e.start + 1})")
-        return None
-    try:
-        record = json.loads(line)
-    except json.JSONDecodeError as e:
-        report.add("malformed", where, f"malformed JSON ({e.msg} at column {e.colno})")
-        return None
-    text = record.get("text") if isinstance(record, dict) else None
-    if not isinstance(text, str):
-        report.add("malformed", where, "no 'text' string field")
-        return None
-    if not text.strip():
-        report.add("empty", where, "empty document")
-        return None
-    return text
+# Sources: one epoch of documents in a fixed order, with a position (damaged inputs: damage.py)
 
 
 class LocalShardSource:
@@ -176,15 +124,18 @@ class LocalShardSource:
         """Open the shard at the cursor and skip to ``self.line``; False when it is missing or unreadable."""
         path = self.files[self.order[self.cursor]]
         try:
-            self._fh = _open_shard(path)
+            if os.path.getsize(path) == 0:  # an aborted download: no gzip header, read as an empty shard
+                self.report.add("corrupt_shard", path, "empty file (0 bytes)", shard=path)
+                return False
+            self._fh = open_shard(path)
             for _ in range(self.line):
                 if not self._fh.readline():
                     raise EOFError(f"shard has fewer than {self.line} lines")
             return True
         except FileNotFoundError:
-            self.report.add("missing_shard", path, "shard does not exist")
-        except (OSError, EOFError) as e:
-            self.report.add("corrupt_shard", f"{path}:{self.line}", f"unreadable ({e})")
+            self.report.add("missing_shard", path, "shard does not exist", shard=path)
+        except READ_ERRORS as e:
+            self.report.add("corrupt_shard", f"{path}:{self.line}", f"unreadable ({read_error(e)})", shard=path)
         self._close()
         return False
 
@@ -202,8 +153,9 @@ class LocalShardSource:
             path = self.files[self.order[self.cursor]]
             try:
                 raw = self._fh.readline()
-            except (OSError, EOFError) as e:  # a truncated or corrupt gzip stream
-                self.report.add("corrupt_shard", f"{path}:{self.line + 1}", f"unreadable ({e}); rest of shard")
+            except READ_ERRORS as e:  # a truncated or corrupt gzip stream
+                self.report.add("corrupt_shard", f"{path}:{self.line + 1}",
+                                f"unreadable ({read_error(e)}); rest of shard", shard=path)
                 self._next_shard()
                 continue
             if not raw:

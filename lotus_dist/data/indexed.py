@@ -19,6 +19,7 @@ import logging
 import multiprocessing as mp
 import os
 import shutil
+import struct
 import warnings
 from pathlib import Path
 from typing import Optional
@@ -75,19 +76,79 @@ def check_prefix(prefix: str, key: str) -> str:
     for suffix in (".bin", ".idx"):
         if not Path(prefix + suffix).is_file():
             raise DataError(f"config key '{key}': indexed dataset file '{prefix}{suffix}' does not exist")
+    check_indexed_files(prefix)
     return prefix
 
 
-def check_tokenizer_matches(prefix: str, tokenizer) -> None:
-    """preprocess_c4 writes ``prefix.json`` naming its tokenizer: refuse ids from another vocabulary."""
+# megatron-core's .idx layout (version 1): header, version <Q, dtype code <B, sequence count <Q, document count <Q,
+# then int32 lengths and int64 pointers per sequence, int64 document indices. Its reader asserts on a bad header
+# and fails later, deep in a batch, on a .bin shorter than the index says.
+_IDX_MAGIC = b"MMIDIDX\x00\x00"
+_IDX_HEAD = struct.Struct("<9sQBQQ")
+_DTYPE_SIZES = {1: 1, 2: 1, 3: 2, 4: 4, 5: 8, 6: 8, 7: 4, 8: 2}  # megatron's DType codes -> bytes per token
+REPROCESS = "re-run scripts/preprocess_c4.py for it"
+
+
+def check_indexed_files(prefix: str) -> None:
+    """Refuse, in one line naming the file, an unreadable ``.idx`` or a ``.bin`` shorter than its index (a copy
+    cut short); reads the header and the last sequence's entry only, so it is instant on any size."""
+    idx, bin_ = Path(prefix + ".idx"), Path(prefix + ".bin")
+    size = idx.stat().st_size
+    with open(idx, "rb") as f:
+        head = f.read(_IDX_HEAD.size)
+        if len(head) < _IDX_HEAD.size or head[:9] != _IDX_MAGIC:
+            raise DataError(f"indexed dataset index '{idx}' is not a megatron index (bad header); {REPROCESS}")
+        _, version, code, sequences, documents = _IDX_HEAD.unpack(head)
+        if version != 1 or code not in _DTYPE_SIZES:
+            raise DataError(f"indexed dataset index '{idx}' has version {version}, dtype code {code}: not one "
+                            f"this reader knows; {REPROCESS}")
+        need = _IDX_HEAD.size + 12 * sequences + 8 * documents
+        if size < need:
+            raise DataError(f"indexed dataset index '{idx}' is truncated: {size} bytes, its header needs {need}; "
+                            f"{REPROCESS}")
+        if not sequences:
+            return
+        f.seek(_IDX_HEAD.size + 4 * (sequences - 1))
+        (length,) = struct.unpack("<i", f.read(4))
+        f.seek(_IDX_HEAD.size + 4 * sequences + 8 * (sequences - 1))
+        (pointer,) = struct.unpack("<q", f.read(8))
+    need = pointer + length * _DTYPE_SIZES[code]
+    if bin_.stat().st_size < need:
+        raise DataError(f"indexed dataset file '{bin_}' is truncated: {bin_.stat().st_size} bytes, its index "
+                        f"'{idx.name}' needs {need}; {REPROCESS}")
+
+
+def allow_tokenizer_change(data_cfg) -> bool:
+    return bool(getattr(data_cfg, "allow_tokenizer_change", False))  # config objects without the key: refuse
+
+
+def check_tokenizer_matches(prefix: str, tokenizer, allow_change: bool = False) -> None:
+    """preprocess_c4 writes ``prefix.json`` naming its tokenizer: refuse ids from another vocabulary, and from
+    another model of the same vocabulary (its fingerprint; sidecars written before fingerprints: size and EOS
+    only) unless ``data.allow_tokenizer_change``."""
     sidecar = Path(prefix + ".json")
     if not sidecar.is_file():
         return
-    meta = json.loads(sidecar.read_text())
+    try:
+        meta = json.loads(sidecar.read_text())
+        if not isinstance(meta, dict):
+            raise ValueError("not a JSON object")
+    except (ValueError, UnicodeDecodeError) as e:
+        raise DataError(f"indexed dataset sidecar '{sidecar}' is unreadable ({e}); {REPROCESS}") from None
     if (meta.get("vocab_size"), meta.get("eos_id")) != (tokenizer.vocab_size, tokenizer.eos_id):
         raise DataError(f"indexed dataset '{prefix}' was tokenized with '{meta.get('tokenizer')}' (vocab "
                         f"{meta.get('vocab_size')}, eos {meta.get('eos_id')}) but config key 'data.tokenizer' is "
                         f"'{tokenizer.path}' (vocab {tokenizer.vocab_size}, eos {tokenizer.eos_id})")
+    recorded = meta.get("tokenizer_fingerprint")
+    if recorded is None or recorded == tokenizer.fingerprint:
+        return
+    if not allow_change:
+        raise DataError(f"indexed dataset '{prefix}' was tokenized with '{meta.get('tokenizer')}' (fingerprint "
+                        f"{recorded}) but config key 'data.tokenizer' is '{tokenizer.path}' (fingerprint "
+                        f"{tokenizer.fingerprint}), another model of the same vocabulary size whose ids mean other "
+                        f"tokens; use that tokenizer, {REPROCESS}, or set data.allow_tokenizer_change=true")
+    log.warning("indexed dataset '%s' was tokenized with another model (fingerprint %s, data.tokenizer has %s); "
+                "training on it as data.allow_tokenizer_change=true says", prefix, recorded, tokenizer.fingerprint)
 
 
 def parse_blend(data_cfg) -> tuple[list[str], Optional[list[float]]]:
@@ -117,6 +178,7 @@ def validation_prefix(data_cfg, prefixes: list[str]) -> str:
     if "train" in first.name:
         sibling = str(first.with_name(first.name.replace("train", "validation")))
         if Path(sibling + ".bin").is_file() and Path(sibling + ".idx").is_file():
+            check_indexed_files(sibling)
             return sibling
     raise DataError(f"data.source=indexed: no validation prefix; set 'data.val_path' (no '*validation*' sibling "
                     f"of '{first}')")
@@ -264,7 +326,7 @@ def build_indexed_stream(data_cfg, tokenizer, *, seq_len: int, micro_batch_size:
     require_megatron()
     prefixes, weights = parse_blend(data_cfg)
     for prefix in prefixes:
-        check_tokenizer_matches(prefix, tokenizer)
+        check_tokenizer_matches(prefix, tokenizer, allow_change=allow_tokenizer_change(data_cfg))
     return IndexedStream(prefixes, weights, tokenizer, seq_len=seq_len, micro_batch_size=micro_batch_size,
                          rank=rank, world_size=world_size, seed=seed, cache_dir=data_cfg.cache_dir)
 
@@ -274,6 +336,7 @@ def read_documents(prefix: str):
     require_megatron()
     from megatron.core.datasets.indexed_dataset import IndexedDataset
 
+    check_indexed_files(prefix)
     dataset = IndexedDataset(prefix)
     for i in range(len(dataset)):
         yield np.array(dataset[i], dtype=np.int64)  # a copy: the mmap goes away with the dataset
@@ -283,7 +346,7 @@ def build_indexed_val_blocks(data_cfg, tokenizer, *, seq_len: int) -> torch.Tens
     require_megatron()
     prefixes, _ = parse_blend(data_cfg)
     prefix = validation_prefix(data_cfg, prefixes)
-    check_tokenizer_matches(prefix, tokenizer)
+    check_tokenizer_matches(prefix, tokenizer, allow_change=allow_tokenizer_change(data_cfg))
     need = (data_cfg.val_tokens // seq_len) * seq_len + 1
     parts, have = [], 0
     for doc in read_documents(prefix):  # documents end with EOS (preprocess_c4 appends it)
@@ -333,7 +396,8 @@ def _tokenize_shard(job: tuple[str, str, str]) -> dict:
             flush()
     flush()
     builder.finalize(part_prefix + ".idx")
-    return {"shard": shard, "docs": docs, "tokens": tokens, "bad_inputs": reader.report.counts}
+    return {"shard": shard, "docs": docs, "tokens": tokens, "bad_inputs": reader.report.counts,
+            "damaged_shards": reader.report.shards}
 
 
 def preprocess_split(files: list[Path], output_prefix: Path, tokenizer_path: str, workers: int,
@@ -347,7 +411,7 @@ def preprocess_split(files: list[Path], output_prefix: Path, tokenizer_path: str
     parts_dir = output_prefix.parent / f".{output_prefix.name}.parts.{os.getpid()}"
     parts_dir.mkdir(parents=True, exist_ok=True)
     jobs = [(str(f), str(parts_dir / f"{k:05d}"), np.dtype(dtype).name) for k, f in enumerate(files)]
-    totals = {"docs": 0, "tokens": 0, "bad_inputs": {}}
+    totals = {"docs": 0, "tokens": 0, "bad_inputs": {}, "damaged_shards": {}}  # damaged: path -> why
     try:
         with mp.get_context("fork").Pool(min(workers, len(jobs)), _init_worker, (str(tokenizer.path),)) as pool, \
                 tqdm(total=len(jobs), desc=output_prefix.name, unit="shard", disable=quiet) as bar:
@@ -356,6 +420,7 @@ def preprocess_split(files: list[Path], output_prefix: Path, tokenizer_path: str
                 totals["tokens"] += result["tokens"]
                 for kind, n in result["bad_inputs"].items():
                     totals["bad_inputs"][kind] = totals["bad_inputs"].get(kind, 0) + n
+                totals["damaged_shards"].update(result["damaged_shards"])
                 bar.update(1)
                 bar.set_postfix(docs=totals["docs"], tokens=totals["tokens"])
         # Merge the parts into temporary files, then rename: a crash never leaves a half-written prefix.
@@ -369,6 +434,6 @@ def preprocess_split(files: list[Path], output_prefix: Path, tokenizer_path: str
     finally:
         shutil.rmtree(parts_dir, ignore_errors=True)
     meta = {"tokenizer": str(tokenizer.path), "vocab_size": tokenizer.vocab_size, "eos_id": tokenizer.eos_id,
-            "shards": [str(f) for f in files], **totals}
+            "tokenizer_fingerprint": tokenizer.fingerprint, "shards": [str(f) for f in files], **totals}
     Path(str(output_prefix) + ".json").write_text(json.dumps(meta, indent=1))
     return meta

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+import hashlib
 import json
 import os
 from pathlib import Path
@@ -9,6 +11,7 @@ from pathlib import Path
 import sentencepiece as spm
 
 from .errors import DataError
+from .probe import hub_endpoint, hub_offline, hub_unreachable
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 # Short names the config may use instead of a path.
@@ -38,8 +41,20 @@ def fetch_hub_model(spec: str, local_files_only: bool = False) -> Path:
     from huggingface_hub.errors import EntryNotFoundError, HfHubHTTPError, RepositoryNotFoundError
 
     repo, revision, filename = parse_hub_name(spec)
+    names = [filename] if filename else HUB_FILES
+    if not local_files_only and not hub_offline() and (reason := hub_unreachable()):
+        # without a network huggingface_hub retries each file for ~25 s, then blames the file: say it at once
+        for name in names:
+            try:  # a copy cached earlier still serves, as huggingface_hub itself would fall back to it
+                return Path(hf_hub_download(repo, name, revision=revision, local_files_only=True))
+            except EntryNotFoundError:
+                pass
+        raise DataError(f"config key 'data.tokenizer': no network to fetch '{spec}' ({hub_endpoint()}: {reason}) "
+                        f"and no copy in the Hugging Face cache; fetch it once where there is network, copy the "
+                        f"cache (HF_HUB_CACHE) here and set HF_HUB_OFFLINE=1, or set data.tokenizer to a local "
+                        f".model file")
     problems = []
-    for name in [filename] if filename else HUB_FILES:
+    for name in names:
         try:
             return Path(hf_hub_download(repo, name, revision=revision, local_files_only=local_files_only))
         except EntryNotFoundError as e:  # not in the repository, or not cached while offline
@@ -87,6 +102,16 @@ class Tokenizer:
             raise DataError(f"config key 'data.tokenizer': sentencepiece model '{self.path}' defines no EOS token")
         bos = self.sp.bos_id()
         self.bos_id: int | None = bos if bos >= 0 else None  # T5's spiece.model has no BOS
+
+    @functools.cached_property
+    def fingerprint(self) -> str:
+        """sha256 of the model file, 16 hex digits: tells apart two models of one vocabulary size, whose ids mean
+        other tokens (recorded by scripts/preprocess_c4.py beside indexed data, and in checkpoints)."""
+        digest = hashlib.sha256()
+        with open(self.path, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                digest.update(chunk)
+        return digest.hexdigest()[:16]
 
     def encode(self, text: str) -> list[int]:
         return self.sp.EncodeAsIds(text)

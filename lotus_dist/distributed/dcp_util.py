@@ -69,16 +69,17 @@ class RecordingWriter(FileSystemWriter):
 METADATA_FILE = ".metadata"  # DCP's global metadata, written by the coordinator (rank 0) in ``finish``
 
 
-def _tensors(node: Any, prefix: str = "") -> Iterator[tuple[str, torch.Tensor]]:
-    """(dotted key, local tensor) of every tensor in a nested state dict, in order; a DTensor gives its shard."""
+def _tensors(node: Any, prefix: str = "", local: bool = True) -> Iterator[tuple[str, torch.Tensor]]:
+    """(dotted key, tensor) of every tensor in a nested state dict, in order; a DTensor gives its shard (``local``)
+    or itself."""
     if isinstance(node, Mapping):
         for k, v in node.items():
-            yield from _tensors(v, f"{prefix}{k}.")
+            yield from _tensors(v, f"{prefix}{k}.", local)
     elif isinstance(node, (list, tuple)):
         for i, v in enumerate(node):
-            yield from _tensors(v, f"{prefix}{i}.")
+            yield from _tensors(v, f"{prefix}{i}.", local)
     elif isinstance(node, torch.Tensor):
-        yield prefix.rstrip("."), (node.to_local() if hasattr(node, "to_local") else node)
+        yield prefix.rstrip("."), (node.to_local() if local and hasattr(node, "to_local") else node)
 
 
 def nonfinite_count(state: Mapping[str, Any], device: torch.device) -> torch.Tensor:
@@ -98,6 +99,28 @@ def nonfinite_count(state: Mapping[str, Any], device: torch.device) -> torch.Ten
         bad = (~torch.isfinite(torch.stack([n.float() for n in norms]))).sum()
         count += bad.to(device=device, dtype=torch.float32)
     return count
+
+
+def stored_bytes(state: Mapping[str, Any]) -> tuple[int, dict[str, int]]:
+    """What ``state`` adds to a checkpoint, for a free-space check before writing: (bytes of its DTensors, whole
+    and the same on every rank; {key: bytes} of its plain tensors, which may be replicas of other ranks' (DCP
+    writes one of each key) or this rank's own). Merged over ranks by ``merge_stored_bytes``."""
+    sharded, plain = 0, {}
+    for key, t in _tensors(state, local=False):
+        if hasattr(t, "to_local"):
+            sharded += t.numel() * t.element_size()  # a DTensor's numel is the global one
+        else:
+            plain[key] = t.numel() * t.element_size()
+    return sharded, plain
+
+
+def merge_stored_bytes(per_rank: list[tuple[int, dict[str, int]]]) -> int:
+    """The bytes one checkpoint of these ranks' ``stored_bytes`` takes: the DTensors once, each plain key once."""
+    plain: dict[str, int] = {}
+    for _, keys in per_rank:
+        for key, n in keys.items():
+            plain[key] = max(n, plain.get(key, 0))
+    return max(s for s, _ in per_rank) + sum(plain.values())
 
 
 def nonfinite_names(state: Mapping[str, Any], limit: int = 3) -> list[str]:
@@ -238,4 +261,5 @@ def load_sharded(
 
 
 __all__ = ["METADATA_FILE", "OneItemReader", "RecordingWriter", "allocate_state", "async_save_state", "load_sharded",
-           "nonfinite_count", "nonfinite_names", "release_memory", "save_sharded", "save_state", "sharded_state"]
+           "merge_stored_bytes", "nonfinite_count", "nonfinite_names", "release_memory", "save_sharded", "save_state",
+           "sharded_state", "stored_bytes"]

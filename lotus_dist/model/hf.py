@@ -25,6 +25,9 @@ INDEX_FILE = "model.safetensors.index.json"
 DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
 # Buffers that some exports carry and that we compute instead.
 IGNORED = re.compile(r".*rotary_emb\.inv_freq$")
+# transformers.LlamaConfig's defaults for the keys below, which a config.json may leave out
+HF_DEFAULTS = {"model_type": "llama", "num_attention_heads": 32, "hidden_act": "silu", "rope_theta": 10000.0,
+               "rms_norm_eps": 1e-6, "attention_bias": False, "mlp_bias": False}
 
 
 def hf_name(name: str) -> str:
@@ -95,13 +98,12 @@ class HFFolder:
         self.path, self.key = Path(path), key
         if not self.path.is_dir():
             raise UserError(f"config key '{key}': '{path}' is not a directory (expected a Hugging Face LLaMA folder)")
-        try:
-            self.config = json.loads((self.path / "config.json").read_text())
-        except (OSError, ValueError) as e:
-            raise UserError(f"config key '{key}': {self.path / 'config.json'} cannot be read "
-                            f"({type(e).__name__}: {e})") from None
+        self.config = self._json("config.json")
         if (self.path / INDEX_FILE).is_file():
-            weight_map = json.loads((self.path / INDEX_FILE).read_text())["weight_map"]
+            weight_map = self._json(INDEX_FILE).get("weight_map")
+            if not isinstance(weight_map, dict) or not all(isinstance(f, str) for f in weight_map.values()):
+                raise UserError(f"config key '{key}': {self.path / INDEX_FILE} has no \"weight_map\" object of "
+                                f"tensor name -> file name (is it save_pretrained's index?)")
             files = sorted(set(weight_map.values()))
         elif (self.path / SINGLE_FILE).is_file():
             weight_map, files = None, [SINGLE_FILE]
@@ -120,11 +122,75 @@ class HFFolder:
                 if weight_map is None or weight_map.get(tensor) == name:
                     self.where[tensor] = name
 
+    def _json(self, name: str) -> dict:
+        """A JSON object of the folder; UserError naming the file when it is unreadable or not an object."""
+        try:
+            value = json.loads((self.path / name).read_text())
+        except (OSError, ValueError) as e:
+            raise UserError(f"config key '{self.key}': {self.path / name} cannot be read "
+                            f"({type(e).__name__}: {e})") from None
+        if not isinstance(value, dict):
+            raise UserError(f"config key '{self.key}': {self.path / name} holds a JSON {type(value).__name__}, "
+                            f"not an object (is it a Hugging Face model folder?)")
+        return value
+
     def shape(self, name: str) -> tuple[int, ...]:
         return tuple(self._handles[self.where[name]].get_slice(name).get_shape())
 
+    def dtype(self, name: str) -> str:
+        """safetensors' name of the tensor's dtype: F32, BF16, F8_E4M3, I8, U8, BOOL, ..."""
+        return self._handles[self.where[name]].get_slice(name).get_dtype()
+
     def read(self, name: str) -> torch.Tensor:
         return self._handles[self.where[name]].get_tensor(name)
+
+
+def check_config(cfg: LlamaConfig, folder: HFFolder) -> None:
+    """UserError naming the first ``config.json`` value with which ``LlamaForCausalLM`` would compute another
+    function than ``Llama(cfg)`` although every shape matches (absent keys take transformers' defaults)."""
+    config, key, where = folder.config, folder.key, folder.path
+    value = lambda k: config[k] if config.get(k) is not None else HF_DEFAULTS[k]  # noqa: E731
+    rope = config.get("rope_parameters") or {}
+    if not isinstance(rope, dict):
+        rope = {"rope_type": rope}
+    refuse = lambda what, fix: UserError(f"config key '{key}': {where} has {what}; {fix}")  # noqa: E731
+
+    if value("model_type") != "llama":
+        raise refuse(f"model_type={value('model_type')}", "only LLaMA folders (model_type llama) are read")
+    if int(value("num_attention_heads")) != cfg.n_heads:
+        raise refuse(f"num_attention_heads={value('num_attention_heads')} but this run's model.n_heads is "
+                     f"{cfg.n_heads}", f"set model.n_heads={value('num_attention_heads')}")
+    kv_heads = config.get("num_key_value_heads") or cfg.n_heads
+    if int(kv_heads) != cfg.n_heads:
+        raise refuse(f"num_key_value_heads={kv_heads} of {cfg.n_heads} heads (grouped-query attention)",
+                     "this model has one key/value head per head; only such LLaMA folders are read")
+    if config.get("head_dim") is not None and int(config["head_dim"]) != cfg.head_dim:
+        raise refuse(f"head_dim={config['head_dim']} but this model's is model.dim / model.n_heads = {cfg.head_dim}",
+                     "only folders with head_dim = hidden_size / num_attention_heads are read")
+    if value("hidden_act") not in ("silu", "swish"):
+        raise refuse(f"hidden_act={value('hidden_act')} but this model's MLP uses silu (SwiGLU)",
+                     "only silu LLaMA folders are read")
+    scaling = config.get("rope_scaling")
+    rope_type = (scaling or {}).get("rope_type", (scaling or {}).get("type")) if isinstance(scaling, dict) else scaling
+    for what, kind in ((f"rope_scaling={json.dumps(scaling)}", rope_type),
+                       (f"rope_parameters={json.dumps(rope)}", rope.get("rope_type", rope.get("type")))):
+        if kind not in (None, "default"):
+            raise refuse(what, "this model has the default rotary embeddings only (no linear, dynamic, yarn or "
+                               "llama3 scaling); use a folder without rope scaling")
+    factor = config.get("partial_rotary_factor", rope.get("partial_rotary_factor"))
+    if factor is not None and float(factor) != 1.0:
+        raise refuse(f"partial_rotary_factor={factor}", "this model rotates the whole head dimension")
+    for hf_key, ours, our_key in (("rope_theta", cfg.rope_theta, "model.rope_theta"),
+                                  ("rms_norm_eps", cfg.norm_eps, "model.norm_eps")):
+        theirs = config.get(hf_key) if config.get(hf_key) is not None else rope.get(hf_key)
+        theirs = HF_DEFAULTS[hf_key] if theirs is None else theirs
+        if float(theirs) != float(ours):
+            raise refuse(f"{hf_key}={theirs}{'' if hf_key in config or hf_key in rope else ' (by default)'} but "
+                         f"this run's {our_key} is {ours}", f"set {our_key}={theirs}")
+    for bias in ("attention_bias", "mlp_bias"):
+        if value(bias):
+            raise refuse(f"{bias}=true", "this model's projections have no bias; only bias-free LLaMA folders are "
+                                         "read")
 
 
 def check_folder(model: nn.Module, folder: HFFolder) -> dict[str, str]:
@@ -132,13 +198,12 @@ def check_folder(model: nn.Module, folder: HFFolder) -> dict[str, str]:
     missing, has another shape, or is not part of this model."""
     key, shapes = folder.key, {name: tuple(p.shape) for name, p in model.named_parameters()}
     cfg = getattr(model, "cfg", None)
-    if cfg is not None:  # values that change the function without changing a shape
-        for hf_key, ours, our_key in (("rope_theta", cfg.rope_theta, "model.rope_theta"),
-                                      ("rms_norm_eps", cfg.norm_eps, "model.norm_eps")):
-            theirs = folder.config.get(hf_key, (folder.config.get("rope_parameters") or {}).get(hf_key))
-            if theirs is not None and float(theirs) != float(ours):
-                raise UserError(f"config key '{key}': {folder.path} has {hf_key}={theirs} but this run's "
-                                f"{our_key} is {ours}; set {our_key}={theirs}")
+    if cfg is not None:
+        try:
+            check_config(cfg, folder)
+        except (TypeError, ValueError, AttributeError) as e:  # a number that is not one, a list for an object
+            raise UserError(f"config key '{key}': {folder.path / 'config.json'} has a malformed value "
+                            f"({type(e).__name__}: {e})") from None
     source = {}
     for name, shape in shapes.items():
         wanted = hf_name(name)
@@ -153,8 +218,18 @@ def check_folder(model: nn.Module, folder: HFFolder) -> dict[str, str]:
                             f"config.json (e.g. model.dim={folder.config.get('hidden_size')}, "
                             f"model.n_layers={folder.config.get('num_hidden_layers')}, "
                             f"model.vocab_size={folder.config.get('vocab_size')})")
+        if not folder.dtype(wanted).startswith(("F", "BF")):  # F64 ... F8_E5M2, BF16: floating point
+            raise UserError(f"config key '{key}': tensor {wanted} in {folder.path} has dtype {folder.dtype(wanted)}, "
+                            f"not floating point (a quantized model?); save it in float32, bfloat16 or float16")
         source[name] = wanted
     used = set(source.values())
+    head = hf_name("lm_head.weight")
+    if source.get("lm_head.weight") == head and folder.config.get("tie_word_embeddings"):
+        # transformers uses one matrix for both: only a folder where they agree computes what we would
+        if not torch.equal(folder.read(head), folder.read(source["embed_tokens.weight"])):
+            raise UserError(f"config key '{key}': {folder.path} has tie_word_embeddings=true but its {head} differs "
+                            f"from {source['embed_tokens.weight']}; set tie_word_embeddings to false in its "
+                            f"config.json if the head is its own")
     extra = [t for t in folder.where if t not in used and not IGNORED.match(t)]
     if extra:
         raise UserError(f"config key '{key}': {folder.path} has tensor {extra[0]} that this model does not have "
@@ -187,5 +262,5 @@ def read_hf_folder(path: str | Path) -> dict[str, torch.Tensor]:
     return {our_name(name): folder.read(name) for name in folder.where}
 
 
-__all__ = ["HFFolder", "hf_config", "hf_name", "our_name", "plan_shards", "shard_file_names", "load_hf_weights",
-           "check_folder", "read_hf_folder", "SINGLE_FILE", "INDEX_FILE"]
+__all__ = ["HFFolder", "check_config", "hf_config", "hf_name", "our_name", "plan_shards", "shard_file_names",
+           "load_hf_weights", "check_folder", "read_hf_folder", "SINGLE_FILE", "INDEX_FILE"]

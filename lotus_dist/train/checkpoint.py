@@ -25,6 +25,7 @@ ever deletes this class's own ``step_N`` directories, oldest first) never prefer
 
 from __future__ import annotations
 
+import errno
 import json
 import random
 import re
@@ -37,8 +38,10 @@ from typing import Callable
 import numpy as np
 import torch
 
-from lotus_dist.distributed.dcp_util import (async_save_state, load_sharded, nonfinite_count, nonfinite_names,
-                                             save_state, sharded_state)
+from torch.distributed.checkpoint.api import CheckpointException
+
+from lotus_dist.distributed.dcp_util import (async_save_state, load_sharded, merge_stored_bytes, nonfinite_count,
+                                             nonfinite_names, save_state, sharded_state, stored_bytes)
 from lotus_dist.errors import UserError
 from lotus_dist.train.faults import maybe_crash
 from lotus_dist.train.manifest import ManifestError, check_file, read_manifests, write_manifest
@@ -137,25 +140,60 @@ class Checkpointer:
         self.wait()  # one save in flight at most; the previous one has normally finished long ago
         state = sharded_state(model, optimizer)
         self._refuse_nonfinite(state, step)
+        data_text = json.dumps(data_state)  # a data position holds its shuffle buffer: megabytes, counted below
+        need = self._refuse_full_disk(state, step, len(data_text))
         final = self.root / _step_dir_name(step)
         tmp = self.root / (_step_dir_name(step) + ".tmp")
         if self.rank == 0:
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir(parents=True)
         self.comm.barrier()
-        if self.asynchronous:
-            future, writer = async_save_state(str(tmp), state, process_group=self.async_group)
-        else:
-            written = save_state(str(tmp), state)
-        own = self._write_rank_files(tmp, train_state, data_state)
+        try:
+            if self.asynchronous:
+                future, writer = async_save_state(str(tmp), state, process_group=self.async_group)
+            else:
+                written = save_state(str(tmp), state)
+            own = self._write_rank_files(tmp, train_state, data_text)
+        except (Exception, CheckpointException) as e:
+            self._write_failed(e, tmp, step, need)
         if self.asynchronous:
             self._finisher = self._finisher or ThreadPoolExecutor(max_workers=1, thread_name_prefix="ckpt-manifest")
             done = self._finisher.submit(self._finish_async, future, writer, tmp, own)
-            self.pending = (done, step, tmp, final)
+            self.pending = (done, step, tmp, final, need)
         else:
             write_manifest(tmp, self.rank, self.world_size, written + own)
             self._commit(step, tmp, final)
         return final
+
+    def _refuse_full_disk(self, state: dict, step: int, own_bytes: int) -> int:
+        """Refuse (UserError, on every rank, nothing written) a save that the checkpoint filesystem cannot hold, as
+        every rank sees it; returns the bytes the checkpoint needs. One gather: each rank's tensors, its own files'
+        bytes (``own_bytes``: the data position) and the free space it sees."""
+        per_rank = self.comm.all_gather_object((stored_bytes(state), own_bytes, _free_bytes(self.root)))
+        need = merge_stored_bytes([b for b, _, _ in per_rank]) + sum(n for _, n, _ in per_rank)
+        need += need // 100 + self.world_size * (1 << 20)  # DCP's metadata and framing, RNG states, manifests
+        free, rank = min((f, r) for r, (_, _, f) in enumerate(per_rank))
+        if free < need:
+            raise UserError(self._no_space(step, need, free, rank))
+        return need
+
+    def _no_space(self, step: int, need: int, free: int | None, rank: int | None = None) -> str:
+        latest = self.latest()
+        where = f" (as rank {rank} sees it)" if rank and self.world_size > 1 else ""
+        free_text = f", {free:,} free{where}" if free is not None else ""
+        kept = f"the last checkpoint {latest} is intact" if latest else "there is no checkpoint yet"
+        return (f"no space left on device in {self.root}: checkpoint {_step_dir_name(step)} needs about {need:,} "
+                f"bytes{free_text}; it was not saved ({kept}). Free space there, or move run.dir, and run again to "
+                f"resume")
+
+    def _write_failed(self, error: BaseException, tmp: Path, step: int, need: int):
+        """A write that failed: its partial directory is removed; a full disk (found only now, e.g. filled by
+        another process) becomes one line, any other failure is raised as it is."""
+        if self.rank == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+        if _out_of_space(error):
+            raise UserError(self._no_space(step, need, _free_bytes(self.root))) from None
+        raise error
 
     def _refuse_nonfinite(self, state: dict, step: int) -> None:
         bad = int(self.comm.all_reduce_sum(nonfinite_count(state, self.comm.device)).item())
@@ -168,9 +206,9 @@ class Checkpointer:
             f"{', '.join(names)}): it was not saved; the last good checkpoint is "
             f"{latest if latest else 'none (no checkpoint yet)'}")
 
-    def _write_rank_files(self, tmp: Path, train_state: dict, data_state: dict) -> list[str]:
+    def _write_rank_files(self, tmp: Path, train_state: dict, data_text: str) -> list[str]:
         names = [f"rank_{self.rank:05d}.json", f"rank_{self.rank:05d}_rng.pt"]
-        (tmp / names[0]).write_text(json.dumps(data_state))
+        (tmp / names[0]).write_text(data_text)
         torch.save(rng_state(), tmp / names[1])
         if self.rank == 0:
             (tmp / TRAIN_STATE).write_text(json.dumps({**train_state, "world_size": self.world_size}, indent=1))
@@ -190,9 +228,12 @@ class Checkpointer:
         """Finish and commit an asynchronous save (every rank calls it, at the same point of the loop)."""
         if self.pending is None:
             return
-        done, step, tmp, final = self.pending
+        done, step, tmp, final, need = self.pending
         self.pending = None
-        done.result()
+        try:
+            done.result()
+        except (Exception, CheckpointException) as e:
+            self._write_failed(e, tmp, step, need)
         self._commit(step, tmp, final)
 
     def _commit(self, step: int, tmp: Path, final: Path) -> None:
@@ -288,9 +329,10 @@ class Checkpointer:
         error, loaded = None, None
         try:
             loaded = self.load(path, model, optimizer)
-        except Exception as e:  # damage that only loading reveals (legacy checkpoints, bad pickles, ...)
-            text = str(e).strip().splitlines()
-            error = f"loading failed on rank {self.rank} ({type(e).__name__}: {text[0][:200] if text else ''})"
+        # damage that only loading reveals (legacy checkpoints, bad pickles, ...); DCP's CheckpointException is a
+        # BaseException, not an Exception
+        except (Exception, CheckpointException) as e:
+            error = f"loading failed on rank {self.rank} ({_first_failure(e)})"
         error = next((e for e in self.comm.all_gather_object(error) if e), None)
         return error, (None if error else loaded)
 
@@ -300,6 +342,35 @@ class Checkpointer:
             for path in damaged:
                 self.log(f"set aside the damaged checkpoint {path.name} as {_aside(path, '.damaged').name}")
         self.comm.barrier()
+
+
+def _first_failure(error: BaseException) -> str:
+    """``Type: first line`` of what went wrong; for DCP's CheckpointException, of the first rank's own failure."""
+    failures = getattr(error, "failures", None)
+    if isinstance(failures, dict) and failures:
+        _, (inner, _) = min(failures.items(), key=lambda item: item[0])
+        error = inner
+    text = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {text[0][:200] if text else ''}"
+
+
+def _free_bytes(path: Path) -> int:
+    """Free bytes on the filesystem that holds (or will hold) ``path``."""
+    while not path.exists() and path.parent != path:
+        path = path.parent
+    return shutil.disk_usage(path).free
+
+
+def _out_of_space(error: BaseException) -> bool:
+    """Whether a failed write ran out of disk: ENOSPC anywhere in its chain, or its text (DCP reports each rank's
+    failure as text; torch's zip writer says only "unexpected pos" when a write came up short)."""
+    seen = error
+    while seen is not None:
+        if isinstance(seen, OSError) and seen.errno == errno.ENOSPC:
+            return True
+        seen = seen.__cause__ or seen.__context__
+    text = str(error)
+    return "No space left on device" in text or "unexpected pos" in text
 
 
 def _aside(path: Path, suffix: str) -> Path:
@@ -328,3 +399,15 @@ def check_compatible(saved: dict, expected: dict, path: Path) -> None:
             raise UserError(f"checkpoint {path} was written with {key}={old}, this run has {key}={value}: the "
                             f"optimizer state's shapes and the data position depend on it, so the run cannot "
                             f"continue; set {key}={old} again, or choose another run.dir")
+
+
+def check_tokenizer(saved: dict, expected: dict, path: Path, *, allow_change: bool, name: str) -> None:
+    """Refuse a checkpoint trained with another tokenizer (another model file: the same ids would mean other
+    tokens, even at an equal vocabulary size) unless ``data.allow_tokenizer_change``; checkpoints written before
+    the fingerprint was recorded are not compared."""
+    old, new = saved.get("tokenizer"), expected.get("tokenizer")
+    if old is None or old == new or allow_change:
+        return
+    raise UserError(f"checkpoint {path} was trained with another tokenizer (fingerprint {old}; data.tokenizer={name} "
+                    f"has {new}): every embedding row would now mean another token; use the run's tokenizer again, "
+                    f"or set data.allow_tokenizer_change=true if the change is deliberate")

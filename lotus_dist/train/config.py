@@ -103,6 +103,9 @@ class DataConfig:
     # micro-batches prepared ahead by a background thread (0: none); checkpoints hold the position of the batches
     # trained on, so a run resumes exactly at any depth. Raise it (e.g. 8) for small micro-batches.
     prefetch: int = 2
+    # a tokenizer other than the one indexed data (its recorded fingerprint) or the checkpoint was made with is
+    # refused: every id would mean another token. true: train on anyway (a warning), e.g. a re-saved identical model.
+    allow_tokenizer_change: bool = False
 
 
 @dataclass
@@ -132,7 +135,7 @@ class DistConfig:
     world_size: Optional[int] = None  # dry runs only: the world size to plan for
     replicate: int = 1  # HSDP: replicas (outer mesh dim); 1 = plain FSDP
     backend: str = "auto"  # auto (nccl on CUDA, gloo on CPU) | nccl | gloo
-    deepspeed_config: Optional[str] = None  # a DeepSpeed JSON file; null: generated from this config
+    deepspeed_config: Optional[str] = None  # deepspeed only: a DeepSpeed JSON file; null: generated from this config
     bucket_mb: float = 25.0  # ddp/deepspeed: MiB of one fp32 gradient bucket, all ranks' segments, at any world size
     reduce_dtype: str = "fp32"  # fsdp: dtype of the gradient reduce-scatter / all-reduce (bf16: half the bytes)
     # fsdp, train.grad_accum > 1: reduce gradients on the last micro-batch of a step only. Flat FSDP skips the
@@ -406,6 +409,10 @@ def validate(cfg: Config) -> None:
             if getattr(cfg.dist, key) != default:
                 raise ConfigError(f"config key 'dist.{key}' applies to dist.mode=fsdp only (dist.mode="
                                   f"{cfg.dist.mode} reduces fp32 gradients on the last micro-batch already)")
+    if cfg.dist.deepspeed_config and cfg.dist.mode != "deepspeed":  # no other mode reads it: not silently ignored
+        raise ConfigError(f"config key 'dist.deepspeed_config' ({cfg.dist.deepspeed_config}) applies to "
+                          f"dist.mode=deepspeed only, but dist.mode={cfg.dist.mode}; set dist.mode=deepspeed or "
+                          f"drop dist.deepspeed_config")
     if cfg.dist.bucket_mb <= 0:
         raise ConfigError(f"config key 'dist.bucket_mb' must be positive, got {cfg.dist.bucket_mb}")
     _at_least("checkpoint.every", cfg.checkpoint.every, 0, " (0 = only at the end)")
@@ -449,15 +456,20 @@ def _validate_model(m: ModelConfig) -> None:
         value = getattr(m, key)
         if value is not None and value <= 0:
             raise ConfigError(f"config key 'model.{key}' must be positive, got {value}")
+    try:
+        llama_config(m.name, **shape_overrides(m))  # a known size, and a shape it can build (dim divisible by n_heads, ...)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+
+
+def check_init_from(m: ModelConfig) -> None:
+    """``model.init_from`` names a Hugging Face folder. Checked when a run starts fresh, not at config load: a
+    resume never reads the folder, so a moved or deleted one must not block it."""
     if m.init_from is not None:
         folder = Path(m.init_from).expanduser()
         if not (folder / "config.json").is_file():
             raise ConfigError(f"config key 'model.init_from': '{m.init_from}' is not a Hugging Face model folder "
                               f"(no config.json{'' if folder.is_dir() else '; no such directory'})")
-    try:
-        llama_config(m.name, **shape_overrides(m))  # a known size, and a shape it can build (dim divisible by n_heads, ...)
-    except ValueError as e:
-        raise ConfigError(str(e)) from None
 
 
 def to_dict(cfg: Config) -> dict:

@@ -16,8 +16,9 @@ import torch
 from lotus_dist.errors import UserError
 from lotus_dist.model.llama import Llama, llama_config
 from lotus_dist.counters import COUNTERS
-from lotus_dist.train.checkpoint import Checkpointer, NonFiniteStateError, check_compatible
-from lotus_dist.train.config import Config, shape_overrides, to_dict
+from lotus_dist.train.checkpoint import Checkpointer, NonFiniteStateError, check_compatible, check_tokenizer
+from lotus_dist.train import resume_changes
+from lotus_dist.train.config import Config, check_init_from, shape_overrides, to_dict
 from lotus_dist.train.consensus import StepConsensus, clip_, grad_sq_partial, replicas_of
 from lotus_dist.train.evaluate import evaluate
 from lotus_dist.train.faults import maybe_crash, maybe_poison_gradients, maybe_poison_weights
@@ -99,15 +100,27 @@ class Trainer:
 
     def build(self, cfg: Config, runtime) -> None:
         """Tokenizer, model (built on ``meta``, sharded, then materialised shard by shard), optimizer, data."""
-        from lotus_dist.data import build_train_stream, build_val_blocks, check_data, load_tokenizer
+        from lotus_dist.data import build_train_stream, build_val_blocks, check_data, check_vocab, load_tokenizer
 
         t = cfg.train
+        self.checkpointer = Checkpointer(self.run_dir, keep=cfg.checkpoint.keep, comm=runtime,
+                                         asynchronous=cfg.checkpoint.async_save)
+        latest = self.checkpointer.latest()
+        if latest is not None and not cfg.checkpoint.resume:
+            raise UserError(f"run directory {self.run_dir} holds checkpoint {latest.name} and checkpoint.resume=false; "
+                            f"choose another run.dir or remove {self.checkpointer.root}")
+        if latest is not None and cfg.model.init_from:
+            # a resume loads its weights from the checkpoint: the folder is not read (it may be gone by now)
+            runtime.log("model.init_from is not read: the run resumes from its checkpoints")
+            cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, init_from=None))
+        check_init_from(cfg.model)
         # a hub tokenizer (hf:<repo>) is fetched by one process per machine, the others read the cache after it
         self.tokenizer = load_tokenizer(cfg.data.tokenizer, first=runtime.runtime.local_rank == 0,
                                         agree=runtime.all_gather_object)
         check_data(cfg.data, self.tokenizer, evaluate=bool(t.eval_every))  # before minutes of model building
+        check_vocab(cfg.model.vocab_size or self.tokenizer.vocab_size, self.tokenizer)
         self.fingerprint = {"model": model_fingerprint(cfg, self.tokenizer.vocab_size), "optim_method": cfg.optim.name,
-                            "resume": resume_keys(cfg)}
+                            "resume": resume_keys(cfg), "tokenizer": self.tokenizer.fingerprint}
         model_cfg = llama_config(**{"name": cfg.model.name, **self.fingerprint["model"]})
         if t.seq_len > model_cfg.max_seq_len:
             raise UserError(f"config key 'train.seq_len' ({t.seq_len}) exceeds the model's max_seq_len "
@@ -139,8 +152,6 @@ class Trainer:
                                          rank=runtime.rank, world_size=runtime.world_size, seed=cfg.seed,
                                          pin_memory=self.device.type == "cuda")
         self.val_blocks = build_val_blocks(cfg.data, self.tokenizer, seq_len=t.seq_len) if t.eval_every else None
-        self.checkpointer = Checkpointer(self.run_dir, keep=cfg.checkpoint.keep, comm=runtime,
-                                         asynchronous=cfg.checkpoint.async_save)
         self.consensus = StepConsensus(runtime)
 
     def note_rank_clipping(self) -> None:
@@ -158,15 +169,26 @@ class Trainer:
     def resume_if_possible(self) -> int | None:
         """Continue from the newest good checkpoint (returns its step), or start fresh (None). Either way the
         run directory's metrics are cut back to where this run continues from."""
-        latest = self.checkpointer.latest()
-        if latest is not None and not self.cfg.checkpoint.resume:
-            raise UserError(f"run directory {self.run_dir} holds checkpoint {latest.name} and checkpoint.resume=false; "
-                            f"choose another run.dir or remove {self.checkpointer.root}")
         self.checkpointer.remove_partial()
-        resumed = self.checkpointer.resume(self.model, self.optimizer,
-                                           check=lambda saved, path: check_compatible(saved, self.fingerprint, path))
+        wanted = resume_changes.snapshot(self.optimizer)  # the config's settings, before a load replaces them
+        recorded = resume_changes.as_json(wanted)
+
+        def check(saved: dict, path) -> None:
+            check_compatible(saved, self.fingerprint, path)
+            check_tokenizer(saved, self.fingerprint, path, allow_change=self.cfg.data.allow_tokenizer_change,
+                            name=self.cfg.data.tokenizer)
+            if "optim_groups" in saved:  # refused changes are found before loading a state they do not fit
+                resume_changes.changes(saved["optim_groups"], recorded, path)
+
+        resumed = self.checkpointer.resume(self.model, self.optimizer, check=check)
         if resumed is not None:
             path, train_state, data_state = resumed
+            # checkpoints without the record: compare with the groups they loaded
+            saved = train_state.get("optim_groups") or resume_changes.as_json(resume_changes.snapshot(self.optimizer))
+            applied = resume_changes.changes(saved, recorded, path)
+            resume_changes.apply(self.optimizer, wanted)
+            if applied and self.is_main:
+                print(f"resume applies the changed optimizer settings: {', '.join(applied)}", flush=True)
             self.step, self.tokens = train_state["step"], train_state["tokens"]
             if data_state is None:
                 raise UserError(f"checkpoint {path} was written by {train_state['world_size']} ranks; this run has "
@@ -180,7 +202,8 @@ class Trainer:
         return None if resumed is None else self.step
 
     def save(self) -> None:
-        train_state = {"step": self.step, "tokens": self.tokens, **self.fingerprint}
+        train_state = {"step": self.step, "tokens": self.tokens, **self.fingerprint,
+                       "optim_groups": resume_changes.as_json(resume_changes.snapshot(self.optimizer))}
         path = self.checkpointer.save(self.step, self.model, self.optimizer, train_state=train_state,
                                       data_state=self.stream.state_dict())
         self.logger.message(f"{'saving' if self.checkpointer.asynchronous else 'saved'} checkpoint {path}")

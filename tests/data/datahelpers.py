@@ -2,11 +2,13 @@
 
 import gzip
 import json
+import zlib
 from pathlib import Path
 
 from lotus_dist.train.config import DataConfig
 
-SHARED_C4 = Path(__file__).resolve().parents[3] / "shared" / "data" / "c4"
+REPO = Path(__file__).resolve().parents[2]
+SHARED_C4 = REPO.parent / "shared" / "data" / "c4"
 WORDS = "the of and to in a is that for it as was with be by on not he this are or his from at which".split()
 
 
@@ -54,3 +56,32 @@ def data_cfg(**kw) -> DataConfig:
     for k, v in kw.items():
         setattr(cfg, k, v)
     return cfg
+
+
+def real_c4_records() -> list[dict]:
+    """The real C4 documents of ../shared/data/c4 (30), else synthetic ones of C4's schema."""
+    files = sorted(SHARED_C4.glob("c4-sample.*.json.gz")) if SHARED_C4.is_dir() else []
+    records = [json.loads(line) for f in files for line in gzip.open(f, "rt") if line.strip()]
+    return records or [{"text": synthetic_text(i, 200), "url": "u", "timestamp": "t"} for i in range(30)]
+
+
+def write_corrupt_deflate_shard(path: Path, records: list, good: int) -> Path:
+    """A gzip shard whose deflate stream is intact for ``good`` records, then a block with the invalid type 3:
+    reading past them raises zlib.error (not OSError), as a bit flip in a downloaded shard does."""
+    lines = [json.dumps(r).encode() + b"\n" for r in records]
+    c = zlib.compressobj(6, zlib.DEFLATED, 31)  # 31: gzip framing
+    head = c.compress(b"".join(lines[:good])) + c.flush(zlib.Z_FULL_FLUSH)  # byte-aligned: the next block starts here
+    tail = c.compress(b"".join(lines[good:])) + c.flush()
+    path.write_bytes(head + b"\x06" + tail[1:])  # block header: BFINAL=0, BTYPE=11 (reserved)
+    return path
+
+
+def hub_cache(root: Path, repo: str = "google-t5/t5-base", filename: str = "spiece.model") -> Path:
+    """``models--org--name/{refs/main, snapshots/<commit>/<file>}``: what one download leaves in HF_HUB_CACHE."""
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    entry = root / f"models--{repo.replace('/', '--')}"
+    (entry / "refs").mkdir(parents=True)
+    (entry / "refs" / "main").write_text(commit)
+    (entry / "snapshots" / commit).mkdir(parents=True)
+    (entry / "snapshots" / commit / filename).write_bytes((REPO / "tokenizer" / "embedded.model").read_bytes())
+    return root

@@ -7,10 +7,8 @@ import pytest
 import sentencepiece as spm
 from script_loader import load_script
 
-from datahelpers import make_mirror  # noqa: E402  (conftest path)
+from datahelpers import hub_cache, make_mirror  # noqa: E402  (conftest path)
 from lotus_dist.data import DataError, load_tokenizer
-
-REPO = Path(__file__).resolve().parents[2]
 
 
 def _train_module():
@@ -85,17 +83,6 @@ def test_not_a_model(tmp_path):
 
 
 # ---- hf:<repo> (the Hugging Face cache, tested offline on a cache laid out as huggingface_hub lays it out) ----
-
-def hub_cache(root: Path, repo: str = "google-t5/t5-base", filename: str = "spiece.model") -> Path:
-    """``models--org--name/{refs/main, snapshots/<commit>/<file>}``: what one download leaves in HF_HUB_CACHE."""
-    commit = "0123456789abcdef0123456789abcdef01234567"
-    entry = root / f"models--{repo.replace('/', '--')}"
-    (entry / "refs").mkdir(parents=True)
-    (entry / "refs" / "main").write_text(commit)
-    (entry / "snapshots" / commit).mkdir(parents=True)
-    (entry / "snapshots" / commit / filename).write_bytes((REPO / "tokenizer" / "embedded.model").read_bytes())
-    return root
-
 
 @pytest.fixture
 def offline_hub(tmp_path, monkeypatch):

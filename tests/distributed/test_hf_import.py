@@ -50,6 +50,22 @@ def test_init_from_in_every_mode_gives_the_first_loss_of_those_weights(tmp_path,
     assert loss == pytest.approx(first_batch_loss(model, args), rel=1e-5)
 
 
+def test_init_from_a_folder_of_another_function_is_refused_on_every_rank(tmp_path, folder):
+    """Same shapes, another function (half the heads): fsdp at 2 ranks stops before step 1 with one line."""
+    path, _ = folder
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "model.safetensors").symlink_to(path / "model.safetensors")
+    config = json.loads((path / "config.json").read_text())
+    (other / "config.json").write_text(json.dumps({**config, "num_attention_heads": 2, "head_dim": None}))
+    args = [*SMALL, "train.steps=1", "train.eval_every=0", "checkpoint.every=0", f"data.cache_dir={tmp_path / 'c'}"]
+    proc = launch(2, [*args, "dist.mode=fsdp", f"model.init_from={other}", f"run.dir={tmp_path / 'run'}"],
+                  check=False)
+    assert proc.returncode != 0 and "num_attention_heads=2 but this run's model.n_heads is 4" in proc.stderr
+    assert "UserError" not in proc.stderr  # one line from each rank, no Python traceback
+    assert not (tmp_path / "run" / "metrics.jsonl").exists() or not read_metrics(tmp_path / "run")
+
+
 def test_hub_tokenizer_under_torchrun_offline_from_the_cache(tmp_path):
     """data.tokenizer=hf:<repo> at 2 ranks with HF_HUB_OFFLINE=1 over a cache laid out as huggingface_hub does."""
     commit = "0123456789abcdef0123456789abcdef01234567"

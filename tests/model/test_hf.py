@@ -103,6 +103,32 @@ def test_load_hf_weights_sliced_by_local_part(tmp_path):
      "has tensor model.layers.2.mlp.up_proj.weight that this model does not have"),
     (lambda t, c: c.update({"rope_theta": 500000.0, "rope_parameters": {"rope_theta": 500000.0}}),
      "rope_theta=500000.0 but this run's model.rope_theta is 5000.0"),
+    # values that change the function while every shape still matches (issue 32, item 9)
+    (lambda t, c: c.update({"num_attention_heads": 2, "head_dim": None}),
+     "num_attention_heads=2 but this run's model.n_heads is 4; set model.n_heads=2"),
+    (lambda t, c: c.update({"num_key_value_heads": 2}), "num_key_value_heads=2 of 4 heads"),
+    (lambda t, c: c.update({"head_dim": 16}), "head_dim=16 but this model's is model.dim / model.n_heads = 8"),
+    (lambda t, c: c.update({"hidden_act": "gelu"}), "hidden_act=gelu but this model's MLP uses silu"),
+    (lambda t, c: c.update({"rope_scaling": {"rope_type": "llama3", "factor": 8.0}}),
+     'rope_scaling={"rope_type": "llama3", "factor": 8.0}'),
+    (lambda t, c: c.update({"rope_scaling": {"type": "linear", "factor": 2.0}}), 'rope_scaling={"type": "linear"'),
+    (lambda t, c: c.update({"rope_parameters": {"rope_type": "yarn", "rope_theta": 5000.0, "factor": 4.0}}),
+     'rope_parameters={"rope_type": "yarn"'),
+    (lambda t, c: c.update({"partial_rotary_factor": 0.5}), "partial_rotary_factor=0.5"),
+    (lambda t, c: [c.pop("rope_theta"), c.pop("rope_parameters")],
+     "rope_theta=10000.0 (by default) but this run's model.rope_theta is 5000.0"),
+    (lambda t, c: c.update({"rms_norm_eps": 1e-6}), "rms_norm_eps=1e-06 but this run's model.norm_eps is 1e-05"),
+    (lambda t, c: c.update({"attention_bias": True}), "attention_bias=true"),
+    (lambda t, c: c.update({"mlp_bias": True}), "mlp_bias=true"),
+    (lambda t, c: c.update({"model_type": "mistral"}), "model_type=mistral"),
+    (lambda t, c: c.update({"tie_word_embeddings": True}),
+     "tie_word_embeddings=true but its lm_head.weight differs from model.embed_tokens.weight"),
+    (lambda t, c: c.update({"num_attention_heads": "four"}), "config.json has a malformed value (ValueError"),
+    # weights that are not floating point: quantized or mistaken folders
+    (lambda t, c: t.update({"model.layers.0.self_attn.q_proj.weight": torch.ones(32, 32, dtype=torch.int8)}),
+     "tensor model.layers.0.self_attn.q_proj.weight in"),
+    (lambda t, c: t.update({"model.norm.weight": torch.ones(32, dtype=torch.bool)}), "has dtype BOOL"),
+    (lambda t, c: t.update({"lm_head.weight": torch.ones(96, 32, dtype=torch.int32)}), "has dtype I32"),
 ])
 def test_mismatching_folders_are_refused_naming_the_tensor(tmp_path, change, needle):
     torch.manual_seed(0)
@@ -115,6 +141,44 @@ def test_mismatching_folders_are_refused_naming_the_tensor(tmp_path, change, nee
         load_hf_weights(model, folder)
     assert needle in str(e.value) and "\n" not in str(e.value)
     assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))  # checked before anything is written
+
+
+def test_transformers_config_defaults_and_scaling_free_rope_are_accepted(tmp_path):
+    """Keys a config.json may omit or write as null/default take transformers' defaults (what it would compute)."""
+    cfg = LlamaConfig(vocab_size=96, dim=32, n_layers=1, n_heads=4, ffn_dim=64, max_seq_len=64)  # rope 1e4, eps 1e-6
+    torch.manual_seed(0)
+    model = Llama(cfg)
+    config = {"hidden_size": 32, "num_attention_heads": 4, "rope_scaling": {"rope_type": "default"},
+              "num_key_value_heads": None, "hidden_act": "swish"}
+    tied = ours_as_hf(model)
+    tied["lm_head.weight"] = tied["model.embed_tokens.weight"].clone()  # tied and saved twice, the same values
+    target = Llama(cfg)
+    load_hf_weights(target, write_folder(tmp_path / "hf", tied, {**config, "tie_word_embeddings": True}),
+                    log=lambda line: None)
+    assert torch.equal(target.lm_head.weight, model.embed_tokens.weight)
+    assert torch.equal(target.layers[0].mlp.up_proj.weight, model.layers[0].mlp.up_proj.weight)
+    half = {n: t.to(torch.bfloat16) for n, t in ours_as_hf(model).items()}  # any floating dtype is read
+    load_hf_weights(target, write_folder(tmp_path / "bf16", half, config), log=lambda line: None)
+    assert torch.equal(target.norm.weight, model.norm.weight)
+
+
+@pytest.mark.parametrize("file, text, needle", [
+    ("config.json", "[1, 2]", "config.json holds a JSON list, not an object"),
+    ("config.json", '"llama"', "config.json holds a JSON str, not an object"),
+    ("config.json", "{", "config.json cannot be read (JSONDecodeError"),
+    (INDEX_FILE, '{"weight_map": ', f"{INDEX_FILE} cannot be read (JSONDecodeError"),
+    (INDEX_FILE, "[]", f"{INDEX_FILE} holds a JSON list, not an object"),
+    (INDEX_FILE, '{"metadata": {}}', f'{INDEX_FILE} has no "weight_map" object'),
+    (INDEX_FILE, '{"weight_map": ["model.safetensors"]}', f'{INDEX_FILE} has no "weight_map" object'),
+    (INDEX_FILE, '{"weight_map": {"lm_head.weight": 3}}', f'{INDEX_FILE} has no "weight_map" object'),
+])
+def test_broken_config_or_index_json_is_refused_in_one_line(tmp_path, file, text, needle):
+    model = Llama(CFG)
+    folder = write_folder(tmp_path / "hf", ours_as_hf(model), hf_config(CFG, dtype=torch.float32, bos_id=1, eos_id=2))
+    (folder / file).write_text(text)
+    with pytest.raises(UserError) as e:
+        load_hf_weights(model, folder)
+    assert needle in str(e.value) and "model.init_from" in str(e.value) and "\n" not in str(e.value)
 
 
 def test_folders_without_weights_are_refused(tmp_path):

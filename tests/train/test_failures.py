@@ -15,30 +15,10 @@ from pathlib import Path
 import pytest
 
 from lotus_dist.train.cli import main
-from lotus_dist.train.config import merge_overrides
 from lotus_dist.train.faults import flip_bit
 from lotus_dist.train.metrics import read_metrics
 
-REPO = Path(__file__).resolve().parents[2]
-TRAJECTORY_KEYS = ("step", "loss", "lr", "tokens", "val_loss", "grad_norm", "switches", "optimizer_state_bytes")
-
-
-def run(args: list[str]) -> int:
-    return main(["--config", str(REPO / "configs/tiny.yaml"), *merge_overrides(args)])
-
-
-def trajectory(run_dir: Path) -> list[dict]:
-    return [{k: line[k] for k in TRAJECTORY_KEYS if k in line} for line in read_metrics(run_dir)]
-
-
-def one_error_line(capsys) -> str:
-    err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1 and err.startswith("error: "), err
-    return err
-
-
-def step_dirs(run_dir: Path) -> list[str]:
-    return sorted(p.name for p in (run_dir / "checkpoints").iterdir())
+from pretrain_runs import REPO, one_error_line, run, step_dirs, trajectory  # tests/ is on sys.path (conftest.py)
 
 
 # ---- only finite states are saved ----------------------------------------------------------------------------------
@@ -136,6 +116,25 @@ def test_a_legacy_checkpoint_without_manifest_still_resumes(straight, tmp_path, 
     assert run(args + [f"run.dir={run_dir}", "train.steps=14"]) == 0
     assert "resumed from" in capsys.readouterr().out
     assert [l["step"] for l in read_metrics(run_dir)] == list(range(1, 15))
+
+
+def test_a_truncated_legacy_checkpoint_falls_back_to_the_older_one(straight, tmp_path, capsys):
+    """Without a manifest only loading finds the damage, and DCP raises it as CheckpointException, a
+    BaseException: the fallback must still catch it and load the older checkpoint."""
+    work, args = straight
+    run_dir = tmp_path / "run"
+    shutil.copytree(work / "straight", run_dir)
+    last = run_dir / "checkpoints/step_00000012"
+    (last / "manifest_rank_00000.json").unlink()
+    (last / "COMPLETE").write_text("step 12\n")
+    truncate(last / "__0_0.distcp")
+    capsys.readouterr()
+    assert run(args + [f"run.dir={run_dir}", "checkpoint.async_save=false"]) == 0
+    out = capsys.readouterr().out
+    warnings = [l for l in out.splitlines() if l.startswith("warning: ")]
+    assert len(warnings) == 1 and "step_00000012" in warnings[0] and "loading failed" in warnings[0], out
+    assert "resumed from" in out and "step_00000008" in out
+    assert trajectory(run_dir) == trajectory(work / "straight")
 
 
 # ---- user data, retention, metrics ---------------------------------------------------------------------------------

@@ -165,3 +165,26 @@ def test_import_of_another_shape_is_refused_in_one_line(run, small_args, capsys)
     err = capsys.readouterr().err.strip()
     assert code == 2 and len(err.splitlines()) == 1, err
     assert "tensor model.layers.0.mlp.gate_proj.weight has shape [172, 64]" in err and "is [96, 64]" in err
+
+
+@pytest.mark.parametrize("damage, needle", [
+    (lambda out: (out / "config.json").write_text("[]"), "config.json holds a JSON list, not an object"),
+    (lambda out: (out / "model.safetensors.index.json").write_text('{"weight_map": {'),
+     "model.safetensors.index.json cannot be read (JSONDecodeError"),
+    (lambda out: (out / "config.json").write_text(json.dumps(
+        {**json.loads((out / "config.json").read_text()), "num_attention_heads": 2, "head_dim": None})),
+     "num_attention_heads=2 but this run's model.n_heads is 4; set model.n_heads=2"),
+])
+def test_import_of_a_broken_or_other_folder_is_refused_in_one_line(run, small_args, capsys, tmp_path, damage, needle):
+    """pretrain.py's model.init_from on a damaged export: exit 2 with one line, before any step."""
+    root, run_dir = run
+    out = tmp_path / "export"
+    assert export("--run-dir", run_dir, "--out", out, "--max-shard-size", "200KB").returncode == 0
+    damage(out)
+    capsys.readouterr()
+    code = main(["--config", str(REPO / "configs/tiny.yaml"),
+                 *merge_overrides(small_args, ["train.steps=1", f"model.init_from={out}",
+                                               f"run.dir={tmp_path / 'bad'}", f"data.cache_dir={root / 'cache'}"])])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1 and needle in err and "model.init_from" in err, err
+    assert not (tmp_path / "bad" / "checkpoints").exists() or not any((tmp_path / "bad" / "checkpoints").iterdir())
