@@ -466,7 +466,7 @@ def projector_steps(solver: str, G: torch.Tensor, side: str, r: int, *, gen: tor
         P = to_projector((yield from grasswalk_steps(columns(prev, side), geodesic_step, gen)), side)
     else:
         raise ValueError(f"solver: {solver!r} is not one of {', '.join(SOLVERS)}")
-    return P.to(solver_dtype(G))  # a bf16 gradient's basis is kept in fp32 (lowrank.state_dtype)
+    return P.to(solver_dtype(G))  # a bf16 gradient's basis is kept in fp32 (tensors.state_dtype)
 
 
 def compute_projector(solver: str, G: torch.Tensor, side: str, r: int, **kwargs) -> torch.Tensor:
