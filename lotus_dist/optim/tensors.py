@@ -19,7 +19,6 @@ def reference_dtype(name: str, param_dtype: torch.dtype) -> torch.dtype:
     return torch.bfloat16 if name == "bf16" else state_dtype(param_dtype)
 
 
-
 def _local(t: torch.Tensor) -> torch.Tensor:
     """A DTensor's local shard (a view), else t: the projected math runs on local tensors, so a weight sharded
     along its long side keeps R, the moments and the back-projection local (docs/algorithms.md section 11)."""

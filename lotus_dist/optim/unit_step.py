@@ -139,7 +139,6 @@ class UnitStepping:
             job.P = job.R = None
         return UnitStep(norm_sq, ok, finite, counters, local)
 
-
     def _group_of(self, p: torch.Tensor) -> dict:
         if self._groups is None:
             self._groups = {id(q): group for group in self.param_groups for q in group["params"]}

@@ -24,7 +24,7 @@ MATRICES = MATRICES * 2
 
 
 class _Shard:
-    """A DTensor parameter as LowRankAdamW sees it (duck-typed, see lowrank._local): the global shape, and this rank's
+    """A DTensor parameter as LowRankAdamW sees it (duck-typed, see tensors._local): the global shape, and this rank's
     gradient shard behind ``to_local``."""
 
     def __init__(self, shape, local_grad):
