@@ -3,7 +3,7 @@
 docs/algorithms.md section 11. One ``MatrixComm`` per projected matrix, over the FSDP shard group (the inner mesh dim;
 under HSDP every replica group holds the same gradient shards and works on its own):
 
-- normal case (sharded along the long side): R, moments and back-projection are local; ``reduce_long`` sums the
+- normal case (sharded along the long side): R, moments and back-projection are local; ``sum_long`` sums the
   rsvd sketches (n x k) and the k x k Gram; the Gaussian sketch is drawn whole from the shared seed and each rank
   takes its rows (uneven shards included);
 - fallback (a left projector on a ``Shard(0)`` matrix: the projected side is sharded): ``R = Σ_i A_iᵀ G_i`` is
@@ -28,7 +28,7 @@ import torch
 import torch.distributed as dist
 
 from lotus_dist.counters import COUNTERS, nbytes, to_host
-from lotus_dist.optim.subspace import Comm, Request, linalg_steps, orth_columns_steps, svd_projector, svd_projectors
+from lotus_dist.optim.subspace import Comm, Request, linalg_steps, orth_columns_steps, svd_projectors
 
 
 def counted(kind: str, whole_bytes: int, group) -> None:
@@ -122,12 +122,6 @@ class MatrixComm(Comm):
         dist.all_reduce(t, group=self.group)
         return t
 
-    def reduce_long(self, t: torch.Tensor) -> torch.Tensor:
-        return t if self.fallback else self.reduce(t)
-
-    def reduce_short(self, t: torch.Tensor) -> torch.Tensor:
-        return self.reduce(t) if self.fallback else t
-
     def reduce_projected(self, R: torch.Tensor) -> torch.Tensor:
         if not self.fallback:
             return R
@@ -136,11 +130,6 @@ class MatrixComm(Comm):
 
     def state_piece(self, shape, side):
         return (shape[0], self.long_sizes[self.me]) if self.fallback else tuple(shape)
-
-    def gather_long(self, N: torch.Tensor) -> torch.Tensor:
-        if not self.fallback:
-            return N
-        return all_gather_rows(N.T.contiguous(), self.long_sizes, self.group).T
 
     # --------------------------------------------------------------------------------------------- solvers
 
@@ -158,49 +147,6 @@ class MatrixComm(Comm):
         piece = list(shape)
         piece[self.shard_dim] = max(self.sizes)
         return tuple(piece)
-
-    def orth(self, Y: torch.Tensor) -> torch.Tensor:
-        if not self.fallback:
-            return super().orth(Y)
-        # CholeskyQR2 of the row-sharded Y in float64: Q = Y L⁻ᵀ with L Lᵀ = Σ_i Y_iᵀ Y_i (one k x k all-reduce),
-        # twice: one pass loses orthogonality as κ(Y)²·eps, the second restores it. R = (L₂ᵀ L₁ᵀ) has a positive
-        # diagonal, the convention of the single-process Householder orth, so both give the same Q. Should the
-        # Gram not be positive definite (κ(Y) ≳ 1e8), gather Y and use the single-process Householder.
-        Q = Y.double()
-        for _ in range(2):
-            L, info = torch.linalg.cholesky_ex(self.reduce(Q.T @ Q))
-            if to_host(info):  # identical Gram on every rank: every rank takes this branch together
-                full = all_gather_rows(Y.contiguous(), self.sizes, self.group)
-                return super().orth(full)[self.offset : self.offset + Y.shape[0]]
-            Q = torch.linalg.solve_triangular(L, Q.T, upper=False).T
-        return Q.to(Y.dtype)
-
-    def gather_short(self, S: torch.Tensor) -> torch.Tensor:
-        return all_gather_rows(S.contiguous(), self.sizes, self.group) if self.fallback else S
-
-    def svd(self, G: torch.Tensor, side: str, r: int) -> torch.Tensor:
-        """Exact svd on the owner: gather G there (padded shards), solve, broadcast the full projector."""
-        Gt = G.movedim(self.shard_dim, 0).contiguous()  # shard rows first, so padding is along dim 0
-        buf = Gt.new_zeros((max(self.sizes), *Gt.shape[1:]))
-        buf[: Gt.shape[0]] = Gt
-        mine = dist.get_global_rank(self.group, self.owner) if self.group is not None else self.owner
-        is_owner = dist.get_rank() == mine
-        parts = [torch.empty_like(buf) for _ in self.sizes] if is_owner else None
-        counted("gather", nbytes(buf) * len(self.sizes), self.group)
-        dist.gather(buf, parts, dst=mine, group=self.group)
-        if is_owner:
-            full = torch.cat([p[:s] for p, s in zip(parts, self.sizes)]).movedim(0, self.shard_dim)
-            try:
-                P = svd_projector(full, side, r).to(G.dtype).contiguous()
-            except torch.linalg.LinAlgError:
-                # Broadcast the failure (NaN) rather than leave the other ranks waiting: every rank then takes
-                # the optimizer's solver fallback together.
-                P = G.new_full(self.full_projector, float("nan"))
-        else:
-            P = G.new_empty(self.full_projector)
-        counted("broadcast", nbytes(P), self.group)
-        dist.broadcast(P, src=mine, group=self.group)
-        return P
 
     # ----------------------------------------------------------------------- batched solver hooks (run_batched)
 
@@ -221,8 +167,11 @@ class MatrixComm(Comm):
     def orth_steps(self, Y):
         if not self.fallback:
             return (yield from orth_columns_steps(Y))  # local Householder, batched with the other matrices'
-        # CholeskyQR2, as ``orth`` (float64 on every device: it squares κ(Y)), with its sums, Cholesky
-        # factorisations and definiteness check batched over the matrices
+        # CholeskyQR2 of the row-sharded Y in float64 (on every device: it squares κ(Y)): Q = Y L⁻ᵀ with
+        # L Lᵀ = Σ_i Y_iᵀ Y_i (one k x k sum), twice: one pass loses orthogonality as κ(Y)²·eps, the second restores
+        # it. R = (L₂ᵀ L₁ᵀ) has a positive diagonal, the convention of the single-process Householder orth, so both
+        # give the same Q. Should the Gram not be positive definite (κ(Y) ≳ 1e8), gather Y and use the Householder.
+        # The sums, Cholesky factorisations and definiteness checks are batched over the matrices.
         Q = Y.double()
         for _ in range(2):
             L, info = yield from linalg_steps("cholesky", (yield Request("sum", self, (Q.T @ Q,))))

@@ -6,7 +6,7 @@ own shards, and gets the weights one process would for the same seed). A model t
 as it is.
 
 The trainer only calls ``wrap_model``, ``build_optimizer``, ``update_units`` (optim.per_layer), ``no_sync``,
-``gradients``, ``all_reduce_mean``, ``all_reduce_sum``, ``any_rank``, ``all_gather_object``, ``barrier``, ``close``
+``gradients``, ``all_reduce_mean``, ``all_reduce_sum``, ``all_gather_object``, ``barrier``, ``close``
 and reads ``rank``, ``world_size``, ``device``.
 """
 
@@ -20,7 +20,6 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from lotus_dist.counters import to_host
 from lotus_dist.distributed.runtime import Runtime, build_mesh, init_distributed
 from lotus_dist.errors import UserError
 
@@ -81,9 +80,6 @@ class SingleProcess:
     def all_reduce_sum(self, tensor):
         return tensor
 
-    def any_rank(self, flag: bool) -> bool:
-        return flag
-
     def all_gather_object(self, obj) -> list:
         """``obj`` of every rank, in rank order (start-up decisions and error lines, never per step)."""
         return [obj]
@@ -109,11 +105,6 @@ class Collective(SingleProcess):
     def all_reduce_sum(self, tensor):
         dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
         return tensor
-
-    def any_rank(self, flag: bool) -> bool:
-        t = torch.full((1,), 1.0 if flag else 0.0, device=self.device)  # a fill on the device, not a host copy
-        dist.all_reduce(t, op=dist.ReduceOp.MAX)
-        return bool(to_host(t)[0])
 
     def all_gather_object(self, obj) -> list:
         gathered = [None] * self.world_size

@@ -197,7 +197,7 @@ def _ddp_numbers(cfg, mcfg, world: int) -> dict:
     reduce-scatter of the gradients (fp32) and one all-gather of the weights, in the owner layout (padding
     included). Rank = the one holding the most."""
     from lotus_dist.optim import build_optimizer
-    from lotus_dist.optim.lowrank import MOMENT_KEYS, PROJECTOR_KEYS
+    from lotus_dist.optim.reports import MOMENT_KEYS, PROJECTOR_KEYS
 
     from .owner import owner_costs
     from .owner_buckets import build_layout, step_buffer_bytes

@@ -28,10 +28,6 @@ class Runtime:
     backend: str | None  # None: single process, no process group
     is_distributed: bool
 
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
     def destroy(self) -> None:
         destroy()
 

@@ -7,9 +7,11 @@ layer plugs in through ``subspace.Comm`` (``LowRankAdamW.set_comm``, ``LowRankAd
 
 from .dropin import GaLoreAdamW, LotusAdamW
 from .in_backward import OptimizerInBackward, units_of
-from .lowrank import LOWRANK_DEFAULTS, LowRankAdamW, memory_report, solver_fallback_report, switch_report
+from .lowrank import LowRankAdamW
 from .methods import METHODS, PROJECTED_MODULES, build_optimizer, route_parameters
+from .options import LOWRANK_DEFAULTS
 from .projfactor import ProjFactor
+from .reports import memory_report, solver_fallback_report, switch_report
 from .subspace import Comm
 
 __all__ = [

@@ -39,9 +39,10 @@ from typing import Iterable
 
 import torch
 
-from .lowrank import LowRankAdamW, _local
+from .lowrank import LowRankAdamW
 from .methods import METHODS
 from .subspace import PROJ_TYPES, Comm
+from .tensors import _local
 
 GALORE_PROJ_TYPES = PROJ_TYPES  # galore-torch 1.0 also has "full" (both sides), not supported here
 

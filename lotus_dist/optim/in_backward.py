@@ -58,8 +58,8 @@ from torch import nn
 
 from lotus_dist.counters import to_host
 
-from .lowrank import UnitStep
 from .subspace import IDENTITY
+from .unit_step import UnitStep
 from .unit_stream import UnitStream
 
 

@@ -12,7 +12,8 @@ from typing import Any, Mapping
 import torch
 from torch import nn
 
-from .lowrank import LOWRANK_DEFAULTS, LowRankAdamW, check_options
+from .lowrank import LowRankAdamW
+from .options import LOWRANK_DEFAULTS, check_options
 from .projfactor import ProjFactor
 from .subspace import projected_dim, side_for
 

@@ -13,8 +13,9 @@ import math
 
 import torch
 
-from .lowrank import LowRankAdamW, state_dtype
+from .lowrank import LowRankAdamW
 from .subspace import derive_seed, seeded
+from .tensors import state_dtype
 
 SALT_PROJFACTOR = 0x5046
 

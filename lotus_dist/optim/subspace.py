@@ -237,10 +237,6 @@ def projected_dim(shape: tuple[int, int], side: str) -> int:
     return shape[0] if side == "left" else shape[1]
 
 
-def long_dim(shape: tuple[int, int], side: str) -> int:
-    return shape[1] if side == "left" else shape[0]
-
-
 def lowrank_shape(shape: tuple[int, int], side: str, r: int) -> tuple[int, int]:
     """Shape of R, M, V: the long side kept, the projected side reduced to r."""
     return (r, shape[1]) if side == "left" else (shape[0], r)
@@ -466,7 +462,7 @@ def projector_steps(solver: str, G: torch.Tensor, side: str, r: int, *, gen: tor
         P = to_projector((yield from grasswalk_steps(columns(prev, side), geodesic_step, gen)), side)
     else:
         raise ValueError(f"solver: {solver!r} is not one of {', '.join(SOLVERS)}")
-    return P.to(solver_dtype(G))  # a bf16 gradient's basis is kept in fp32 (lowrank.state_dtype)
+    return P.to(solver_dtype(G))  # a bf16 gradient's basis is kept in fp32 (tensors.state_dtype)
 
 
 def compute_projector(solver: str, G: torch.Tensor, side: str, r: int, **kwargs) -> torch.Tensor:
@@ -489,7 +485,7 @@ class Timer:
         return False
 
 
-__all__ = ["Comm", "IDENTITY", "SIDES", "PROJ_TYPES", "SOLVERS", "side_for", "projected_dim", "long_dim",
+__all__ = ["Comm", "IDENTITY", "SIDES", "PROJ_TYPES", "SOLVERS", "side_for", "projected_dim",
            "lowrank_shape", "projector_shape", "oriented", "columns", "to_projector", "project", "project_back",
            "add_project_back_", "derive_seed", "seeded", "svd_projector", "svd_projector_steps", "svd_projectors",
            "linalg_steps", "orth_columns_steps", "rsvd_columns", "rsvd_steps", "projector_steps", "run_batched",

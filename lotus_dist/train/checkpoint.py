@@ -93,7 +93,7 @@ def set_rng_state(state: dict) -> None:
 class Checkpointer:
     """Saves, proves and finds the checkpoints of one run directory; every rank calls ``save``/``resume`` together.
 
-    ``comm`` is the distribution mode (``rank``, ``world_size``, ``device``, ``barrier``, ``any_rank``,
+    ``comm`` is the distribution mode (``rank``, ``world_size``, ``device``, ``barrier``,
     ``all_reduce_sum``, ``all_gather_object``).
     """
 

@@ -78,7 +78,7 @@ class OptimConfig:
     projectors: str = "auto"
     refresh: str = "distributed"  # fsdp: distributed (sketch rsvd) | owner (exact SVD on each matrix's owner rank)
     # MiB of solver workspace (global matrix shapes) per batch of a refresh's matrices solved together, one
-    # collective per stage per batch; > 0, default = optim/lowrank.py REFRESH_BATCH_BYTES
+    # collective per stage per batch; > 0, default = optim/refresh.py REFRESH_BATCH_BYTES
     refresh_batch_mb: float = 256.0
 
 

@@ -219,7 +219,7 @@ def batched_refresh_check(cases, rank: int, world: int) -> dict:
     alone; and exact svd solves of several matrices on their owners at once: each rank solves only its own."""
     import lotus_dist.distributed.collectives as collectives
     from lotus_dist.counters import COUNTERS
-    from lotus_dist.optim.subspace import projector_steps, rsvd_steps, run_batched
+    from lotus_dist.optim.subspace import projector_steps, rsvd_steps, run_batched, svd_projector
 
     COUNTERS.reset()
     together = run_batched([rsvd_steps(Gs, RANK_R, 8, 2, torch.Generator().manual_seed(5), comm)
@@ -229,7 +229,7 @@ def batched_refresh_check(cases, rank: int, world: int) -> dict:
               "collectives": COUNTERS.by_kind.copy()}
     # owner svd: six matrices, owners 0, 1, 2, ... round robin; count the solves each rank runs
     solves = []
-    real, real_many = collectives.svd_projector, collectives.svd_projectors
+    real, real_many = svd_projector, collectives.svd_projectors
 
     def counting(Gs, sides, rs):  # the owners' batched solves: count the matrices each rank solves
         solves.extend(tuple(G.shape) for G in Gs)

@@ -428,7 +428,7 @@ def test_the_step_verdict_is_global_and_rolls_counters_back_on_every_rank():
     """Two ranks' partial values, summed as the step's all-reduce sums them: a unit masked on one rank only is
     non-finite for the step and torn, on both; its counters go back on both; a unit masked on both is not torn."""
     from lotus_dist.optim.in_backward import StepReport
-    from lotus_dist.optim.lowrank import UnitStep
+    from lotus_dist.optim.unit_step import UnitStep
 
     def rank(finite_units):  # two units; the first one's shard finite or not on this rank
         states = [{"step": 5, "tau": 2}, {"step": 5}]

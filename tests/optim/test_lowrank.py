@@ -16,9 +16,9 @@ BETAS, EPS = (0.9, 0.999), 1e-6
 
 @pytest.mark.parametrize("fused", [True, False])
 def test_plain_groups_match_torch_adamw(fused, monkeypatch):
-    import lotus_dist.optim.lowrank as lowrank
+    import lotus_dist.optim.adamw_step as adamw_step
 
-    monkeypatch.setattr(lowrank, "_FUSED_ADAMW", fused and lowrank._FUSED_ADAMW)
+    monkeypatch.setattr(adamw_step, "_FUSED_ADAMW", fused and adamw_step._FUSED_ADAMW)
     torch.manual_seed(0)
     shapes = [(7, 5), (11,), (3, 4, 2)]
     ours = [torch.nn.Parameter(torch.randn(s)) for s in shapes]
@@ -296,7 +296,7 @@ def test_bf16_resume_keeps_fp32_statistics():
     opt2.load_state_dict(torch.load(buf, weights_only=True))
     assert opt2.state[ps2[0]]["pe_acc"].dtype == torch.float32
     assert opt2.state[ps2[0]]["fira_norm"].dtype == torch.float32
-    assert opt2.state[ps2[0]]["exp_avg"].dtype == torch.float32  # moments too (lowrank.state_dtype)
+    assert opt2.state[ps2[0]]["exp_avg"].dtype == torch.float32  # moments too (tensors.state_dtype)
     _steps(ps2, opt2, 5, 12)
     for p, q in zip(ps, ps2):
         assert torch.equal(p, q)

@@ -11,7 +11,8 @@ import torch
 from lotus_dist.distributed.collectives import MatrixComm, chunk_sizes
 from lotus_dist.distributed.planner import fake_process_group
 from lotus_dist.optim import LowRankAdamW, build_optimizer
-from lotus_dist.optim.lowrank import REFRESH_BATCH_BYTES, _Job
+from lotus_dist.optim.job import _Job
+from lotus_dist.optim.refresh import REFRESH_BATCH_BYTES
 from lotus_dist.train.config import ConfigError, OptimConfig, load_config
 from script_loader import load_script
 
@@ -23,7 +24,7 @@ MATRICES = MATRICES * 2
 
 
 class _Shard:
-    """A DTensor parameter as LowRankAdamW sees it (duck-typed, see lowrank._local): the global shape, and this rank's
+    """A DTensor parameter as LowRankAdamW sees it (duck-typed, see tensors._local): the global shape, and this rank's
     gradient shard behind ``to_local``."""
 
     def __init__(self, shape, local_grad):

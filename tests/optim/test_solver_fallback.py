@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-import lotus_dist.optim.lowrank as lowrank
+import lotus_dist.optim.refresh as refresh
 from lotus_dist.optim import LowRankAdamW, solver_fallback_report
 
 
@@ -20,15 +20,15 @@ def test_failed_solve_keeps_the_basis_and_is_counted(monkeypatch, failure):
     opt = LowRankAdamW([{"params": [W], "rank": 4, "solver": "svd", "switch": "fixed", "update_gap": 2}], lr=0.01)
     _step(opt, W, torch.randn(32, 16))  # first basis, a real one
     before = opt.state[W]["projector"].clone()
-    real = lowrank.projector_steps
+    real = refresh.projector_steps
 
-    def broken(solver, G, *args, **kwargs):  # a solver generator (lowrank._refresh runs them batched)
+    def broken(solver, G, *args, **kwargs):  # a solver generator (refresh._refresh runs them batched)
         if failure == "linalg":
             raise torch.linalg.LinAlgError("svd did not converge")
         P = yield from real(solver, G, *args, **kwargs)
         return torch.full_like(P, float("nan"))
 
-    monkeypatch.setattr(lowrank, "projector_steps", broken)
+    monkeypatch.setattr(refresh, "projector_steps", broken)
     for _ in range(3):  # crosses a scheduled switch (update_gap 2)
         _step(opt, W, torch.randn(32, 16))
     st = opt.state[W]
@@ -47,7 +47,7 @@ def test_failed_first_solve_starts_from_a_random_orthonormal_basis(monkeypatch):
         return G.new_full((16, 4), float("nan"))
         yield
 
-    monkeypatch.setattr(lowrank, "projector_steps", nan_basis)
+    monkeypatch.setattr(refresh, "projector_steps", nan_basis)
     _step(opt, W, torch.randn(16, 32))
     A = opt.state[W]["projector"]  # m < n: a left projector, m x r
     assert torch.isfinite(A).all() and opt.state[W]["solver_fallbacks"] == 1

@@ -1,0 +1,61 @@
+"""The two parts that act beside the low-rank Adam step: Fira's residual (docs/algorithms.md section 7) and online
+PCA's projector step (Online Subspace Descent, section 4)."""
+
+from __future__ import annotations
+
+import torch
+
+from .job import _Job
+from .subspace import Comm, online_pca_update_, project_back
+from .switching import POLICIES
+
+FIRA_LIMIT = 1.01  # ζ, Fira's norm-growth limiter
+ONLINE_PCA_WD = 0.01
+
+
+class FiraAndOnlinePCA:
+    """``LowRankAdamW``'s Fira residual and online PCA step (a mixin of it): uses its ``comm_for``, ``_timer``,
+    ``_project`` and ``_apply_moment_policy``."""
+
+    def _online_pca_step(self, job: _Job, P: torch.Tensor, G: torch.Tensor) -> None:
+        """Online Subspace Descent: one AdamW step on the full projector P after the weight step."""
+        group, st, side = job.group, job.state, job.side
+        lr, eps = group["lr"], group["eps"]
+        comm = self.comm_for(job.p)
+        st["pca_step"] += 1
+        old = P.clone() if group["moments"] != "keep" else None
+        with self._timer:
+            online_pca_update_(
+                P,
+                st["pca_exp_avg"],
+                st["pca_exp_avg_sq"],
+                G,
+                side,
+                st["pca_step"],
+                lr=lr / group["initial_lr"] / group["update_gap"] if group["initial_lr"] > 0 else 0.0,
+                betas=group["betas"],
+                eps=eps,
+                weight_decay=ONLINE_PCA_WD,
+                comm=comm,
+            )
+        if old is not None:
+            self._apply_moment_policy(group, st, old, P, side)
+        st["n_bases"] += 1
+        if group["switch"] in ("displacement", "path_efficiency"):  # their reference point is the new basis
+            POLICIES[group["switch"]].on_switch(st, group, self._project(job.p, G, P, side))
+
+    @staticmethod
+    def _fira_residual(st, G, R, N, P, side, comm: Comm) -> torch.Tensor:
+        """Λ = φ ⊙ (G − project_back(R)), φ per long-side index = ‖N‖/‖R‖ over the r dim, growth-limited."""
+        dim = 0 if side == "left" else 1
+        phi = N.norm(dim=dim, keepdim=True) / (R.norm(dim=dim, keepdim=True) + 1e-8)
+        lam = (G - project_back(R, P, side)) * phi
+        norm = comm.reduce(lam.float().square().sum()).sqrt()
+        if st["fira_ready"]:
+            limiter = torch.clamp(norm / (st["fira_norm"] + 1e-8), min=FIRA_LIMIT) / FIRA_LIMIT
+            lam = lam / limiter.to(lam.dtype)
+            st["fira_norm"].copy_(norm / limiter)
+        else:
+            st["fira_norm"].copy_(norm)
+            st["fira_ready"] = 1
+        return lam

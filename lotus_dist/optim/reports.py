@@ -1,0 +1,48 @@
+"""What the trainer logs of an optimizer's state: its bytes, its subspace switches, its failed basis solves."""
+
+from __future__ import annotations
+
+import torch
+from torch.optim import Optimizer
+
+from .tensors import _local
+
+# memory_report's classes of state tensors
+MOMENT_KEYS = frozenset({"exp_avg", "exp_avg_sq", "v_row", "v_col"})
+PROJECTOR_KEYS = frozenset({"projector"})
+
+
+def memory_report(optimizer: Optimizer) -> dict[str, int]:
+    """Bytes of optimizer state held by this process: moments, projectors, other tensors, total."""
+    out = {"moments": 0, "projectors": 0, "other": 0}
+    for st in optimizer.state.values():
+        for key, value in st.items():
+            if not isinstance(value, torch.Tensor):
+                continue
+            t = _local(value)
+            nbytes = t.numel() * t.element_size()
+            cls = "moments" if key in MOMENT_KEYS else "projectors" if key in PROJECTOR_KEYS else "other"
+            out[cls] += nbytes
+    out["total"] = out["moments"] + out["projectors"] + out["other"]
+    return out
+
+
+def switch_report(optimizer: Optimizer) -> dict[str, int]:
+    """Subspace switches (bases computed after the first) per projected matrix, keyed by a stable name."""
+    refresh = getattr(optimizer, "refresh_report", None)  # an owner-sharded optimizer syncs its mirrors first
+    if callable(refresh):
+        refresh()
+    names = getattr(optimizer, "param_names", {})
+    out: dict[str, int] = {}
+    for gi, group in enumerate(optimizer.param_groups):
+        if group.get("rank") is None:
+            continue
+        for pi, p in enumerate(group["params"]):
+            st = optimizer.state.get(p, {})
+            out[names.get(id(p), f"group{gi}.param{pi}")] = max(int(st.get("n_bases", 0)) - 1, 0)
+    return out
+
+
+def solver_fallback_report(optimizer: Optimizer) -> int:
+    """Basis solves that failed and fell back (kept the previous basis, or a random first one), in total."""
+    return sum(int(st.get("solver_fallbacks", 0)) for st in optimizer.state.values())

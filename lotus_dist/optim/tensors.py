@@ -1,0 +1,34 @@
+"""How the optimizer holds its tensors: a DTensor's local shard, the dtype of each state tensor, ‖t‖² in fp32."""
+
+from __future__ import annotations
+
+import torch
+
+FP32_KEYS = frozenset({"pe_acc", "pe_sketch", "fira_norm"})  # statistics kept in fp32 whatever the param dtype
+OWN_DTYPE_KEYS = frozenset({"d_init"})  # kept in the dtype they were saved in (optim.reference_dtype)
+
+
+def state_dtype(param_dtype: torch.dtype) -> torch.dtype:
+    """Moments, projectors and statistics are fp32 at least whatever the parameter dtype (bf16 ones stall: V moves by
+    (1 - β2) = 1e-3 of itself a step, below bf16's 2^-8; bf16 projectors drift from orthonormal); fp64 stays fp64."""
+    return torch.promote_types(param_dtype, torch.float32)
+
+
+def reference_dtype(name: str, param_dtype: torch.dtype) -> torch.dtype:
+    """The switch reference's dtype: bf16, or ``fp32`` = the exact form (the state dtype)."""
+    return torch.bfloat16 if name == "bf16" else state_dtype(param_dtype)
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    """A DTensor's local shard (a view), else t: the projected math runs on local tensors, so a weight sharded
+    along its long side keeps R, the moments and the back-projection local (docs/algorithms.md section 11)."""
+    to_local = getattr(t, "to_local", None)  # duck-typed: optim never imports torch.distributed
+    return to_local() if callable(to_local) else t
+
+
+def _sq_norm(t: torch.Tensor) -> torch.Tensor:
+    """‖t‖² in fp32 without a t-sized temporary (``t.float().square()`` would allocate one: a per-layer step
+    would then hold two lm_head-sized buffers at its peak)."""
+    if t.dtype in (torch.float16, torch.bfloat16):
+        return torch.linalg.vector_norm(t, dtype=torch.float32).square()
+    return torch.linalg.vector_norm(t).float().square()  # fp32 as is; fp64 (tests) in fp64
