@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from lotus_dist.optim.lowrank import LOWRANK_DEFAULTS
+from lotus_dist.optim.options import LOWRANK_DEFAULTS
 from lotus_dist.optim.methods import METHODS
 from lotus_dist.train.metrics import read_metrics
 from lotus_dist.train.resume_changes import ON_RESUME, REFUSED
