@@ -9,7 +9,7 @@ ARGS   ?=
 export PIP_CONSTRAINT := $(CURDIR)/constraints.txt
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: install train test bench compare gpu-check clean
+.PHONY: install train test test-fast bench compare gpu-check clean
 
 include docker/docker.mk
 
@@ -37,6 +37,12 @@ train: install
 test: $(TEST_STAMP)
 	@echo ">>> running the test suite"
 	$(PY) -m pytest -q --durations=30 $(ARGS)  # the slowest 30 are listed: the suite must stay under 20 min
+
+# The inner loop: every test not marked slow (no torchrun or multi-rank launch, no long training), under 5 min on
+# 2 cores. `make test` stays the check.
+test-fast: $(TEST_STAMP)
+	@echo ">>> running the fast tests (not slow, not gpu)"
+	$(PY) -m pytest -q -m "not slow and not gpu" --durations=15 $(ARGS)
 
 bench: install
 	@echo ">>> optimizer benchmarks: svd vs rsvd, state bytes vs formula, step time (several minutes on a CPU)"

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import itertools
 import sys
 from pathlib import Path
 
@@ -33,9 +34,10 @@ sys.path.insert(0, str(REPO))
 
 from lotus_dist.model.llama import Llama, llama_config  # noqa: E402
 from lotus_dist.optim import build_optimizer, memory_report, route_parameters  # noqa: E402
-from lotus_dist.optim.in_backward import OptimizerInBackward, units_of  # noqa: E402
-from lotus_dist.train.config import OptimConfig  # noqa: E402
+from lotus_dist.distributed.modes import single_process  # noqa: E402
+from lotus_dist.train.config import OptimConfig, TrainConfig  # noqa: E402
 from lotus_dist.train.peak_memory import PeakMemory  # noqa: E402
+from lotus_dist.train.step import StepEngine, resolve_autocast  # noqa: E402
 
 # method -> (OptimConfig keys, optimizer in backward, activation checkpointing)
 METHODS = {
@@ -58,41 +60,33 @@ def nbytes(params) -> int:
 
 
 def measure(cfg, opts: dict, per_layer: bool, recompute: bool, rank: int, batch: torch.Tensor, autocast) -> dict:
-    """Peak bytes of one steady step of one method; everything it built is garbage when this returns."""
+    """Peak bytes of one steady step of one method (the trainer's step, lotus_dist/train/step.py); everything it
+    built is garbage when this returns."""
     torch.manual_seed(0)
     with batch.device:
         model = Llama(cfg)  # built on the device: no full-size copy through the host
     model.activation_checkpointing = recompute
     # Fixed and displacement switching only ever switch on schedule; a huge gap keeps the measured step steady.
     opt = build_optimizer(model, OptimConfig(rank=rank, **opts, update_gap=10**9, verify_gap=10**9))
-    stepper = OptimizerInBackward(opt, units_of(model)) if per_layer else None
+    measured, phases = PeakMemory(batch.device), {}
 
-    def forward_backward():
-        if stepper is not None:
-            stepper.begin_micro_batch(0)
-        with autocast():
-            loss = model(batch[:, :-1], batch[:, 1:])
-        loss.backward()
+    def after_backward():  # the fwd+bwd peak, read inside the measured step
+        if phases.get("measuring"):
+            phases["backward"] = measured.peak_so_far()
 
-    def optimizer_step():
-        if stepper is not None:
-            stepper.end_step()
-        else:
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-
-    forward_backward()  # warm-up: optimizer state and the first bases
-    optimizer_step()
+    engine = StepEngine(model, opt, single_process(batch.device), grad_clip=TrainConfig().grad_clip,
+                        per_layer=per_layer, autocast=autocast, after_backward=after_backward)
+    engine.step(itertools.repeat(batch))  # warm-up: optimizer state and the first bases
     gc.collect()
-    with PeakMemory(batch.device) as backward:  # per-layer: the updates run in here
-        forward_backward()
-    with PeakMemory(batch.device) as update:
-        optimizer_step()
-    if stepper is not None:
-        stepper.remove()
+    with measured:
+        phases["measuring"] = True
+        engine.step(itertools.repeat(batch))
+    if engine.in_backward is not None:
+        engine.in_backward.remove()
     projected, _ = route_parameters(model)
-    return {"peak": max(backward.peak_bytes, update.peak_bytes), "backward": backward.peak_bytes,
-            "start": backward.start_bytes, "state": memory_report(opt)["total"],
+    # per-layer: the updates run inside backward, so the whole step is its fwd+bwd
+    return {"peak": measured.peak_bytes, "backward": phases.get("backward", measured.peak_bytes),
+            "start": measured.start_bytes, "state": memory_report(opt)["total"],
             "weights": nbytes(model.parameters()), "projected_grads": nbytes(p for _, p in projected)}
 
 
@@ -104,8 +98,7 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if device.type == "cuda" else (
-        lambda: torch.autocast("cpu", enabled=False))
+    autocast = resolve_autocast("auto", device)  # the trainer's default: bf16 on CUDA, fp32 on CPU
     cfg = llama_config(args.model)
     for shape in args.shapes.split(","):
         rows_, seq = (int(x) for x in shape.lower().split("x"))

@@ -1,8 +1,9 @@
 #!/usr/bin/env python
 """End-to-end training step time of adamw, galore and lotus on one model, measured side by side in one run.
 
-A training step here is forward + backward + optimizer step on one micro-batch of real token blocks (embedded
-corpus), the model's dtype fp32 on CPU or bf16 autocast on CUDA. Methods are interleaved round by round, so a
+A training step here is the trainer's (lotus_dist/train/step.py: forward, backward, the loss and gradient norm in
+one reduction and host sync, clipping at the trainer's default, optimizer step) on one micro-batch of token blocks,
+the model's dtype fp32 on CPU or bf16 autocast on CUDA. Methods are interleaved round by round, so a
 change in the machine's load hits all of them alike; medians over rounds are reported, plus ratios to adamw.
 
 Steady steps and refresh steps are timed separately and combined as the amortised time per step:
@@ -16,6 +17,7 @@ Steady steps and refresh steps are timed separately and combined as the amortise
 from __future__ import annotations
 
 import argparse
+import itertools
 import statistics
 import sys
 import time
@@ -26,9 +28,11 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from lotus_dist.distributed.modes import single_process  # noqa: E402
 from lotus_dist.model.llama import Llama, llama_config  # noqa: E402
 from lotus_dist.optim import build_optimizer  # noqa: E402
-from lotus_dist.train.config import OptimConfig  # noqa: E402
+from lotus_dist.train.config import OptimConfig, TrainConfig  # noqa: E402
+from lotus_dist.train.step import StepEngine, resolve_autocast  # noqa: E402
 
 METHODS = {"adamw": dict(name="adamw", lr=1e-3), "galore": dict(name="galore"), "lotus": dict(name="lotus")}
 
@@ -43,14 +47,11 @@ def sync(device):
         torch.cuda.synchronize()
 
 
-def timed_step(model, opt, batch, autocast) -> float:
+def timed_step(engine: StepEngine, batch: torch.Tensor) -> float:
+    """Wall time of one training step (the trainer's: lotus_dist/train/step.py) on ``batch``."""
     sync(batch.device)
     start = time.perf_counter()
-    with autocast():
-        loss = model(batch[:, :-1], batch[:, 1:])
-    loss.backward()
-    opt.step()
-    opt.zero_grad(set_to_none=True)
+    engine.step(itertools.repeat(batch))
     sync(batch.device)
     return time.perf_counter() - start
 
@@ -65,8 +66,7 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if device.type == "cuda" else (
-        lambda: torch.autocast("cpu", enabled=False))
+    autocast = resolve_autocast("auto", device)  # the trainer's default: bf16 on CUDA, fp32 on CPU
     cfg = llama_config(args.model)
     batch = make_batch(cfg.vocab_size, args.batch, args.seq, device)
     runs = {}
@@ -76,13 +76,14 @@ def main(argv=None) -> int:
             model = Llama(cfg)  # built on the device: no full-size copy through the host
         # Fixed and displacement switching only ever switch on schedule; a huge gap keeps these steps steady.
         ocfg = OptimConfig(rank=args.rank, **opts, update_gap=10**9, verify_gap=10**9)
-        opt = build_optimizer(model, ocfg)
-        refresh = timed_step(model, opt, batch, autocast)  # the first step computes every basis
-        timed_step(model, opt, batch, autocast)  # warm-up
-        runs[name] = {"model": model, "opt": opt, "refresh": refresh, "steady": []}
+        engine = StepEngine(model, build_optimizer(model, ocfg), single_process(device),
+                            grad_clip=TrainConfig().grad_clip, autocast=autocast)
+        refresh = timed_step(engine, batch)  # the first step computes every basis
+        timed_step(engine, batch)  # warm-up
+        runs[name] = {"engine": engine, "refresh": refresh, "steady": []}
     for _ in range(args.rounds):
         for name, run in runs.items():
-            run["steady"].append(timed_step(run["model"], run["opt"], batch, autocast))
+            run["steady"].append(timed_step(run["engine"], batch))
 
     print(f"{args.model}, micro-batch {args.batch} x {args.seq}, rank {args.rank}, {device}, "
           f"{torch.get_num_threads()} threads, {args.rounds} rounds (median)")

@@ -28,13 +28,14 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+sys.path.insert(1, str(REPO / "tests"))  # the tests' helpers: SMALL (the drill shows what the tests assert on it)
 
 from lotus_dist.train.config import merge_overrides  # noqa: E402  (after the path, for a plain checkout)
 from lotus_dist.train.faults import flip_bit  # noqa: E402
 from lotus_dist.train.metrics import read_metrics  # noqa: E402
-SMALL = ["model.dim=64", "model.n_layers=2", "model.n_heads=4", "model.ffn_dim=172", "train.seq_len=32",
-         "train.batch_size=8", "train.micro_batch_size=4", "data.val_tokens=2048", "log.every=1",
-         "log.tensorboard=false", "log.progress=false", "optim.rank=8", "train.eval_every=0"]
+from pretrain_runs import SMALL as TESTS_SMALL  # noqa: E402
+
+SMALL = merge_overrides(TESTS_SMALL, ["train.eval_every=0"])
 
 
 class Drill:
@@ -366,7 +367,6 @@ def _(d):
 
 @case("data_inputs")
 def _(d):
-    sys.path.insert(0, str(REPO / "tests"))
     from tokenizer_copies import swapped_model  # a model of the embedded tokenizer's size and EOS, two ids swapped
 
     rows = []

@@ -25,10 +25,10 @@ sys.path.insert(0, str(REPO))
 
 from lotus_dist.distributed.collectives import chunk_sizes  # noqa: E402
 from lotus_dist.distributed.plan import plan_for_model  # noqa: E402
-from lotus_dist.model.llama import Llama, llama_config  # noqa: E402
+from lotus_dist.model.llama import Llama, llama_config, shape_overrides  # noqa: E402
 from lotus_dist.optim import route_parameters  # noqa: E402
 from lotus_dist.optim.refresh_batches import cut_batches, workspace_bytes  # noqa: E402
-from lotus_dist.train.config import load_config, shape_overrides  # noqa: E402
+from lotus_dist.train.config import load_config  # noqa: E402
 
 SOLVERS = {"lotus": "rsvd", "galore": "svd"}
 WORLDS = (8, 12, 16, 24, 32, 48, 64, 96)

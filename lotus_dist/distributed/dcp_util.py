@@ -217,10 +217,9 @@ def _apply_loaded(optims: list, loaded: Mapping[str, Any]) -> None:
                 else:
                     live[k] = v
     for opt in optims:
-        if hasattr(opt, "_groups"):  # LowRankAdamW's group cache (the dicts are the same; cheap to rebuild)
-            opt._groups = None
-        if hasattr(opt, "_sync_switch_counts"):  # OwnerOptimizer: the other ranks' switch counts (collective)
-            opt._sync_switch_counts()
+        after_load = getattr(opt, "after_load", None)  # LowRankAdamW: drops a cache; OwnerOptimizer: a collective
+        if after_load is not None:
+            after_load()
 
 
 def release_memory(device: torch.device | None = None) -> None:

@@ -14,6 +14,7 @@ import json
 from pathlib import Path
 
 from lotus_dist.errors import UserError
+from lotus_dist.precision import computes_in_bf16
 
 AUTO = "auto"
 _CUT = "flat 1-D partitions of the parameters that cut matrices apart, which no low-rank projection can use"
@@ -227,7 +228,7 @@ def resolve_user_config(ds, path: Path, cfg, world_size: int, autocast: bool, de
 def deepspeed_config(cfg, world_size: int, device_type: str = "cpu") -> dict:
     """The engine config: ``dist.deepspeed_config`` resolved against ours, or one generated from ours."""
     t = cfg.train
-    autocast = t.dtype == "bf16" or (t.dtype == "auto" and device_type == "cuda")  # trainer.resolve_autocast's rule
+    autocast = computes_in_bf16(t.dtype, device_type)  # the trainer's autocast rule
     if cfg.dist.deepspeed_config:
         path = Path(cfg.dist.deepspeed_config)
         try:

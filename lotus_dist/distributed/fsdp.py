@@ -15,6 +15,8 @@ from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
+from lotus_dist.precision import computes_in_bf16
+
 from .compat import sum_reductions_on_gloo  # importing compat also shims torch 2.6's FSDP2 on CPU
 from .plan import Plan
 
@@ -35,12 +37,9 @@ def mixed_precision(train_dtype: str, device: torch.device | str,
     """
     if reduce not in REDUCE_DTYPES:
         raise ValueError(f"unknown dist.reduce_dtype '{reduce}' (known: {', '.join(REDUCE_DTYPES)})")
-    device_type = torch.device(device).type
-    if train_dtype == "bf16" or (train_dtype == "auto" and device_type == "cuda"):
+    if computes_in_bf16(train_dtype, torch.device(device).type):  # raises on an unknown train.dtype
         return torch.bfloat16, REDUCE_DTYPES[reduce]
-    if train_dtype in ("auto", "fp32"):
-        return None, (None if reduce == "fp32" else REDUCE_DTYPES[reduce])
-    raise ValueError(f"unknown train.dtype '{train_dtype}' (known: auto, fp32, bf16)")
+    return None, (None if reduce == "fp32" else REDUCE_DTYPES[reduce])
 
 
 def set_gradient_sync(model: nn.Module, last: bool) -> None:

@@ -91,6 +91,12 @@ class SingleProcess:
         self.runtime.destroy()
 
 
+def single_process(device: torch.device) -> SingleProcess:
+    """The single-process mode on ``device`` without a launch (benchmarks and tests that step one process)."""
+    return SingleProcess(Runtime(rank=0, world_size=1, local_rank=0, device=torch.device(device), backend=None,
+                                 is_distributed=False))
+
+
 class Collective(SingleProcess):
     """Collectives over the default process group, shared by every multi-process mode."""
 
@@ -132,14 +138,15 @@ def write_fallbacks(plan, run_dir) -> str | None:
 class FullyShardedDataParallel(Collective):
     """``dist.mode=fsdp``: FSDP2 per block with the side-aware plan (HSDP when ``dist.replicate > 1``)."""
 
+    reduce_last = False  # dist.reduce_last_micro_batch, set by wrap_model
+
     def wrap_model(self, model, cfg):
         from lotus_dist.distributed.fsdp import apply_fsdp, local_part, mixed_precision
-        from lotus_dist.distributed.plan import plan_for_model
+        from lotus_dist.distributed.plan import method_geometry, plan_for_model
 
         mesh = build_mesh(self.runtime, cfg.dist.replicate)
-        optim = cfg.optim
-        plan = plan_for_model(model, self.world_size, optim.rank, optim.proj_type or "std", optim.solver or "rsvd",
-                              replicate=cfg.dist.replicate)
+        proj_type, solver = method_geometry(cfg.optim)  # the method's, with the config's keys applied
+        plan = plan_for_model(model, self.world_size, cfg.optim.rank, proj_type, solver, replicate=cfg.dist.replicate)
         param_dtype, reduce_dtype = mixed_precision(cfg.train.dtype, self.device, cfg.dist.reduce_dtype)
         self.plan = plan
         self.reduce_last = cfg.dist.reduce_last_micro_batch

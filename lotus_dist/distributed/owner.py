@@ -34,6 +34,7 @@ from lotus_dist.distributed.owner_buckets import (OwnerReducer, build_layout, ch
                                                   padding_ratio, step_buffer_bytes)
 from lotus_dist.distributed.plan import solver_cost
 from lotus_dist.errors import UserError
+from lotus_dist.precision import computes_in_bf16
 
 BUCKET_MB = 25.0  # MiB of one gradient bucket, all ranks' segments together (dist.bucket_mb), whatever the world size
 
@@ -255,6 +256,11 @@ class OwnerOptimizer(Optimizer):
             self._sync_switch_counts()
             self._counts_stale = False
 
+    def after_load(self) -> None:
+        """Call after a load that filled the state without ``load_state_dict`` (DCP's in-place load): re-syncs the
+        other ranks' switch-count mirrors. A collective (one all-reduce): every rank of the group must call it."""
+        self._sync_switch_counts()
+
     def _sync_switch_counts(self) -> None:
         """Refresh the ``n_bases`` mirrors (switch_report); one all-reduce of a small int vector. Reporting only:
         no decision reads it."""
@@ -323,8 +329,7 @@ class OwnerDataParallel(Collective):
         self.bucket_mb = cfg.dist.bucket_mb
         self.grad_accum = max(1, cfg.train.batch_size // (cfg.train.micro_batch_size * self.world_size))
         # bf16 weights where the trainer computes in bf16 (train.dtype=bf16, or auto on CUDA), fp32 masters on owners
-        bf16 = cfg.train.dtype == "bf16" or (cfg.train.dtype == "auto" and self.device.type == "cuda")
-        self.weights_dtype = torch.bfloat16 if bf16 else None
+        self.weights_dtype = torch.bfloat16 if computes_in_bf16(cfg.train.dtype, self.device.type) else None
         return self.materialize(model, cfg)  # whole on every rank, initialised (in fp32) as one process would
 
     def build_optimizer(self, model, optim_cfg):

@@ -1,6 +1,6 @@
 """Per-matrix distribution plan: shard dim, projector side, fallback, owner rank.
 
-A pure function of parameter shapes and the world size (DESIGN.md section 4: recomputed at start-up, never stored
+A pure function of parameter shapes and the world size (docs/design.md: recomputed at start-up, never stored
 in checkpoints), so every rank derives the same plan without communicating, and a dry run can plan a 64-rank job
 on one CPU.
 
@@ -21,6 +21,7 @@ back-projection: the bytes of one r×n all-reduce, 1/W of the memory.
 
 from __future__ import annotations
 
+import dataclasses
 import heapq
 from dataclasses import dataclass, field
 from typing import Iterable, Mapping
@@ -29,11 +30,8 @@ from torch import nn
 from torch.distributed.tensor import Shard
 
 from lotus_dist.errors import UserError
-
-# nn.Linear weights inside the LLaMA blocks that the low-rank methods project (GaLore's target modules).
-PROJECTED_SUFFIXES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-
-PROJ_TYPES = ("std", "reverse_std", "left", "right")
+from lotus_dist.optim.methods import is_projected, resolve_parts
+from lotus_dist.optim.subspace import PROJ_TYPES, side_for
 
 
 class DistConfigError(UserError, ValueError):
@@ -71,14 +69,11 @@ class MatrixPlan:
 
 
 def projector_side(m: int, n: int, proj_type: str = "std") -> str:
-    """docs/algorithms.md section 2: ``std`` puts the projector on the short side (m ≥ n -> right B, m < n -> left A)."""
-    if proj_type == "std":
-        return "right" if m >= n else "left"
-    if proj_type == "reverse_std":
-        return "left" if m >= n else "right"
-    if proj_type in ("left", "right"):
-        return proj_type
-    raise DistConfigError(f"unknown optim.proj_type '{proj_type}' (known: {', '.join(PROJ_TYPES)})")
+    """The optimizer's side rule (``optim.subspace.side_for``, docs/algorithms.md section 2: ``std`` puts the
+    projector on the short side, m ≥ n -> right B, m < n -> left A); an unknown ``proj_type`` is a DistConfigError."""
+    if proj_type not in PROJ_TYPES:
+        raise DistConfigError(f"unknown optim.proj_type '{proj_type}' (known: {', '.join(PROJ_TYPES)})")
+    return side_for((m, n), proj_type)
 
 
 def solver_cost(m: int, n: int, rank: int, solver: str, oversample: int = 8, power_iters: int = 2) -> float:
@@ -212,15 +207,22 @@ def projector_peak_bytes(plan: Plan, projectors: str, per_layer: bool = False) -
     return {"stored": stored, "in_use": in_use, "total": stored + in_use}
 
 
-def choose_projectors(setting: str, plan: Plan, per_layer: bool = False, shardable: bool = True) -> str:
+# Solvers that train their projector in place (online PCA's Adam step on P): a shard of P cannot be trained alone.
+UNSHARDABLE_SOLVERS = frozenset({"online_pca"})
+
+
+def choose_projectors(setting: str, plan: Plan, per_layer: bool = False, solver: str | None = None) -> str:
     """``optim.projectors`` resolved: ``auto`` shards when that lowers the per-rank peak (stored slices plus the
     gathered transient, ``projector_peak_bytes``) and the replicated projectors outweigh this rank's shard of the
     weights they project (fp32); it replicates otherwise. Sharding costs an all-gather of every projector each
     step, a share of FSDP's own bytes that does not shrink with the world size (3.5 % at llama_7b), while the
     memory it saves grows with the shard size: on a 2-rank tiny run it would save kilobytes for 14 collectives a
     step, at llama_7b x 64 it saves 3.4 GiB a rank. It replicates at shard size 1, where one projector (one unit's, per layer) is most of
-    them, and for ``shardable=False`` (a solver that trains its projector in place, online_pca). The planner and
-    ``dist.mode=fsdp`` both decide here."""
+    them, and for a ``solver`` that trains its projector in place (online_pca, ``UNSHARDABLE_SOLVERS``), for which
+    an explicit ``shard`` is refused. The planner and ``dist.mode=fsdp`` both decide here."""
+    shardable = solver not in UNSHARDABLE_SOLVERS
+    if setting == "shard" and not shardable:
+        raise DistConfigError(f"optim.solver={solver} trains its projector in place: use optim.projectors=replicate")
     if setting != "auto":
         return setting
     if not shardable or not plan.matrices:
@@ -284,12 +286,16 @@ def build_plan(
     return Plan(world_size=world_size, replicate=replicate, matrices=matrices, unprojected=unprojected)
 
 
+def method_geometry(optim_cfg) -> tuple[str, str]:
+    """(proj_type, solver) that plan ``optim_cfg``'s matrices: its method's parts with the config's keys applied
+    (``optim.methods.resolve_parts``); Lotus's where the method has none (adamw, projfactor)."""
+    parts = {**resolve_parts(dataclasses.replace(optim_cfg, name="lotus")), **(resolve_parts(optim_cfg) or {})}
+    return parts["proj_type"], parts["solver"]
+
+
 def default_projected(model: nn.Module) -> set[str]:
-    """LLaMA routing: the seven block projections. ``optim.methods`` may route differently; pass its set instead."""
-    return {
-        name for name, p in model.named_parameters()
-        if p.ndim == 2 and name.rsplit(".", 1)[0].rsplit(".", 1)[-1] in PROJECTED_SUFFIXES
-    }
+    """The matrices the optimizer projects (``optim.methods.is_projected``: the seven block projections)."""
+    return {name for name, p in model.named_parameters() if is_projected(name, p)}
 
 
 def plan_for_model(
@@ -310,5 +316,5 @@ def plan_for_model(
 
 __all__ = [
     "DistConfigError", "MatrixPlan", "Plan", "build_plan", "plan_for_model", "default_projected", "projector_side", "solver_cost",
-    "lpt_assign", "PROJECTED_SUFFIXES", "choose_projectors", "projector_peak_bytes",
+    "lpt_assign", "choose_projectors", "method_geometry", "UNSHARDABLE_SOLVERS", "projector_peak_bytes",
 ]

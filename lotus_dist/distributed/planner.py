@@ -23,12 +23,13 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from lotus_dist.model.llama import Llama, count_parameters, llama_config
-from lotus_dist.train.config import shape_overrides
+from lotus_dist.model.llama import Llama, count_parameters, llama_config, shape_overrides
+from lotus_dist.optim.methods import resolve_parts
 
 from . import step_time
 from .fsdp import apply_fsdp, mixed_precision
-from .plan import DistConfigError, Plan, choose_projectors, default_projected, plan_for_model, projector_peak_bytes
+from .plan import (DistConfigError, Plan, choose_projectors, default_projected, method_geometry, plan_for_model,
+                   projector_peak_bytes)
 from .step_time import fsdp_bytes
 
 METHODS = ("adamw", "galore", "lotus")
@@ -61,22 +62,24 @@ def _dtype_bytes(dtype: torch.dtype | None, default: int = 4) -> int:
 _ring = step_time.ring
 
 
+def _parts(cfg, method: str) -> dict:
+    """``method``'s parts with the config's keys applied (``resolve_parts``); {} for adamw."""
+    return resolve_parts(dataclasses.replace(cfg.optim, name=method)) or {}
+
+
 def _sharded(cfg, mcfg, mesh, world: int, replicate: int, method: str) -> tuple[nn.Module, Plan]:
     with torch.device("meta"):
         model = Llama(mcfg)
     projected = set() if method == "adamw" else default_projected(model)
-    plan = plan_for_model(
-        model, world, cfg.optim.rank, cfg.optim.proj_type or "std", "svd" if method == "galore" else "rsvd",
-        replicate=replicate, projected=projected,
-    )
+    proj_type, solver = method_geometry(dataclasses.replace(cfg.optim, name=method))
+    plan = plan_for_model(model, world, cfg.optim.rank, proj_type, solver, replicate=replicate, projected=projected)
     apply_fsdp(model, mesh, plan, log_fn=lambda s: None)
     return model, plan
 
 
 def _projectors(cfg, plan: Plan, method: str, per_layer: bool) -> str:
-    """optim.projectors for this method's plan, ``auto`` decided by the rule dist.mode=fsdp uses."""
-    shardable = (cfg.optim.solver or ("svd" if method == "galore" else "rsvd")) != "online_pca"
-    return choose_projectors(cfg.optim.projectors, plan, per_layer=per_layer, shardable=shardable)
+    """optim.projectors for this method's plan, decided by the rule dist.mode=fsdp uses (plan.choose_projectors)."""
+    return choose_projectors(cfg.optim.projectors, plan, per_layer=per_layer, solver=_parts(cfg, method).get("solver"))
 
 
 def _method_numbers(cfg, model: nn.Module, plan: Plan, method: str, gather_bytes: int, reduce_bytes: int,
@@ -84,11 +87,11 @@ def _method_numbers(cfg, model: nn.Module, plan: Plan, method: str, gather_bytes
     """Per-rank bytes of memory and communication for one method on one sharded meta model; ``projectors``:
     replicate or shard (resolved)."""
     w, rep = plan.shard_size, plan.replicate
-    q = cfg.optim.power_iters or 2
-    k_over = cfg.optim.oversample or 8
+    parts = _parts(cfg, method)
+    q, k_over = parts.get("power_iters"), parts.get("oversample")
     shard_projectors = projectors == "shard"
     owner_refresh = method == "galore" or cfg.optim.refresh == "owner"
-    reference_bytes = REFERENCE_BYTES[cfg.optim.reference_dtype or "bf16"]
+    reference_bytes = REFERENCE_BYTES.get(parts.get("reference_dtype"))
 
     params = grads = moments = switch_state = 0
     step_extra = switch = refresh = 0.0
@@ -394,8 +397,8 @@ def dry_run(cfg, out: Callable[[str], None] = print, cluster: step_time.Cluster 
     out(
         "refresh: galore = owner gathers G + broadcasts the projector (exact SVD); lotus = "
         + ("owner gather (optim.refresh=owner)" if cfg.optim.refresh == "owner" else
-           f"distributed rsvd, (q+1)={(cfg.optim.power_iters or 2) + 1} sketch all-reduces + a k x k Gram")
-        + f"; switch stats are all-reduced every {cfg.optim.verify_gap or 50} steps (lotus)"
+           f"distributed rsvd, (q+1)={_parts(cfg, 'lotus')['power_iters'] + 1} sketch all-reduces + a k x k Gram")
+        + f"; switch stats are all-reduced every {_parts(cfg, 'lotus')['verify_gap']} steps (lotus)"
     )
     if world > 1:
         out("lotus (ddp): dist.mode=ddp/deepspeed, the model whole on every rank; grads = every buffer of the step at "

@@ -1,4 +1,4 @@
-"""The low-rank optimizer on FSDP2 DTensor parameters (DESIGN.md section 3, docs/algorithms.md section 11).
+"""The low-rank optimizer on FSDP2 DTensor parameters (docs/design.md, docs/algorithms.md section 11).
 
 ``build_sharded_optimizer`` builds the ordinary ``LowRankAdamW`` and plugs the distributed parts in:
 
@@ -34,7 +34,8 @@ from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor, Replicate, Shard
 
 from lotus_dist.errors import UserError
-from lotus_dist.optim import METHODS, LowRankAdamW, ProjFactor, build_optimizer
+from lotus_dist.optim import LowRankAdamW, ProjFactor, build_optimizer
+from lotus_dist.optim.methods import resolve_parts
 
 from .collectives import MatrixComm, StatsComm
 from .plan import Plan, choose_projectors, projector_peak_bytes
@@ -71,30 +72,33 @@ class _Layout:
         return DTensor.from_local(t, self.mesh, placements, run_check=False, shape=size, stride=stride)
 
 
-def _check_supported(group: dict, fallback: bool, projectors: str, name: str) -> None:
+def _check_supported(group: dict, fallback: bool, name: str) -> None:
     if fallback and group["solver"] == "online_pca":
         raise UserError(f"optim.solver=online_pca is not supported for the fallback matrix {name} (Shard(0) with a "
                         f"left projector) under dist.mode=fsdp; use a world size that divides its columns, or "
                         f"dist.mode=single")
-    if projectors == "shard" and group["solver"] == "online_pca":
-        raise UserError("optim.solver=online_pca trains its projector in place: use optim.projectors=replicate")
+
+
+def _solver(optim_cfg) -> str | None:
+    """The method's solver with ``optim.solver`` applied (``resolve_parts``); None for adamw (no projected group)."""
+    return (resolve_parts(optim_cfg) or {}).get("solver")
 
 
 def owner_refresh_replaces_rsvd(optim_cfg) -> bool:
     """Whether ``optim.refresh=owner`` swaps the method's rsvd solver for the exact SVD on each matrix's owner."""
     if getattr(optim_cfg, "refresh", "distributed") != "owner":
         return False
-    return (optim_cfg.solver or (METHODS.get(optim_cfg.name) or {}).get("solver")) == "rsvd"  # adamw's entry is None
+    return _solver(optim_cfg) == "rsvd"
 
 
 def resolve_projectors(optim_cfg, plan: Plan) -> tuple[str, str]:
-    """``optim.projectors`` for this plan (``auto`` decided by ``plan.choose_projectors``) and why, for the log."""
+    """``optim.projectors`` for this plan (``auto`` decided by ``plan.choose_projectors``, which also refuses
+    ``shard`` for a solver that trains its projector in place) and why, for the log."""
     setting = getattr(optim_cfg, "projectors", "auto")
     if setting not in ("auto", "replicate", "shard"):
         raise UserError(f"optim.projectors: {setting!r} is not one of auto, replicate, shard")
-    solver = optim_cfg.solver or (METHODS.get(optim_cfg.name) or {}).get("solver")
     per_layer = bool(getattr(optim_cfg, "per_layer", False))
-    choice = choose_projectors(setting, plan, per_layer=per_layer, shardable=solver != "online_pca")
+    choice = choose_projectors(setting, plan, per_layer=per_layer, solver=_solver(optim_cfg))
     def size(kind: str) -> str:
         b = projector_peak_bytes(plan, kind, per_layer)["total"]
         return f"{b / 2**20:.1f} MiB" if b >= 2**20 else f"{b / 2**10:.1f} KiB"
@@ -133,7 +137,7 @@ def build_sharded_optimizer(model: nn.Module, optim_cfg, plan: Plan, mesh: Devic
             if side != mp.side or not (isinstance(last, Shard) and last.dim == mp.shard_dim):
                 raise ValueError(f"{name}: optimizer side {side} / placement {p.placements} disagree with the plan "
                                  f"(side {mp.side}, Shard({mp.shard_dim}))")
-            _check_supported(g, mp.fallback, projectors, name)
+            _check_supported(g, mp.fallback, name)
             comm = MatrixComm(group, mp.shape, side, r, mp.shard_dim, mp.fallback, mp.owner, projectors)
             opt.set_comm(p, comm)
             proj_pl = replicated if projectors == "replicate" else replicated[:-1] + (Shard(0),)

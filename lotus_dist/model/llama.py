@@ -60,6 +60,13 @@ def llama_config(name: str, **overrides) -> LlamaConfig:
     return dataclasses.replace(NAMED_SIZES[name], **{k: v for k, v in overrides.items() if v is not None})
 
 
+def shape_overrides(m) -> dict:
+    """The shape keys ``llama_config(m.name, **...)`` takes, read from any object with the model fields (the run
+    config's ``model`` section): every ``LlamaConfig`` field, None (the named size's value) where ``m`` has none.
+    Not the preset name, nor ``model.init_from`` (where the weights come from, not the shape)."""
+    return {f.name: getattr(m, f.name, None) for f in dataclasses.fields(LlamaConfig)}
+
+
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float):
         super().__init__()

@@ -164,6 +164,11 @@ class LowRankAdamW(UnitStepping, BasisRefresh, FiraAndOnlinePCA, AdamWStep, Opti
             st["pca_step"] = 0
         return st
 
+    def after_load(self) -> None:
+        """Call after a load that filled this optimizer's state or groups without ``load_state_dict`` (DCP's
+        in-place load): drops the param -> group cache, rebuilt on the next use. Local, no communication."""
+        self._groups = None
+
     def load_state_dict(self, state_dict: dict) -> None:
         """torch's load, except that the states keep the dtype ``state_dtype`` gives them (fp32 statistics, the
         switch reference its own): torch casts every floating state tensor to the parameter's, which would make a
@@ -186,7 +191,7 @@ class LowRankAdamW(UnitStepping, BasisRefresh, FiraAndOnlinePCA, AdamWStep, Opti
                 kept[key] = extra
                 state[key] = {k: v for k, v in st.items() if k not in extra}
         super().load_state_dict({**state_dict, "state": state})
-        self._groups = None  # torch's load puts new group dicts in place
+        self.after_load()  # torch's load puts new group dicts in place
         for key, extra in kept.items():
             p = params[key]
             for k, v in extra.items():

@@ -17,6 +17,9 @@ from typing import Any, Optional
 import yaml
 
 from lotus_dist.errors import UserError
+from lotus_dist.model.llama import shape_overrides  # noqa: F401  (the model layer's; importable here too)
+from lotus_dist.optim.options import CHOICES as LOWRANK_CHOICES
+from lotus_dist.precision import TRAIN_DTYPES
 
 
 class ConfigError(UserError, ValueError):
@@ -179,18 +182,14 @@ class Config:
 
 
 # Values a key may take, checked at load time so that a typo fails before the run starts.
+# The low-rank part keys' values are the optimizer's own (optim/options.py): a new solver is one edit there.
 CHOICES: dict[str, tuple[str, ...]] = {
-    "optim.proj_type": ("std", "reverse_std", "left", "right"),
-    "optim.solver": ("svd", "rsvd", "random", "grasswalk", "online_pca"),
-    "optim.switch": ("fixed", "displacement", "path_efficiency", "every_step"),
-    "optim.moments": ("keep", "reset", "rotate", "rotate_subtrack"),
-    "optim.residual": ("none", "fira"),
-    "optim.reference_dtype": ("bf16", "fp32"),
+    **{f"optim.{key}": allowed for key, allowed in LOWRANK_CHOICES.items()},
     "optim.projectors": ("auto", "replicate", "shard"),
     "optim.refresh": ("distributed", "owner"),
     "data.source": ("embedded", "c4", "indexed"),
     "data.split": ("auto", "node", "global"),
-    "train.dtype": ("auto", "fp32", "bf16"),
+    "train.dtype": TRAIN_DTYPES,
     "train.on_nonfinite": ("stop", "skip"),
     "dist.mode": ("auto", "single", "fsdp", "ddp", "deepspeed"),
     "dist.backend": ("auto", "nccl", "gloo"),
@@ -439,12 +438,6 @@ def _validate_optim(o: OptimConfig) -> None:
     except ValueError as e:  # "optim.<key>: <problem>"
         key, _, problem = str(e).partition(": ")
         raise ConfigError(f"config key '{key}': {problem}") from None
-
-
-def shape_overrides(m: ModelConfig) -> dict:
-    """The model keys ``llama_config(m.name, **...)`` takes: all but the preset name and ``init_from`` (where the
-    weights come from, not the shape)."""
-    return {k: v for k, v in dataclasses.asdict(m).items() if k not in ("name", "init_from")}
 
 
 def _validate_model(m: ModelConfig) -> None:

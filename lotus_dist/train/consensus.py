@@ -1,4 +1,4 @@
-"""The step's one host synchronisation (DESIGN.md section 4b: at most one per optimizer step).
+"""The step's one host synchronisation (docs/design.md section 3: at most one per optimizer step).
 
 Everything the loop must agree on or read on the host rides in one vector, summed over the ranks in one all-reduce
 and read with one ``.tolist()``: the loss, the squared gradient norm (its non-finite check and clipping), the stop

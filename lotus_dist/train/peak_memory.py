@@ -114,6 +114,13 @@ class PeakMemory:
         account.__enter__()
         return self
 
+    def peak_so_far(self) -> int:
+        """The peak since entry, read inside the block (a phase of it, e.g. a step's backward)."""
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            return torch.cuda.max_memory_allocated(self.device)
+        return self._account.peak
+
     def __exit__(self, *exc) -> None:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)

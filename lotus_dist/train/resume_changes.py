@@ -91,11 +91,10 @@ def changes(saved: list[dict], run: list[dict], path: Path) -> list[str]:
 
 def apply(optimizer, run: list[dict]) -> None:
     """Put this run's settings (its ``snapshot``) back into the param groups a load replaced (the applied keys;
-    refused ones are equal by now)."""
+    refused ones are equal by now). In place: the group dicts and their ``params`` stay, so an optimizer's
+    param -> group cache stays valid."""
     for group, wanted in zip(optimizer.param_groups, run):
         group.update(wanted)
-    if hasattr(optimizer, "_groups"):  # LowRankAdamW's cache of param -> group
-        optimizer._groups = None
 
 
 def _show(value) -> str:

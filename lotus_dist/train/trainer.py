@@ -1,14 +1,13 @@
 """The training loop: build everything from a Config, then step, log, evaluate and checkpoint.
 
 Read top to bottom: ``Trainer.__init__`` builds the parts, ``fit`` is the loop, ``train_step`` is one optimizer
-step over ``grad_accum`` micro-batches.
+step over ``grad_accum`` micro-batches through the step engine (step.py, which tests and benchmarks call too) and
+the run's policy for a non-finite step.
 """
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import math
 import time
 
 import torch
@@ -19,7 +18,6 @@ from lotus_dist.counters import COUNTERS
 from lotus_dist.train.checkpoint import Checkpointer, NonFiniteStateError, check_compatible, check_tokenizer
 from lotus_dist.train import resume_changes
 from lotus_dist.train.config import Config, check_init_from, shape_overrides, to_dict
-from lotus_dist.train.consensus import StepConsensus, clip_, grad_sq_partial, replicas_of
 from lotus_dist.train.evaluate import evaluate
 from lotus_dist.train.faults import maybe_crash, maybe_poison_gradients, maybe_poison_weights
 from lotus_dist.train.metrics import MetricsLogger, truncate_metrics
@@ -27,6 +25,7 @@ from lotus_dist.train.peak_memory import PeakMemory
 from lotus_dist.train.run_dir import RunDirectory
 from lotus_dist.train.schedule import lr_multiplier
 from lotus_dist.train.signals import StopSignals
+from lotus_dist.train.step import StepEngine, resolve_autocast
 
 
 class NonFiniteError(UserError):
@@ -36,14 +35,6 @@ class NonFiniteError(UserError):
     def __init__(self, message: str, intact: bool = True):
         super().__init__(message)
         self.intact = intact
-
-
-def resolve_autocast(dtype: str, device: torch.device):
-    """bf16 autocast on CUDA ("auto" or "bf16"); fp32 on CPU unless bf16 is asked for explicitly."""
-    use_bf16 = dtype == "bf16" or (dtype == "auto" and device.type == "cuda")
-    if not use_bf16:
-        return contextlib.nullcontext
-    return lambda: torch.autocast(device_type=device.type, dtype=torch.bfloat16)
 
 
 def model_fingerprint(cfg: Config, vocab_size: int) -> dict:
@@ -135,24 +126,19 @@ class Trainer:
             self.note_rank_clipping()
         self.model = runtime.wrap_model(self.model, cfg)
         self.optimizer = runtime.build_optimizer(self.model, cfg.optim)
-        self.in_backward = None  # optim.per_layer: blocks update inside backward (optim/in_backward.py)
-        if cfg.optim.per_layer:
-            from lotus_dist.optim import OptimizerInBackward
-
-            self._poisoned_step = 0
-            self.in_backward = OptimizerInBackward(
-                self.optimizer, runtime.update_units(self.model), grad_accum=self.grad_accum,
-                max_unit_norm=t.grad_clip_unit, on_nonfinite=t.on_nonfinite, before_update=self._fault_in_unit)
-            # the blocks' norms are summed over the whole world in the step's one all-reduce: HSDP's replicas
-            # hold the same shards, so each rank's share is divided by them (every parameter has one mesh)
-            self._unit_replicas = replicas_of(next(self.model.parameters()))
         self.autocast = resolve_autocast(t.dtype, self.device)
+        self._poisoned_step = 0
+        self.engine = StepEngine(
+            self.model, self.optimizer, runtime, grad_accum=self.grad_accum, grad_clip=t.grad_clip,
+            grad_clip_unit=t.grad_clip_unit, on_nonfinite=t.on_nonfinite, per_layer=cfg.optim.per_layer,
+            autocast=self.autocast,
+            after_backward=lambda: maybe_poison_gradients(self.model.parameters(), runtime.rank, self.step + 1),
+            before_unit_update=self._fault_in_unit)
 
         self.stream = build_train_stream(cfg.data, self.tokenizer, seq_len=t.seq_len, micro_batch_size=t.micro_batch_size,
                                          rank=runtime.rank, world_size=runtime.world_size, seed=cfg.seed,
                                          pin_memory=self.device.type == "cuda")
         self.val_blocks = build_val_blocks(cfg.data, self.tokenizer, seq_len=t.seq_len) if t.eval_every else None
-        self.consensus = StepConsensus(runtime)
 
     def note_rank_clipping(self) -> None:
         """Say once when optim.rank exceeds some matrices' projected side (the optimizer clips it there)."""
@@ -217,34 +203,39 @@ class Trainer:
         return lr
 
     def train_step(self) -> dict:
+        """One step through the engine, then the run's policy for a non-finite one: stop, or skip and count it."""
         lr = self.set_lr()
-        if self.in_backward is not None:
-            return self.train_step_in_backward(lr)
-        loss_sum = self.forward_backward()
-        maybe_poison_gradients(self.model.parameters(), self.rt.rank, self.step + 1)
-        # Loss and squared gradient norm (the non-finite check of every gradient) with the stop and checkpoint
-        # flags in one all-reduce; clipping (train.grad_clip > 0) scales on the device; then the step's one sync.
-        grads = self.rt.gradients(self.model)
-        summed = self.consensus.reduce([loss_sum, grad_sq_partial(grads, self.device)],
-                                       stop=self.signals.received is not None, writing=self.checkpointer.writing())
-        if self.cfg.train.grad_clip > 0:
-            clip_(grads, summed[1].sqrt(), self.cfg.train.grad_clip)
-        loss_total, norm_sq = self.consensus.read(summed)
-        loss_value, norm_value = loss_total / self.rt.world_size, math.sqrt(norm_sq) if norm_sq >= 0 else norm_sq
-        if not (math.isfinite(loss_value) and math.isfinite(norm_value)):
-            self.optimizer.zero_grad(set_to_none=True)
+        result = self.engine.step(self.stream, stop=self.signals.received is not None,
+                                  writing=self.checkpointer.writing())
+        record = {"loss": result.loss, "lr": lr}
+        if result.grad_norm is not None:  # None: per-layer, some matrices accumulated only R (no exact norm)
+            record["grad_norm"] = result.grad_norm
+        if result.nonfinite:
             if self.cfg.train.on_nonfinite == "stop":
-                raise NonFiniteError(f"non-finite loss ({loss_value}) or gradient norm ({norm_value}) at step "
-                                     f"{self.step + 1}; train.on_nonfinite=skip would skip such steps")
-            # Skipped: no update, but the step, its data and its place in the schedule are spent.
+                raise NonFiniteError(self.nonfinite_message(result), intact=result.intact)
+            # Skipped: no update (per-layer: of the non-finite blocks), but the step, its data and its place in
+            # the schedule are spent.
             self.end_step()
+            if self.cfg.optim.per_layer:
+                record["skipped_units"] = result.nonfinite_units
+                if result.torn_units:  # skipped on the ranks whose shard was non-finite only (optim/in_backward.py)
+                    record["torn_units"] = result.torn_units
             self.count_skipped()
-            return {"loss": loss_value, "lr": lr, "grad_norm": norm_value, "skipped": self.skipped_steps}
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
+            record["skipped"] = self.skipped_steps
+            return record
         self.end_step()
         self.skipped_in_row = 0
-        return {"loss": loss_value, "lr": lr, "grad_norm": norm_value}
+        return record
+
+    def nonfinite_message(self, result) -> str:
+        if not self.cfg.optim.per_layer:
+            return (f"non-finite loss ({result.loss}) or gradient norm ({result.grad_norm}) at step {self.step + 1}; "
+                    f"train.on_nonfinite=skip would skip such steps")
+        latest = self.checkpointer.latest()
+        return (f"non-finite loss ({result.loss}) or gradient in {result.nonfinite_units} block(s) at step "
+                f"{self.step + 1} with optim.per_layer=true: blocks updated earlier in that backward cannot be "
+                f"undone, so this state is not saved; resume from the last checkpoint "
+                f"({latest if latest else 'none yet'}); train.on_nonfinite=skip would skip such blocks")
 
     def count_skipped(self) -> None:
         self.skipped_steps += 1
@@ -264,71 +255,10 @@ class Trainer:
                     f"train.steps={t.steps}")
         return None
 
-    def forward_backward(self) -> torch.Tensor:
-        """Forward and backward over the step's micro-batches; returns this rank's loss, summed.
-
-        Backward runs outside autocast: under optim.per_layer the optimizer updates inside it, in fp32. Per-layer
-        keeps gradient sync on for every micro-batch (FSDP reduce-scatters each time: that is what fires the
-        hooks on the shards); otherwise the mode may defer it to the last micro-batch.
-        """
-        loss_sum = torch.zeros((), device=self.device)
-        for micro in range(self.grad_accum):
-            batch = next(self.stream).to(self.device, non_blocking=True)
-            if self.in_backward is not None:
-                self.in_backward.begin_micro_batch(micro)
-                sync = contextlib.nullcontext()
-            else:
-                sync = self.rt.no_sync(self.model, last=micro == self.grad_accum - 1)
-            with sync:
-                with self.autocast():
-                    loss = self.model(batch[:, :-1], batch[:, 1:]) / self.grad_accum
-                loss.backward()
-            loss_sum += loss.detach()
-        return loss_sum
-
     def end_step(self) -> None:
         """One optimizer step is spent (applied or skipped): its data and its place in the schedule."""
         self.step += 1
         self.tokens += self.cfg.train.batch_size * self.cfg.train.seq_len
-
-    def train_step_in_backward(self, lr: float) -> dict:
-        """optim.per_layer: each block updates during backward; no optimizer.step() afterwards.
-
-        Non-finite gradients are found per block: ``skip`` leaves that block alone, ``stop`` stops without saving,
-        since the blocks updated before it cannot be undone.
-        """
-        loss_sum = self.forward_backward()
-        pending = self.in_backward.finish_step()
-        self.optimizer.zero_grad(set_to_none=True)  # a skipped block's gradients
-        # the blocks stepped on the device ride in the step's one all-reduce and host sync: their norms and which
-        # ranks masked them (per-unit clipping reduced them per block already: read as they are)
-        summed = self.consensus.reduce([loss_sum, *pending.partials(self._unit_replicas)],
-                                       stop=self.signals.received is not None, writing=self.checkpointer.writing())
-        loss_total, *unit_values = self.consensus.read(summed, exact=pending.reduced)
-        report = pending.resolve(unit_values)
-        loss_value = loss_total / self.rt.world_size
-        record = {"loss": loss_value, "lr": lr}
-        if report["grad_norm"] is not None:  # None: some matrices accumulated only R, so there is no exact norm
-            record["grad_norm"] = report["grad_norm"]
-        if report["nonfinite_units"] or not math.isfinite(loss_value):
-            if self.cfg.train.on_nonfinite == "stop":
-                latest = self.checkpointer.latest()
-                raise NonFiniteError(
-                    f"non-finite loss ({loss_value}) or gradient in {report['nonfinite_units']} block(s) at step "
-                    f"{self.step + 1} with optim.per_layer=true: blocks updated earlier in that backward cannot be "
-                    f"undone, so this state is not saved; resume from the last checkpoint "
-                    f"({latest if latest else 'none yet'}); train.on_nonfinite=skip would skip such blocks",
-                    intact=False)
-            self.end_step()
-            record["skipped_units"] = report["nonfinite_units"]
-            if report["torn_units"]:  # skipped on the ranks whose shard was non-finite only (optim/in_backward.py)
-                record["torn_units"] = report["torn_units"]
-            self.count_skipped()
-            record["skipped"] = self.skipped_steps
-            return record
-        self.end_step()
-        self.skipped_in_row = 0
-        return record
 
     def _fault_in_unit(self, unit) -> None:
         """LOTUS_FAULT=nan_grad under optim.per_layer: poison the first block to update in the step."""
@@ -367,7 +297,7 @@ class Trainer:
                 self.train_seconds += time.perf_counter() - started
                 maybe_crash("after_step", self.rt.rank, self.step)
                 maybe_poison_weights(self.model.parameters(), self.rt.rank, self.step)
-                if self.consensus.saves_done:  # every rank's asynchronous writer has finished: commit
+                if self.engine.consensus.saves_done:  # every rank's asynchronous writer has finished: commit
                     self.checkpointer.wait()
                 self.logger.advance()
                 evaluate_now = t.eval_every and (self.step % t.eval_every == 0 or self.step == t.steps)
@@ -389,7 +319,7 @@ class Trainer:
                 if record.get("skipped") and self.skip_limit():
                     # Skips applied nothing, so the state is intact and is saved.
                     self.stop_after_nonfinite(NonFiniteError(self.skip_limit()))
-                stop = self.consensus.stop  # a SIGTERM/SIGINT on any rank, agreed in the step's reduction
+                stop = self.engine.consensus.stop  # a SIGTERM/SIGINT on any rank, agreed in the step's reduction
                 every = cfg.checkpoint.every
                 if (every and self.step % every == 0) or self.step == end or stop:
                     self.save()

@@ -12,10 +12,12 @@ import torch
 
 from bench_optim import gradient_surrogate
 from bench_train import make_batch, timed_step
+from lotus_dist.distributed.modes import single_process
 from lotus_dist.model.llama import Llama, llama_config
 from lotus_dist.optim import build_optimizer
 from lotus_dist.optim import subspace as ss
-from lotus_dist.train.config import OptimConfig
+from lotus_dist.train.config import OptimConfig, TrainConfig
+from lotus_dist.train.step import StepEngine
 
 from .items import Check
 from .mfu import model_flops_per_token, peak_flops
@@ -106,15 +108,16 @@ def start_method(plan, cfg, opts: dict, rank: int, batch, autocast) -> dict:
         model = Llama(cfg)  # built on the device: no full-size copy through the host
     # huge gaps: the timed steps are steady; the first step computes every basis (the refresh)
     opt = build_optimizer(model, OptimConfig(rank=rank, **opts, update_gap=10**9, verify_gap=10**9))
-    refresh = timed_step(model, opt, batch, autocast)
-    second = timed_step(model, opt, batch, autocast)
-    return {"model": model, "opt": opt, "refresh": refresh, "second": second, "steady": []}
+    engine = StepEngine(model, opt, single_process(plan.device), grad_clip=TrainConfig().grad_clip, autocast=autocast)
+    refresh = timed_step(engine, batch)
+    second = timed_step(engine, batch)
+    return {"model": model, "opt": opt, "engine": engine, "refresh": refresh, "second": second, "steady": []}
 
 
 def steady_rounds(plan, runs: dict, batch, autocast) -> None:
     for _ in range(plan.rounds):  # interleaved: a change of clock or load hits every method alike
         for state in runs.values():
-            state["steady"].append(timed_step(state["model"], state["opt"], batch, autocast))
+            state["steady"].append(timed_step(state["engine"], batch))
     for state in runs.values():  # the optimizer step alone, on the gradients of one backward
         with autocast():
             state["model"](batch[:, :-1], batch[:, 1:]).backward()

@@ -1,16 +1,10 @@
 import shutil
-import sys
-from pathlib import Path
 
 import pytest
+from datahelpers import SHARED_C4, make_mirror  # tests/data is on sys.path (pyproject's pythonpath)
 
-# datahelpers lives beside the tests; --import-mode=importlib does not put this directory on sys.path by itself.
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from datahelpers import SHARED_C4, make_mirror  # noqa: E402
-
-from lotus_dist.data import load_tokenizer  # noqa: E402
-from lotus_dist.data.corpus import ensure_embedded_corpus  # noqa: E402
+from lotus_dist.data import load_tokenizer
+from lotus_dist.data.corpus import ensure_embedded_corpus
 
 
 @pytest.fixture(scope="session")

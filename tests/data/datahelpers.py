@@ -1,9 +1,12 @@
 """Builders of small C4-format mirrors and configs for the data tests."""
 
 import gzip
+import importlib.util
 import json
 import zlib
 from pathlib import Path
+
+import pytest
 
 from lotus_dist.train.config import DataConfig
 
@@ -85,3 +88,22 @@ def hub_cache(root: Path, repo: str = "google-t5/t5-base", filename: str = "spie
     (entry / "snapshots" / commit).mkdir(parents=True)
     (entry / "snapshots" / commit / filename).write_bytes((REPO / "tokenizer" / "embedded.model").read_bytes())
     return root
+
+
+def read_all(source) -> list:
+    """Every document of a source, in order."""
+    docs = []
+    while (doc := source.next_doc()) is not None:
+        docs.append(doc)
+    return docs
+
+
+HAVE_MEGATRON = (importlib.util.find_spec("megatron") is not None
+                 and importlib.util.find_spec("megatron.core") is not None)
+NO_MEGATRON = "megatron-core is not installed (pip install -e .[megatron])"
+
+
+def skip_without_megatron() -> None:
+    """In a fixture of indexed data: skip its tests where the megatron-core extra is missing."""
+    if not HAVE_MEGATRON:
+        pytest.skip(NO_MEGATRON)

@@ -6,18 +6,11 @@ import random
 
 import pytest
 
-from datahelpers import data_cfg, write_shard  # noqa: E402  (conftest path)
+from datahelpers import data_cfg, read_all, write_shard  # tests/data is on sys.path (pyproject's pythonpath)
 from lotus_dist.data import DataError, build_train_stream, build_val_blocks, load_tokenizer
 from lotus_dist.data.c4 import LocalShardSource, find_shards
 
 GOOD = [{"text": f"good document number {i} with a few words"} for i in range(4)]
-
-
-def read_all(source):
-    docs = []
-    while (doc := source.next_doc()) is not None:
-        docs.append(doc)
-    return docs
 
 
 @pytest.fixture

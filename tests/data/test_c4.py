@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from datahelpers import data_cfg, mirror_docs, write_shard  # noqa: E402  (conftest path)
+from datahelpers import data_cfg, mirror_docs, write_shard  # tests/data is on sys.path (pyproject's pythonpath)
 from lotus_dist.data import DataError, build_train_stream, build_val_blocks
 from lotus_dist.data.c4 import HFStreamSource, LocalShardSource, ShuffledDocs, find_shards
 

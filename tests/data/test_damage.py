@@ -1,7 +1,6 @@
 """Damaged data files: a corrupt deflate stream and a zero-byte shard are skipped, counted and named like other
 damaged shards (training and preprocess_c4 alike); a damaged indexed dataset is one line naming the file."""
 
-import importlib.util
 import json
 import logging
 import struct
@@ -9,19 +8,13 @@ from pathlib import Path
 
 import pytest
 
-from datahelpers import data_cfg, real_c4_records, write_corrupt_deflate_shard, write_shard  # noqa: E402
+from datahelpers import (HAVE_MEGATRON, NO_MEGATRON, data_cfg, read_all, real_c4_records, skip_without_megatron,
+                         write_corrupt_deflate_shard, write_shard)
 from lotus_dist.data import DataError, build_train_stream, check_data
 from lotus_dist.data.c4 import LocalShardSource, find_shards
 
 RECORDS = real_c4_records()
 TEXTS = [r["text"] for r in RECORDS]
-
-
-def read_all(source):
-    docs = []
-    while (doc := source.next_doc()) is not None:
-        docs.append(doc)
-    return docs
 
 
 @pytest.fixture
@@ -77,9 +70,7 @@ def test_training_stream_survives_a_corrupt_deflate_stream_over_epochs(damaged_m
 
 # ---- scripts/preprocess_c4.py ----------------------------------------------------------------------------------------
 
-needs_megatron = pytest.mark.skipif(importlib.util.find_spec("megatron") is None
-                                    or importlib.util.find_spec("megatron.core") is None,
-                                    reason="megatron-core is not installed (pip install -e .[megatron])")
+needs_megatron = pytest.mark.skipif(not HAVE_MEGATRON, reason=NO_MEGATRON)
 
 
 @needs_megatron
@@ -111,8 +102,7 @@ def test_preprocess_skips_counts_and_names_damaged_shards(damaged_mirror, tmp_pa
 
 @pytest.fixture(scope="module")
 def indexed_prefix(tmp_path_factory):
-    if importlib.util.find_spec("megatron") is None or importlib.util.find_spec("megatron.core") is None:
-        pytest.skip("megatron-core is not installed (pip install -e .[megatron])")
+    skip_without_megatron()
     from script_loader import load_script
 
     root = tmp_path_factory.mktemp("indexed_damage")

@@ -2,7 +2,6 @@
 another model of the same vocabulary size and EOS is refused unless data.allow_tokenizer_change=true."""
 
 import hashlib
-import importlib.util
 import json
 import logging
 import shutil
@@ -10,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from datahelpers import data_cfg, real_c4_records, write_shard  # noqa: E402
-from tokenizer_copies import swapped_model  # tests/ is on sys.path (tests/conftest.py)
+from datahelpers import data_cfg, real_c4_records, skip_without_megatron, write_shard
+from tokenizer_copies import swapped_model  # tests/ is on sys.path (pyproject's pythonpath)
 from lotus_dist.data import DataError, build_train_stream, build_val_blocks, check_data, load_tokenizer
 
 REPO = Path(__file__).resolve().parents[2]
@@ -30,8 +29,7 @@ def test_fingerprint_is_the_model_files_sha256_and_ignores_the_path(tok, tmp_pat
 
 @pytest.fixture(scope="module")
 def prefix(tmp_path_factory):
-    if importlib.util.find_spec("megatron") is None or importlib.util.find_spec("megatron.core") is None:
-        pytest.skip("megatron-core is not installed (pip install -e .[megatron])")
+    skip_without_megatron()
     from script_loader import load_script
 
     root = tmp_path_factory.mktemp("fingerprint")

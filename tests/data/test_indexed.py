@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from datahelpers import data_cfg, make_mirror, mirror_docs  # noqa: E402  (conftest path)
+from datahelpers import data_cfg, make_mirror, mirror_docs  # tests/data is on sys.path (pyproject's pythonpath)
 from script_loader import load_script
 from lotus_dist.data import DataError, build_train_stream, build_val_blocks
 

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from datahelpers import data_cfg, write_shard  # noqa: E402  (conftest path)
+from datahelpers import data_cfg, write_shard  # tests/data is on sys.path (pyproject's pythonpath)
 from lotus_dist.data import DataError, PrefetchStream, TokenStream, build_train_stream
 
 REPO = Path(__file__).resolve().parents[2]

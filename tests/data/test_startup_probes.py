@@ -10,16 +10,15 @@ from pathlib import Path
 
 import pytest
 
-from datahelpers import hub_cache  # noqa: E402  (conftest path)
+from datahelpers import hub_cache  # tests/data is on sys.path (pyproject's pythonpath)
 from lotus_dist.data import DataError
-from lotus_dist.train.cli import main
+from lotus_dist.train.config import merge_overrides
+from pretrain_runs import SMALL as SMALL_RUN, run  # tests/ likewise
 
 REPO = Path(__file__).resolve().parents[2]
 NO_HUB = "http://127.0.0.1:9"  # the discard port: connection refused
 HANG_LIMIT_S = 300  # a bound for a stuck child, far above the few seconds these take
-SMALL = ["model.dim=64", "model.n_layers=2", "model.n_heads=4", "model.ffn_dim=172", "train.seq_len=32",
-         "train.batch_size=8", "train.micro_batch_size=4", "data.val_tokens=2048", "train.steps=2",
-         "log.tensorboard=false", "log.progress=false", "optim.rank=8"]
+SMALL = merge_overrides(SMALL_RUN, ["train.steps=2"])  # each case is refused at start-up: 2 steps bound a miss
 
 
 def one_error_line(err: str) -> str:
@@ -29,9 +28,8 @@ def one_error_line(err: str) -> str:
 
 
 def test_a_model_vocabulary_smaller_than_the_tokenizers_is_refused(tmp_path, capsys, tok):
-    args = ["--config", str(REPO / "configs/tiny.yaml"), *SMALL, f"data.cache_dir={tmp_path / 'cache'}",
-            f"run.dir={tmp_path / 'run'}", "model.vocab_size=100"]
-    assert main(args) == 2
+    assert run([*SMALL, f"data.cache_dir={tmp_path / 'cache'}", f"run.dir={tmp_path / 'run'}",
+                "model.vocab_size=100"]) == 2
     err = one_error_line(capsys.readouterr().err)
     assert "'model.vocab_size' (100)" in err and f"({tok.vocab_size} ids)" in err and tok.path in err
     assert not list((tmp_path / "run").glob("checkpoints/*"))

@@ -7,7 +7,7 @@ import pytest
 import sentencepiece as spm
 from script_loader import load_script
 
-from datahelpers import hub_cache, make_mirror  # noqa: E402  (conftest path)
+from datahelpers import hub_cache, make_mirror  # tests/data is on sys.path (pyproject's pythonpath)
 from lotus_dist.data import DataError, load_tokenizer
 
 

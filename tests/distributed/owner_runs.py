@@ -21,6 +21,7 @@ import torch
 import owner_workers as W
 from dist_spawn import run_workers
 from lotus_dist.distributed.dcp_util import load_sharded, save_sharded
+from lotus_dist.distributed.modes import single_process
 from lotus_dist.model.llama import Llama, llama_config
 from lotus_dist.optim import build_optimizer, switch_report
 from lotus_dist.train.metrics import read_metrics
@@ -88,7 +89,7 @@ def single_checkpoint(method: str = "lotus") -> str:
     model = Llama(W.CFG)
     opt = build_optimizer(model, W.optim_cfg(method))
     with one_thread():
-        W.train(model, opt, W._Single(), 0, 1, 0, SAVE_AT, STEPS)
+        W.train(model, opt, single_process("cpu"), 0, 1, 0, SAVE_AT, STEPS)
     path = ckpt("single", method, 1)
     save_sharded(path, model, opt)
     return path
@@ -155,7 +156,7 @@ def check_resume_in_one_process(mode: str, method: str) -> None:
     opt = build_optimizer(model, W.optim_cfg(method))
     load_sharded(ckpt(mode, method, 2), model, opt)
     with one_thread():
-        W.train(model, opt, W._Single(), 0, 1, SAVE_AT, STEPS, STEPS)
+        W.train(model, opt, single_process("cpu"), 0, 1, SAVE_AT, STEPS, STEPS)
     assert W.rel_diff(W.full_params(model), ref["params"]) < PARAM_TOL
     assert sum(switch_report(opt).values()) == ref["switches"]
 

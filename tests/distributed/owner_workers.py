@@ -1,10 +1,10 @@
 """One rank of the owner-backend checks (``dist.mode=ddp`` / ``deepspeed``); run through ``dist_workers.py`` with
 ``{"entry": "owner_workers", ...}`` (argv: options JSON, work directory). Rank 0 writes ``<tag>.result.json``.
 
-The loop below is the trainer's ``train_step`` (lr set on ``param_groups``, micro-batches under ``no_sync``, loss
-all-reduce, the global gradient norm from each rank's share and clipping on the device (``train/consensus.py``),
-``step``, ``zero_grad``) on a tiny LLaMA, compared with the single-process trajectory (``refs``, or computed on
-every rank).
+Each run steps through the trainer's step engine (``lotus_dist/train/step.py``: micro-batches under the mode's
+``no_sync``, the loss and each rank's share of the gradient norm in one all-reduce, clipping on the device,
+``step``, ``zero_grad``) on a tiny LLaMA, with the trainer's lr set on ``param_groups``, and is compared with the
+single-process trajectory of ``reference_train`` (written out by hand; ``refs``, or computed on every rank).
 
 options: tag, methods, modes (ddp, deepspeed), steps, save_at (step at which each (mode, method) run saves a DCP
 checkpoint under ``<workdir>/ckpt/<mode>_<method>_w<world>``), resume (list of [checkpoint dir, mode, method,
@@ -14,7 +14,6 @@ raising), refs (a directory holding ``ref_<method>.pt``, the single-process runs
 
 from __future__ import annotations
 
-import contextlib
 import faulthandler
 import json
 import math
@@ -31,6 +30,7 @@ from lotus_dist.model.llama import Llama, llama_config
 from lotus_dist.optim import build_optimizer, memory_report, switch_report
 from lotus_dist.train.config import Config, DistConfig, OptimConfig
 from lotus_dist.train.consensus import clip_, grad_sq_partial
+from lotus_dist.train.step import StepEngine
 
 CFG = llama_config("tiny", vocab_size=256, dim=64, n_layers=2, n_heads=4, ffn_dim=172, max_seq_len=32)
 GLOBAL_BATCH, SEQ, MICRO, LR, CLIP = 12, 16, 2, 0.01, 1.0
@@ -55,61 +55,62 @@ def run_cfg(method: str, world: int) -> Config:
     return cfg
 
 
-def batch(step: int) -> tuple[torch.Tensor, torch.Tensor]:
+def blocks(step: int) -> torch.Tensor:
+    """The global batch of ``step``: GLOBAL_BATCH token blocks of SEQ + 1 (inputs and their next tokens)."""
     g = torch.Generator().manual_seed(1000 + step)
-    toks = torch.randint(0, CFG.vocab_size, (GLOBAL_BATCH, SEQ + 1), generator=g)
-    return toks[:, :-1], toks[:, 1:]
+    return torch.randint(0, CFG.vocab_size, (GLOBAL_BATCH, SEQ + 1), generator=g)
 
 
 def lr_at(step: int, total: int) -> float:
     return LR * (0.5 + 0.5 * math.cos(math.pi * step / total))  # changes every step: exercises the lr sync
 
 
-class _Single:
-    def no_sync(self, model, last):
-        return contextlib.nullcontext()
-
-    def all_reduce_mean(self, t):
-        return t
-
-
 def train(model, opt, mode, rank: int, world: int, start: int, end: int, total: int, on_step=None,
           held: list | None = None, micro: int = MICRO, comm: list | None = None) -> list[float]:
-    """Steps ``start+1 .. end`` as the trainer runs them; returns the logged (global mean) losses. ``held``
-    collects, after each step's backward, (gradients this rank holds, of them not its own, its own parameters);
-    ``comm`` each step's counted optimizer bytes (lotus_dist.counters, the trainer's optim_comm_bytes)."""
+    """Steps ``start+1 .. end`` through the trainer's step (``lotus_dist/train/step.py``, with the trainer's lr set
+    on ``param_groups``); returns the logged (global mean) losses. ``held`` collects, after each step's backward,
+    (gradients this rank holds, of them not its own, its own parameters); ``comm`` each step's counted optimizer
+    bytes (lotus_dist.counters, the trainer's optim_comm_bytes)."""
     per = GLOBAL_BATCH // world
-    accum = per // micro
+
+    def after_backward():
+        if held is not None and hasattr(opt, "owned"):
+            params = list(model.parameters())
+            with_grad = [p for p in params if p.grad is not None]
+            held.append((len(with_grad), sum(not opt.owned(p) for p in with_grad), sum(map(opt.owned, params))))
+
+    engine = StepEngine(model, opt, mode, grad_accum=per // micro, grad_clip=CLIP, after_backward=after_backward)
     losses = []
     for step in range(start, end):
         COUNTERS.reset()
         for group in opt.param_groups:
             group["lr"] = lr_at(step, total)
-        x, y = batch(step)
-        x, y = x[rank * per:(rank + 1) * per], y[rank * per:(rank + 1) * per]
-        loss_sum = torch.zeros(())
-        for i in range(accum):
-            with mode.no_sync(model, last=i == accum - 1):
-                loss = model(x[i * micro:(i + 1) * micro], y[i * micro:(i + 1) * micro]) / accum
-                loss.backward()
-            loss_sum += loss.detach()
-        if held is not None and hasattr(opt, "owned"):
-            params = list(model.parameters())
-            with_grad = [p for p in params if p.grad is not None]
-            held.append((len(with_grad), sum(not opt.owned(p) for p in with_grad), sum(map(opt.owned, params))))
-        losses.append(mode.all_reduce_mean(loss_sum).item())
-        # the trainer's clipping: each rank's share of the squared norm (ddp: its own parameters' gradients only)
-        grads = [p.grad for p in model.parameters() if p.grad is not None]
-        sq = grad_sq_partial(grads, torch.device("cpu"))
-        if world > 1:
-            dist.all_reduce(sq)
-        clip_(grads, sq.sqrt(), CLIP)
-        opt.step()
+        mine = blocks(step)[rank * per:(rank + 1) * per]
+        losses.append(engine.step(iter(mine.split(micro))).loss)
         if comm is not None:
             comm.append(COUNTERS.snapshot()["optim_comm_bytes"])
-        opt.zero_grad(set_to_none=True)
         if on_step is not None:
             on_step(step + 1)
+    return losses
+
+
+def reference_train(model, opt, steps: int) -> list[float]:
+    """The independent reference the runs above are checked against: one process, the whole global batch in
+    micro-batches, written out by hand (not the engine), with the trainer's clipping rule."""
+    losses = []
+    for step in range(steps):
+        for group in opt.param_groups:
+            group["lr"] = lr_at(step, steps)
+        loss_sum = torch.zeros(())
+        for part in blocks(step).split(MICRO):
+            loss = model(part[:, :-1], part[:, 1:]) / (GLOBAL_BATCH // MICRO)
+            loss.backward()
+            loss_sum += loss.detach()
+        losses.append(loss_sum.item())
+        grads = [p.grad for p in model.parameters() if p.grad is not None]
+        clip_(grads, grad_sq_partial(grads, torch.device("cpu")).sqrt(), CLIP)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
     return losses
 
 
@@ -134,7 +135,7 @@ def reference(method: str, steps: int) -> dict:
     torch.manual_seed(0)
     model = Llama(CFG)
     opt = build_optimizer(model, optim_cfg(method))
-    losses = train(model, opt, _Single(), 0, 1, 0, steps, steps)
+    losses = reference_train(model, opt, steps)
     return {"losses": losses, "params": full_params(model), "switches": sum(switch_report(opt).values()),
             "bytes": memory_report(opt)["total"]}
 

@@ -10,13 +10,13 @@ from pathlib import Path
 from dist_spawn import free_port
 from process_watch import communicate
 from lotus_dist.train.config import merge_overrides
+from pretrain_runs import SMALL as SMALL_ONE_PROCESS
 
 REPO = Path(__file__).resolve().parents[2]
 
-# Small enough for a 2-core CPU; every launch of the tests shares it.
-SMALL = ["model.dim=64", "model.n_layers=2", "model.n_heads=4", "model.ffn_dim=172", "train.seq_len=32",
-         "train.batch_size=8", "train.micro_batch_size=2", "data.val_tokens=2048", "log.every=1",
-         "log.tensorboard=false", "log.progress=false", "optim.rank=8", "data.split=global"]
+# The tests' SMALL (tests/pretrain_runs.py), shared by every launch of the tests: micro-batches of 2, so that 2 ranks
+# still accumulate 2 of them per step, and the global split (world-size-invariant batches, one process = N ranks).
+SMALL = merge_overrides(SMALL_ONE_PROCESS, ["train.micro_batch_size=2", "data.split=global"])
 
 
 def env_for(extra: dict | None = None) -> dict:

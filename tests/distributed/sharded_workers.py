@@ -2,7 +2,8 @@
 ``{"suite": "sharded_optim", ...}``. Rank 0 writes ``<tag>.result.json`` and ``<tag>.params.pt``.
 
 Per launch: the training runs of ``options["runs"]`` (each: FSDP2 model + ``build_sharded_optimizer``, 30 steps
-of the global batch, with a per-step log of switch counts and of the collectives ``optimizer.step()`` issued),
+of the global batch through the trainer's step engine, with a per-step log of switch counts and of the
+collectives ``optimizer.step()`` issued),
 optionally a DCP save at the middle step / a resume from one, and the distributed-rsvd comparison.
 """
 
@@ -21,6 +22,7 @@ from lotus_dist.distributed.collectives import MatrixComm, chunk_sizes
 from lotus_dist.distributed.compat import set_gradient_divide_factor
 from lotus_dist.distributed.dcp_util import load_sharded, save_sharded, sharded_state
 from lotus_dist.distributed.fsdp import apply_fsdp
+from lotus_dist.distributed.modes import FullyShardedDataParallel
 from lotus_dist.distributed.plan import plan_for_model
 from lotus_dist.distributed.runtime import build_mesh
 from lotus_dist.distributed.sharded import build_sharded_optimizer
@@ -28,6 +30,7 @@ from lotus_dist.model.llama import Llama, llama_config
 from lotus_dist.optim import build_optimizer
 from lotus_dist.optim.subspace import rsvd_columns
 from lotus_dist.train.config import OptimConfig
+from lotus_dist.train.step import StepEngine
 
 CFG = llama_config("tiny", vocab_size=256, dim=64, n_layers=2, n_heads=4, ffn_dim=172, max_seq_len=32)
 GLOBAL_BATCH, SEQ, RANK_R, STEPS, SAVE_AT = 12, 16, 8, 30, 15
@@ -51,9 +54,14 @@ def optim_cfg(method: str, **extra) -> OptimConfig:
     return OptimConfig(name=method, **{**OPTIM, **lr, **extra})
 
 
-def batch(step: int) -> tuple[torch.Tensor, torch.Tensor]:
+def blocks(step: int) -> torch.Tensor:
+    """The global batch of ``step``: GLOBAL_BATCH token blocks of SEQ + 1 (inputs and their next tokens)."""
     g = torch.Generator().manual_seed(1000 + step)
-    toks = torch.randint(0, CFG.vocab_size, (GLOBAL_BATCH, SEQ + 1), generator=g)
+    return torch.randint(0, CFG.vocab_size, (GLOBAL_BATCH, SEQ + 1), generator=g)
+
+
+def batch(step: int) -> tuple[torch.Tensor, torch.Tensor]:
+    toks = blocks(step)
     return toks[:, :-1], toks[:, 1:]
 
 
@@ -77,7 +85,8 @@ def projected(opt):
 
 
 def reference_run(method: str, steps: int = STEPS, **extra) -> tuple[dict, list]:
-    """Single process: final parameters and the per-step switch counts (used by the test process)."""
+    """Single process, written out by hand (the independent reference of the engine runs below): final parameters
+    and the per-step switch counts (used by the test process)."""
     torch.manual_seed(0)
     model = Llama(CFG).to(DTYPE)
     opt = build_optimizer(model, optim_cfg(method, **extra))
@@ -147,20 +156,32 @@ def step_facts(opt, plan, names) -> dict:
     return facts
 
 
-def train(model, opt, plan, steps: range, rank: int, world: int, record: list | None = None) -> list:
+def engine_for(model, opt, rt, world: int, **hooks) -> StepEngine:
+    """The trainer's step (lotus_dist/train/step.py) on an FSDP2 model built here, with the loss of ``loss_of``."""
+    return StepEngine(model, opt, FullyShardedDataParallel(rt),
+                      loss_fn=lambda m, b: loss_of(m, b[:, :-1], b[:, 1:], world), **hooks)
+
+
+def train(model, opt, plan, steps: range, rt, record: list | None = None) -> list:
+    """Steps through the trainer's step engine; per step the switch counts and, in ``record``, the collectives
+    ``optimizer.step()`` alone issued with what they depend on (the budget tests)."""
+    rank, world = rt.rank, rt.world_size
     names = {id(p): n for n, p in model.named_parameters()}
     per = GLOBAL_BATCH // world
     log = []
+    seen: dict = {}
+
+    def after_backward():  # what the budget depends on, read from the state before the update
+        seen["facts"] = step_facts(opt, plan, names)
+        seen["before"] = [opt.state.get(p, {}).get("n_bases", 0) for p in projected(opt)]
+        seen["steps_before"] = [opt.state.get(p, {}).get("step", 0) for p in projected(opt)]
+        seen["ops"] = []
+
+    engine = engine_for(model, opt, rt, world, after_backward=after_backward,
+                        around_update=lambda: counting(seen["ops"]))
     for step in steps:
-        x, y = batch(step)
-        loss_of(model, x[rank * per:(rank + 1) * per], y[rank * per:(rank + 1) * per], world).backward()
-        facts = step_facts(opt, plan, names)
-        before = [opt.state.get(p, {}).get("n_bases", 0) for p in projected(opt)]
-        steps_before = [opt.state.get(p, {}).get("step", 0) for p in projected(opt)]
-        ops: list = []
-        with counting(ops):
-            opt.step()
-        opt.zero_grad(set_to_none=True)
+        engine.step(iter([blocks(step)[rank * per:(rank + 1) * per]]))
+        facts, before, steps_before, ops = seen["facts"], seen["before"], seen["steps_before"], seen["ops"]
         after = [opt.state[p].get("n_bases", 0) for p in projected(opt)]
         log.append(after)
         if record is not None:
@@ -256,32 +277,36 @@ def batched_refresh_check(cases, rank: int, world: int) -> dict:
     return result
 
 
-def projector_peaks(mesh, rank: int, world: int) -> dict:
+def projector_peaks(mesh, rt) -> dict:
     """Measured peak bytes of one optimizer step (a plain one, and a check step) with projectors replicated and
     sharded, on this rank; and the projectors' bytes. Rank 32 makes the projectors the bulk of the state."""
     import gc
 
     from lotus_dist.train.peak_memory import PeakMemory
 
+    rank, world = rt.rank, rt.world_size
     out = {}
     for mode in ("replicate", "shard"):
         model, opt, plan = sharded_model(mesh, "lotus", projectors=mode, rank=32, verify_gap=3, gamma=1e-6)
         per = GLOBAL_BATCH // world
         peaks = []
-        for step in range(3):  # step 0 builds the bases; step 1 is a plain step; step 2 checks (tau 3)
-            x, y = batch(step)
-            loss_of(model, x[rank * per:(rank + 1) * per], y[rank * per:(rank + 1) * per], world).backward()
+
+        @contextmanager
+        def measured_update():  # the update alone, after a collection (the step's backward left garbage)
             gc.collect()
             with PeakMemory("cpu") as pm:
-                opt.step()
+                yield
             peaks.append(pm.peak_bytes - pm.start_bytes)
-            opt.zero_grad(set_to_none=True)
+
+        engine = engine_for(model, opt, rt, world, around_update=measured_update)
+        for step in range(3):  # step 0 builds the bases; step 1 is a plain step; step 2 checks (tau 3)
+            engine.step(iter([blocks(step)[rank * per:(rank + 1) * per]]))
         full = [m.projector_shape[0] * m.projector_shape[1] * 8 for m in plan.matrices.values()]  # fp64
         resting = sum(opt.state[p]["projector"].numel() * 8 for p in projected(opt))
         # what differs between the modes: the projectors at rest plus what a step adds on top of the rest
         out[mode] = {"plain": resting + peaks[1], "check": resting + peaks[2], "resting": resting}
         out["projector_bytes"], out["largest"] = sum(full), max(full)
-        del model, opt
+        del model, opt, engine
         gc.collect()
     return out
 
@@ -303,13 +328,13 @@ def main(options: dict, workdir: Path, rt) -> None:
         record: list = []
         if run.get("resume"):
             load_sharded(run["resume"], model, opt)
-            log = train(model, opt, plan, range(SAVE_AT, STEPS), rank, world, record)
+            log = train(model, opt, plan, range(SAVE_AT, STEPS), rt, record)
         else:
-            log = train(model, opt, plan, range(0, SAVE_AT if run.get("save") else STEPS), rank, world, record)
+            log = train(model, opt, plan, range(0, SAVE_AT if run.get("save") else STEPS), rt, record)
             if run.get("save"):
                 result[f"{key}.state_kinds"] = state_kinds(opt, model)
                 save_sharded(run["save"], model, opt)
-                log += train(model, opt, plan, range(SAVE_AT, STEPS), rank, world, record)
+                log += train(model, opt, plan, range(SAVE_AT, STEPS), rt, record)
         logs = [None] * world
         dist.all_gather_object(logs, log)
         down = opt.state[dict(model.named_parameters())["layers.0.mlp.down_proj.weight"]]
@@ -323,12 +348,12 @@ def main(options: dict, workdir: Path, rt) -> None:
         if run.get("same_world_resume"):  # a fresh model + optimizer loads the mid-run checkpoint in this launch
             model2, opt2, plan2 = sharded_model(mesh, method, replicate, **extra)
             load_sharded(run["save"], model2, opt2)
-            train(model2, opt2, plan2, range(SAVE_AT, STEPS), rank, world)
+            train(model2, opt2, plan2, range(SAVE_AT, STEPS), rt)
             params[f"{key}.resumed"] = params_of(model2)
     if options.get("rsvd"):
         result["rsvd"] = rsvd_check(rank, world)
     if options.get("peak"):
-        result["peak"] = projector_peaks(build_mesh(rt, 1) if 1 not in meshes else meshes[1], rank, world)
+        result["peak"] = projector_peaks(build_mesh(rt, 1) if 1 not in meshes else meshes[1], rt)
     if rank == 0:
         tag = options.get("tag", "run")
         torch.save(params, workdir / f"{tag}.params.pt")

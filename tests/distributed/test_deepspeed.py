@@ -19,10 +19,12 @@ from lotus_dist.errors import UserError
 from lotus_dist.train.config import load_config
 from lotus_dist.train.metrics import read_metrics
 
-import owner_runs as R  # tests/distributed is on sys.path via conftest.py
+import owner_runs as R  # tests/distributed is on sys.path (pyproject's pythonpath)
 from dist_spawn import free_port
 from owner_runs import PARAM_TOL, check_run
 from pretrain_launch import REPO, SMALL, env_for, launch
+
+pytestmark = pytest.mark.slow  # gloo ranks under torchrun and dist_spawn
 
 
 @pytest.fixture

@@ -19,7 +19,7 @@ from lotus_dist.errors import UserError
 from lotus_dist.train.config import ConfigError, load_config, merge_overrides
 from lotus_dist.train.metrics import read_metrics
 
-import owner_runs as R  # tests/distributed is on sys.path via conftest.py
+import owner_runs as R  # tests/distributed is on sys.path (pyproject's pythonpath)
 from pretrain_launch import env_for, launch
 
 BASE = ["train.batch_size=16", "train.micro_batch_size=2", "train.grad_clip=0.5", "dist.mode=deepspeed",
@@ -207,6 +207,7 @@ def test_pretrain_refuses_a_json_outside_deepspeed_mode_with_exit_2(tmp_path):
     assert not (tmp_path / "run").exists()  # refused before the run directory is made
 
 
+@pytest.mark.slow  # torchrun on 2 ranks
 def test_gradient_clipping_from_the_json_clips_the_run(needs_deepspeed, tmp_path):
     """A deepspeed run whose JSON says gradient_clipping=0.05 (and train.grad_clip=0.05) follows the one-process run
     clipped at 0.05, not the default-clipped one: the clip really happens, at the JSON's value."""

@@ -46,6 +46,7 @@ def losses(runs, name):
     return [line["loss"] for line in runs[name]["metrics"]]
 
 
+@pytest.mark.slow  # the module's torchrun runs (fixture runs)
 def test_reduce_last_micro_batch_equals_every_micro_batch(runs):
     single = losses(runs, "single")
     for name in ("fsdp", "fsdp_last", "hsdp_last"):
@@ -55,12 +56,14 @@ def test_reduce_last_micro_batch_equals_every_micro_batch(runs):
     assert [line["switches"] for line in runs["fsdp_last"]["metrics"]] == switches and switches[-1] > 0
 
 
+@pytest.mark.slow  # the module's torchrun runs (fixture runs)
 def test_bf16_reduction_follows_within_bf16_rounding(runs):
     bf16, fp32 = losses(runs, "fsdp_bf16"), losses(runs, "fsdp")
     assert bf16 == pytest.approx(losses(runs, "single"), rel=1e-2)
     assert bf16 != fp32  # the reduction really ran in bf16 (an fp32 one repeats the fp32 run's losses exactly)
 
 
+@pytest.mark.slow  # the module's torchrun runs (fixture runs)
 def test_projectors_auto_is_the_planners_choice_and_bytes(runs):
     """The measured rank-0 optimizer state of a 2-rank run against the planner for the same config: auto replicates
     rank-8 projectors (they weigh less than the rank's half of the weights), shards rank-64 ones (as large as the

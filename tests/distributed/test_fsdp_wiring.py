@@ -11,8 +11,10 @@ import torch
 from lotus_dist.distributed.dcp_util import load_sharded
 from lotus_dist.model.llama import Llama
 
-import dist_workers as workers  # tests/distributed is on sys.path via conftest.py
+import dist_workers as workers  # tests/distributed is on sys.path (pyproject's pythonpath)
 from dist_spawn import run_workers
+
+pytestmark = pytest.mark.slow  # 2-4 gloo ranks (dist_spawn)
 
 TOL = 1e-5
 

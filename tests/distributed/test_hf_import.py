@@ -15,6 +15,8 @@ from lotus_dist.train.config import load_config, merge_overrides
 from lotus_dist.train.metrics import read_metrics
 from pretrain_launch import REPO, SMALL, launch
 
+pytestmark = pytest.mark.slow  # torchrun runs
+
 
 @pytest.fixture(scope="module")
 def folder(tmp_path_factory):

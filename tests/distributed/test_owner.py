@@ -19,9 +19,11 @@ from lotus_dist.errors import UserError
 from lotus_dist.model.llama import Llama
 from lotus_dist.optim import METHODS, build_optimizer, memory_report
 
-import owner_runs as R  # tests/distributed is on sys.path via conftest.py
+import owner_runs as R  # tests/distributed is on sys.path (pyproject's pythonpath)
 import owner_workers as W
 from owner_runs import PARAM_TOL, check_run
+
+pytestmark = pytest.mark.slow  # 2-3 gloo ranks and torchrun runs
 
 
 # ---- no processes --------------------------------------------------------------------------------------------------

@@ -13,6 +13,8 @@ from lotus_dist.errors import UserError
 from lotus_dist.train.metrics import read_metrics
 from pretrain_launch import SMALL, launch
 
+pytestmark = pytest.mark.slow  # torchrun runs
+
 ARGS = [*SMALL, "train.steps=10", "train.eval_every=0", "checkpoint.every=0", "optim.name=lotus", "optim.gamma=0.5",
         "optim.verify_gap=3", "train.grad_clip=0"]
 

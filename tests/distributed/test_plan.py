@@ -148,7 +148,7 @@ def test_fsdp2_rejects_uneven_shard1_as_the_plan_assumes(fake_world3):
 def test_choose_projectors_shards_when_the_peak_is_lower():
     """optim.projectors=auto, by hand: replicated = every projector whole; sharded = rank 0's row slices plus the
     one projector (per layer: the one unit's) gathered at a time."""
-    from lotus_dist.distributed.plan import choose_projectors, projector_peak_bytes
+    from lotus_dist.distributed.plan import DistConfigError, choose_projectors, projector_peak_bytes
 
     even = build_plan({"tall": (300, 100), "wide": (100, 300)}, {"tall", "wide"}, world_size=4, rank_r=16)
     # tall: right B 16 x 100, rows 4 per rank; wide: left A 100 x 16, rows 25 per rank; fp32
@@ -164,7 +164,10 @@ def test_choose_projectors_shards_when_the_peak_is_lower():
     heavy = build_plan({"tall": (300, 100), "wide": (100, 300)}, {"tall", "wide"}, world_size=4, rank_r=100)
     assert projector_peak_bytes(heavy, "shard")["total"] == 15000 * 4
     assert choose_projectors("auto", heavy) == "shard"
-    assert choose_projectors("auto", heavy, shardable=False) == "replicate"  # online_pca trains it in place
+    assert choose_projectors("auto", heavy, solver="online_pca") == "replicate"  # online_pca trains it in place
+    assert choose_projectors("auto", heavy, solver="rsvd") == "shard"
+    with pytest.raises(DistConfigError, match="optim.solver=online_pca trains its projector in place"):
+        choose_projectors("shard", heavy, solver="online_pca")
     # at 32 ranks the rank-16 projectors (3200) outweigh the weight shard (10 x 100 + 4 x 300 = 2200): shard
     wide_world = build_plan({"tall": (300, 100), "wide": (100, 300)}, {"tall", "wide"}, world_size=32, rank_r=16)
     assert choose_projectors("auto", wide_world) == "shard"

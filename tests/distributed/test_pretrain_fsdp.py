@@ -9,6 +9,8 @@ import pytest
 from lotus_dist.train.metrics import read_metrics
 from pretrain_launch import SMALL, launch
 
+pytestmark = pytest.mark.slow  # torchrun runs
+
 
 @pytest.mark.parametrize("method, fsdp_only, single_only", [
     ("lotus", [], []),

@@ -14,6 +14,8 @@ from lotus_dist.train.metrics import read_metrics
 from pretrain_launch import SMALL, launch
 from script_loader import load_script
 
+pytestmark = pytest.mark.slow  # torchrun on 3 ranks
+
 CAP_MB = {"lotus": 0.04, "galore": 0.03}  # caps at which the old rule cut the refresh differently on rank 2
 
 

@@ -14,19 +14,17 @@ import pytest
 from lotus_dist.train.faults import flip_bit
 from lotus_dist.train.metrics import read_metrics
 from pretrain_launch import SMALL, launch, start
+from pretrain_runs import trajectory
 from process_watch import ProgressWatch, communicate, kill_session
 
+pytestmark = pytest.mark.slow  # torchrun runs, killed and restarted
+
 STEPS = 12
-KEYS = ("step", "loss", "lr", "tokens", "val_loss", "grad_norm", "switches", "optimizer_state_bytes")
 
 
 def args_for(run_dir: Path, cache: Path, *extra: str) -> list[str]:
     return [*SMALL, f"train.steps={STEPS}", "train.eval_every=6", "checkpoint.every=4", "optim.gamma=0.1",
             "optim.verify_gap=3", f"run.dir={run_dir}", f"data.cache_dir={cache}", *extra]
-
-
-def trajectory(run_dir: Path) -> list[dict]:
-    return [{k: line[k] for k in KEYS if k in line} for line in read_metrics(run_dir)]
 
 
 @pytest.fixture(scope="module")

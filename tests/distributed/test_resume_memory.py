@@ -16,6 +16,8 @@ from lotus_dist.train.config import load_config, merge_overrides
 from lotus_dist.train.metrics import read_events
 from pretrain_launch import REPO, SMALL, launch
 
+pytestmark = pytest.mark.slow  # torchrun runs
+
 PEAK_SCRIPT = REPO / "scripts/peak_pretrain.py"
 # dim 256 (not SMALL's 64): the blocks, not the 8000 x dim embedding, make most of the model, so that the bound
 # is tight (the old load's zero-gradient step, model/W of gradients, does not fit in it). Batch 12: 2 and 3 ranks.

@@ -13,11 +13,13 @@ from __future__ import annotations
 import pytest
 import torch
 
-import sharded_workers as sw  # tests/distributed is on sys.path via conftest.py
+import sharded_workers as sw  # tests/distributed is on sys.path (pyproject's pythonpath)
 from dist_spawn import run_workers
 from lotus_dist.distributed.dcp_util import load_sharded
 from lotus_dist.model.llama import Llama
 from lotus_dist.optim import build_optimizer
+
+pytestmark = pytest.mark.slow  # 2-4 gloo ranks (dist_spawn)
 
 TOL = 1e-5  # relative, per parameter: max |Δ| / max |reference|
 Q = sw.OPTIM["power_iters"]

@@ -3,8 +3,12 @@ rank, and starts from exactly the single-process weights (the first loss is the 
 
 from __future__ import annotations
 
+import pytest
+
 from lotus_dist.train.metrics import read_events, read_metrics
 from pretrain_launch import launch
+
+pytestmark = pytest.mark.slow  # torchrun on llama_60m
 
 # The command of issue 14's acceptance: llama_60m (vocab 32000: its embedding and head are the largest matrices).
 ARGS = ["train.micro_batch_size=1", "train.seq_len=64", "train.batch_size=2", "train.steps=1", "train.eval_every=0",

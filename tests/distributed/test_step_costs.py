@@ -11,6 +11,8 @@ import pytest
 from lotus_dist.train.metrics import read_metrics
 from pretrain_launch import SMALL, launch
 
+pytestmark = pytest.mark.slow  # torchrun runs
+
 # replicated projectors: the optimizer's own reductions only (optim.projectors=shard, and auto where it shards,
 # all-gathers every step)
 STEPS = ["train.steps=12", "train.eval_every=0", "checkpoint.every=0", "log.every=1", "optim.projectors=replicate"]

@@ -11,6 +11,8 @@ import pytest
 
 from pretrain_launch import SMALL, launch
 
+pytestmark = pytest.mark.slow  # torchrun runs
+
 AUDIT_SCRIPT = Path(__file__).resolve().parent / "audit_pretrain.py"
 STEPS = ["train.steps=7", "train.eval_every=0", "checkpoint.every=0", "log.every=1", "optim.name=galore",
          "optim.update_gap=5"]

@@ -102,6 +102,7 @@ def only_needs_env(tmp_path: Path, dists: list[str]) -> dict:
     return env
 
 
+@pytest.mark.slow  # the whole dry run: torchrun runs and benchmarks
 def test_dry_run_passes_every_section_with_only_the_declared_needs(tmp_path):
     """The needs of needs.py are all the check and what it runs (pytest, torchrun, pretrain.py) import."""
     env = only_needs_env(tmp_path, part("needs").pip_names())

@@ -14,8 +14,7 @@ from pathlib import Path
 import pytest
 from script_loader import load_script
 
-from lotus_dist.train.cli import main
-from lotus_dist.train.config import merge_overrides
+import pretrain_runs  # tests/ is on sys.path (pyproject's pythonpath)
 
 REPO = Path(__file__).resolve().parents[2]
 EXPORTER = load_script("scripts/export_hf.py", "export_hf_safety")
@@ -51,7 +50,7 @@ def run(tmp_path_factory, small_args):
     runs = root / "runs"
     overrides = [*small_args, "train.steps=4", "train.eval_every=0", "checkpoint.every=2", "checkpoint.keep=2",
                  f"run.dir={runs / 'run'}", f"data.cache_dir={root / 'cache'}"]
-    assert main(["--config", str(REPO / "configs/tiny.yaml"), *merge_overrides(overrides)]) == 0
+    assert pretrain_runs.run(overrides) == 0
     (runs / "neighbour").mkdir()
     (runs / "neighbour" / "notes.txt").write_text("another run's files\n")
     return root, runs / "run"

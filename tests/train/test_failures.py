@@ -18,7 +18,9 @@ from lotus_dist.train.cli import main
 from lotus_dist.train.faults import flip_bit
 from lotus_dist.train.metrics import read_metrics
 
-from pretrain_runs import REPO, one_error_line, run, step_dirs, trajectory  # tests/ is on sys.path (conftest.py)
+from pretrain_runs import REPO, one_error_line, run, step_dirs, trajectory  # tests/ is on sys.path (pyproject's pythonpath)
+
+pytestmark = pytest.mark.slow  # trains for a while, and real pretrain.py processes
 
 
 # ---- only finite states are saved ----------------------------------------------------------------------------------

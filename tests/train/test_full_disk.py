@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from pretrain_runs import REPO, run, step_dirs  # tests/ is on sys.path (conftest.py)
+from pretrain_runs import REPO, run, step_dirs  # tests/ is on sys.path (pyproject's pythonpath)
 
 SAVES = ["train.eval_every=0", "checkpoint.every=2", "checkpoint.keep=1"]
 CHECKPOINT_MB = 16  # one checkpoint of SMALL's model (lotus, fp32) is ~16 MB
@@ -29,7 +29,8 @@ def _tmpfs_refusal() -> str | None:
 
 
 REFUSAL = _tmpfs_refusal()
-pytestmark = pytest.mark.skipif(REFUSAL is not None, reason=str(REFUSAL))
+pytestmark = [pytest.mark.slow,  # pretrain.py processes on a small tmpfs
+              pytest.mark.skipif(REFUSAL is not None, reason=str(REFUSAL))]
 
 
 def run_on_tmpfs(tmp_path: Path, size_mb: int, args: list[str], python: list[str] | None = None):

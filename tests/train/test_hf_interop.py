@@ -18,9 +18,11 @@ from script_loader import load_script
 
 from lotus_dist.data import build_train_stream, load_tokenizer
 from lotus_dist.model.llama import Llama, LlamaConfig
-from lotus_dist.train.cli import main
 from lotus_dist.train.config import load_config, merge_overrides
+from pretrain_runs import run as pretrain  # tests/ is on sys.path (pyproject's pythonpath)
 from lotus_dist.train.metrics import read_metrics
+
+pytestmark = pytest.mark.slow  # trains for a while: a 40-step run exported and trained on
 
 transformers = pytest.importorskip("transformers")
 REPO = Path(__file__).resolve().parents[2]
@@ -30,7 +32,7 @@ warnings.filterwarnings("ignore", message="torch.distributed is (disabled, )?una
 
 
 def train(overrides):
-    assert main(["--config", str(REPO / "configs/tiny.yaml"), *merge_overrides(overrides)]) == 0
+    assert pretrain(overrides) == 0
 
 
 EXPORTER = load_script("scripts/export_hf.py", "export_hf")
@@ -159,9 +161,8 @@ def test_import_of_another_shape_is_refused_in_one_line(run, small_args, capsys)
     root, run_dir = run
     out = root / "export_shape"
     assert export("--run-dir", run_dir, "--out", out).returncode == 0
-    code = main(["--config", str(REPO / "configs/tiny.yaml"),
-                 *merge_overrides(small_args, ["train.steps=1", "model.ffn_dim=96", f"model.init_from={out}",
-                                               f"run.dir={root / 'bad'}", f"data.cache_dir={root / 'cache'}"])])
+    code = pretrain([*small_args, "train.steps=1", "model.ffn_dim=96", f"model.init_from={out}",
+                     f"run.dir={root / 'bad'}", f"data.cache_dir={root / 'cache'}"])
     err = capsys.readouterr().err.strip()
     assert code == 2 and len(err.splitlines()) == 1, err
     assert "tensor model.layers.0.mlp.gate_proj.weight has shape [172, 64]" in err and "is [96, 64]" in err
@@ -182,9 +183,8 @@ def test_import_of_a_broken_or_other_folder_is_refused_in_one_line(run, small_ar
     assert export("--run-dir", run_dir, "--out", out, "--max-shard-size", "200KB").returncode == 0
     damage(out)
     capsys.readouterr()
-    code = main(["--config", str(REPO / "configs/tiny.yaml"),
-                 *merge_overrides(small_args, ["train.steps=1", f"model.init_from={out}",
-                                               f"run.dir={tmp_path / 'bad'}", f"data.cache_dir={root / 'cache'}"])])
+    code = pretrain([*small_args, "train.steps=1", f"model.init_from={out}", f"run.dir={tmp_path / 'bad'}",
+                     f"data.cache_dir={root / 'cache'}"])
     err = capsys.readouterr().err.strip()
     assert code == 2 and len(err.splitlines()) == 1 and needle in err and "model.init_from" in err, err
     assert not (tmp_path / "bad" / "checkpoints").exists() or not any((tmp_path / "bad" / "checkpoints").iterdir())

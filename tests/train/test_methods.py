@@ -3,13 +3,10 @@
 import pytest
 
 from lotus_dist.optim import METHODS
-from lotus_dist.train.cli import main
-from lotus_dist.train.config import merge_overrides
 from lotus_dist.train.metrics import read_metrics
+from pretrain_runs import run  # tests/ is on sys.path (pyproject's pythonpath)
 
-from pathlib import Path
-
-REPO = Path(__file__).resolve().parents[2]
+pytestmark = pytest.mark.slow  # trains for a while: 100 steps per method
 
 
 @pytest.mark.parametrize("method", sorted(METHODS))
@@ -18,7 +15,7 @@ def test_method_lowers_the_loss_over_100_steps(tmp_path, small_overrides, method
                               "log.every=1", "optim.update_gap=25", "optim.verify_gap=10", f"run.dir={tmp_path}"]
     if method == "adamw":
         args.append("optim.lr=0.003")
-    assert main(["--config", str(REPO / "configs/tiny.yaml"), *merge_overrides(args)]) == 0
+    assert run(args) == 0
     lines = read_metrics(tmp_path)
     first, last = lines[0]["loss"], lines[-1]["loss"]
     # ln(8000) = 9.0 at initialisation; every method must learn well beyond unigram guessing in 100 steps.

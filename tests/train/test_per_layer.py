@@ -1,22 +1,16 @@
 """optim.per_layer=true through pretrain.py in one process: same trajectory as the whole-model step, exact resume
 mid-run with low-rank accumulation, per-block non-finite handling."""
 
-from pathlib import Path
-
 import pytest
 
-from lotus_dist.train.cli import main
-from lotus_dist.train.config import merge_overrides
 from lotus_dist.train.metrics import read_metrics
+from pretrain_runs import run  # tests/ is on sys.path (pyproject's pythonpath)
 
-REPO = Path(__file__).resolve().parents[2]
+pytestmark = pytest.mark.slow  # trains for a while: pairs of runs compared step by step
+
 # Fast switching, so the compared steps include switches; no global clipping (per-layer refuses it).
 SWITCHING = ["optim.name=lotus", "optim.verify_gap=3", "optim.gamma=0.5", "train.grad_clip=0", "train.eval_every=0",
              "checkpoint.every=0"]
-
-
-def run(args):
-    return main(["--config", str(REPO / "configs/tiny.yaml"), *merge_overrides(args)])
 
 
 def lines(run_dir):

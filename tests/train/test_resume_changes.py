@@ -17,8 +17,10 @@ from lotus_dist.optim.methods import METHODS
 from lotus_dist.train.metrics import read_metrics
 from lotus_dist.train.resume_changes import ON_RESUME, REFUSED
 
-from pretrain_runs import REPO, one_error_line, run, step_dirs  # tests/ is on sys.path (conftest.py)
+from pretrain_runs import REPO, one_error_line, run, step_dirs  # tests/ is on sys.path (pyproject's pythonpath)
 from tokenizer_copies import swapped_model
+
+pytestmark = pytest.mark.slow  # trains for a while: runs resumed with changed settings
 
 BASE = ["train.steps=2", "train.eval_every=0", "checkpoint.every=2"]
 

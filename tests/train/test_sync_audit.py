@@ -11,11 +11,9 @@ import torch
 
 from lotus_dist.counters import to_host
 from lotus_dist.sync_audit import StepAudits, SyncAudit
-from lotus_dist.train.cli import main
-from lotus_dist.train.config import merge_overrides
 from lotus_dist.train.trainer import Trainer
+from pretrain_runs import run  # tests/ is on sys.path (pyproject's pythonpath)
 
-REPO = Path(__file__).resolve().parents[2]
 STEPS = ["train.steps=7", "train.eval_every=0", "checkpoint.every=0", "optim.name=galore", "optim.update_gap=5"]
 ORDINARY = {2, 3, 4, 5, 7}  # galore with update_gap=5: a basis at step 1 and a switch at step 6
 
@@ -50,7 +48,7 @@ def test_an_ordinary_step_has_the_one_counted_host_sync(tmp_path, small_override
     monkeypatch.setattr(Trainer, "train_step", audits.wrap(Trainer.train_step))
     extra = ["optim.per_layer=true", "train.grad_clip=0"] if per_layer else ["train.grad_clip=1.0"]
     args = small_overrides + STEPS + [f"run.dir={tmp_path}", *extra]
-    assert main(["--config", str(REPO / "configs/tiny.yaml"), *merge_overrides(args)]) == 0
+    assert run(args) == 0
     assert len(audits.records) == 7
     for step, rec in enumerate(audits.records, 1):
         where = f"step {step}: {rec['sites']}"

@@ -2,26 +2,13 @@
 
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
-from lotus_dist.train.cli import main
-from lotus_dist.train.config import merge_overrides
 from lotus_dist.train.metrics import read_metrics
+from pretrain_runs import REPO, run, trajectory  # tests/ is on sys.path (pyproject's pythonpath)
 
-REPO = Path(__file__).resolve().parents[2]
-TRAJECTORY_KEYS = ("step", "loss", "lr", "tokens", "val_loss", "optimizer_state_bytes", "switches", "grad_norm")
-
-
-def run(args, capsys=None):
-    code = main(["--config", str(REPO / "configs/tiny.yaml"), *merge_overrides(args)])
-    return code
-
-
-def trajectory(run_dir, first, last):
-    lines = [l for l in read_metrics(run_dir) if first <= l["step"] <= last]
-    return [{k: l[k] for k in TRAJECTORY_KEYS if k in l} for l in lines]
+pytestmark = pytest.mark.slow  # trains for a while: 40-step runs resumed bitwise, 60 steps
 
 
 @pytest.mark.parametrize("method, asynchronous", [("lotus", False), ("galore", False), ("lotus", True)])
