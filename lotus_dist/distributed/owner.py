@@ -34,6 +34,7 @@ from lotus_dist.distributed.owner_buckets import (OwnerReducer, build_layout, ch
                                                   padding_ratio, step_buffer_bytes)
 from lotus_dist.distributed.plan import solver_cost
 from lotus_dist.errors import UserError
+from lotus_dist.optim.tensors import closure_loss
 from lotus_dist.precision import computes_in_bf16
 
 BUCKET_MB = 25.0  # MiB of one gradient bucket, all ranks' segments together (dist.bucket_mb), whatever the world size
@@ -237,10 +238,7 @@ class OwnerOptimizer(Optimizer):
 
     @torch.no_grad()
     def step(self, closure=None):
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = closure_loss(closure)
         self._sync_hparams()  # the trainer sets lr on the full groups
         self.local.step()
         # every rank receives the owners' new weights (from the fp32 masters, cast, under bf16 weights)

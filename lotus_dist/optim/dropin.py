@@ -61,22 +61,31 @@ _GALORE_SVD = _GaLoreSVD()
 
 
 class _DropIn(LowRankAdamW):
-    """galore-torch's group format and Hugging Face's AdamW form on top of LowRankAdamW (see the module doc)."""
+    """galore-torch's group format and Hugging Face's AdamW form on top of LowRankAdamW (see the module doc).
+
+    A subclass names its row of ``METHODS`` (``METHOD``) and whether it takes low-rank options as keywords
+    (``TAKES_OPTIONS``; galore-torch's class takes none). ``no_deprecation_warning`` is accepted and ignored
+    (galore-torch inherits it from transformers' AdamW)."""
+
+    METHOD: str
+    TAKES_OPTIONS = True
 
     def __init__(
         self,
         params: Iterable,
-        lr: float,
-        betas: tuple[float, float],
-        eps: float,
-        weight_decay: float,
-        correct_bias: bool,
-        method: dict,
+        lr: float = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-6,
+        weight_decay: float = 0.0,
+        correct_bias: bool = True,
+        no_deprecation_warning: bool = False,
         **lowrank_defaults,
     ):
+        if lowrank_defaults and not self.TAKES_OPTIONS:
+            raise TypeError(f"{type(self).__name__}() got unexpected keyword argument(s) {sorted(lowrank_defaults)}")
         if "update_proj_gap" in lowrank_defaults:
             lowrank_defaults["update_gap"] = lowrank_defaults.pop("update_proj_gap")
-        parts = {k: v for k, v in method.items() if k != "seed"}
+        parts = {k: v for k, v in METHODS[self.METHOD].items() if k != "seed"}
         self._correct_bias = bool(correct_bias)  # read by add_param_group, which torch calls from __init__
         super().__init__(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
                          **{**parts, **lowrank_defaults})
@@ -166,17 +175,8 @@ class GaLoreAdamW(_DropIn):
     ``no_deprecation_warning`` is accepted and ignored (galore-torch inherits it from transformers' AdamW).
     """
 
-    def __init__(
-        self,
-        params: Iterable,
-        lr: float = 1e-3,
-        betas: tuple[float, float] = (0.9, 0.999),
-        eps: float = 1e-6,
-        weight_decay: float = 0.0,
-        correct_bias: bool = True,
-        no_deprecation_warning: bool = False,
-    ):
-        super().__init__(params, lr, betas, eps, weight_decay, correct_bias, METHODS["galore"])
+    METHOD = "galore"
+    TAKES_OPTIONS = False
 
     def add_param_group(self, param_group: dict) -> None:
         if param_group.get("rank") is not None:
@@ -205,17 +205,7 @@ class LotusAdamW(_DropIn):
     ``switch="fixed"``; the displacement rule switches by τ ≈ 2/γ steps at the latest.
     """
 
-    def __init__(
-        self,
-        params: Iterable,
-        lr: float = 1e-3,
-        betas: tuple[float, float] = (0.9, 0.999),
-        eps: float = 1e-6,
-        weight_decay: float = 0.0,
-        correct_bias: bool = True,
-        **lotus_options,
-    ):
-        super().__init__(params, lr, betas, eps, weight_decay, correct_bias, METHODS["lotus"], **lotus_options)
+    METHOD = "lotus"
 
 
 __all__ = ["GaLoreAdamW", "LotusAdamW"]

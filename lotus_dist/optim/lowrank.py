@@ -45,7 +45,7 @@ from .subspace import (
     side_for,
 )
 from .switching import CHECK, POLICIES, STATS_WIDTH, SWITCH
-from .tensors import FP32_KEYS, OWN_DTYPE_KEYS, _local, _sq_norm, reference_dtype, state_dtype
+from .tensors import FP32_KEYS, OWN_DTYPE_KEYS, _local, _sq_norm, closure_loss, reference_dtype, state_dtype
 from .unit_step import UnitStepping
 
 
@@ -216,10 +216,7 @@ class LowRankAdamW(UnitStepping, BasisRefresh, FiraAndOnlinePCA, AdamWStep, Opti
 
     @torch.no_grad()
     def step(self, closure=None):
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = closure_loss(closure)
         plain, jobs = self._collect(None)
         for group, params in plain:
             self._adamw_group(group, params)

@@ -32,3 +32,11 @@ def _sq_norm(t: torch.Tensor) -> torch.Tensor:
     if t.dtype in (torch.float16, torch.bfloat16):
         return torch.linalg.vector_norm(t, dtype=torch.float32).square()
     return torch.linalg.vector_norm(t).float().square()  # fp32 as is; fp64 (tests) in fp64
+
+
+def closure_loss(closure):
+    """torch's ``step(closure)`` contract: the loss the closure recomputes (with grad enabled), or None."""
+    if closure is None:
+        return None
+    with torch.enable_grad():
+        return closure()
