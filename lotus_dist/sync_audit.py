@@ -79,13 +79,8 @@ class SyncAudit(TorchDispatchMode):
     def count(self, kind: str) -> int:
         return sum(1 for k, _, _ in self.events if k == kind)
 
-    @property
-    def host_syncs(self) -> int:
-        return self.count("host_sync")
-
-    @property
-    def h2d(self) -> int:
-        return self.count("h2d")
+    host_syncs = property(lambda self: self.count("host_sync"), doc="host reads recorded")
+    h2d = property(lambda self: self.count("h2d"), doc="host-to-device copies recorded")
 
     def by_site(self) -> dict[str, int]:
         """'kind op @ where' -> occurrences."""

@@ -34,7 +34,7 @@ import torch.distributed.checkpoint as dcp  # noqa: E402
 from torch.distributed.checkpoint import FileSystemReader  # noqa: E402
 
 from lotus_dist.data.tokenizer import hf_tokenizer_files, load_tokenizer  # noqa: E402
-from lotus_dist.errors import UserError  # noqa: E402
+from lotus_dist.errors import UserError, exit_status  # noqa: E402
 from lotus_dist.model.hf import INDEX_FILE, hf_config, hf_name, plan_shards, shard_file_names  # noqa: E402
 from lotus_dist.model.llama import Llama, LlamaConfig  # noqa: E402
 from lotus_dist.train.checkpoint import STEP_DIR, Checkpointer  # noqa: E402
@@ -264,13 +264,9 @@ def main(argv=None) -> int:
     parser.add_argument("--overwrite", action="store_true",
                         help=f"replace a previous export in --out (only a folder holding its {MARKER})")
     args = parser.parse_args(argv)
-    try:
-        export(args.run_dir, args.out, step=args.step, dtype=args.dtype,
-               max_shard_bytes=parse_size(args.max_shard_size), tokenizer=args.tokenizer, overwrite=args.overwrite)
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    return 0
+    return exit_status(lambda: export(args.run_dir, args.out, step=args.step, dtype=args.dtype,
+                                      max_shard_bytes=parse_size(args.max_shard_size), tokenizer=args.tokenizer,
+                                      overwrite=args.overwrite))
 
 
 if __name__ == "__main__":

@@ -25,7 +25,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
 
 from lotus_dist.data.c4 import find_shards  # noqa: E402
-from lotus_dist.data.errors import DataError  # noqa: E402
+from lotus_dist.errors import exit_status  # noqa: E402
 from lotus_dist.data.indexed import preprocess_split  # noqa: E402
 
 
@@ -38,7 +38,8 @@ def main(argv=None) -> int:
     p.add_argument("--workers", type=int, default=os.cpu_count() or 1)
     p.add_argument("--cache-dir", default=None, help="where the embedded corpus is cached (data.cache_dir)")
     args = p.parse_args(argv)
-    try:
+
+    def work() -> None:
         if args.input == "embedded":
             from lotus_dist.data.corpus import ensure_embedded_corpus
 
@@ -56,11 +57,8 @@ def main(argv=None) -> int:
                   + (f", skipped {bad}" if bad else ""))
             for shard, why in meta["damaged_shards"].items():  # skipped whole or in part, as training would
                 print(f"warning: damaged shard {shard}: {why}", file=sys.stderr)
-    except DataError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    return 0
 
+    return exit_status(work)
 
 if __name__ == "__main__":
     sys.exit(main())
