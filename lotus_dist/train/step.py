@@ -18,8 +18,18 @@ from typing import Callable, ContextManager, Iterator
 
 import torch
 
+from lotus_dist.errors import UserError
 from lotus_dist.precision import computes_in_bf16
 from lotus_dist.train.consensus import StepConsensus, clip_, grad_sq_partial, replicas_of
+
+
+class NonFiniteError(UserError):
+    """A non-finite loss or gradient with ``train.on_nonfinite=stop``. ``intact``: nothing of the bad step was
+    applied, so the state may be saved (False under optim.per_layer, where earlier blocks already updated)."""
+
+    def __init__(self, message: str, intact: bool = True):
+        super().__init__(message)
+        self.intact = intact
 
 
 def resolve_autocast(train_dtype: str, device: torch.device) -> Callable[[], ContextManager]:
@@ -135,4 +145,4 @@ class StepEngine:
                           nonfinite_units=report["nonfinite_units"], torn_units=report["torn_units"])
 
 
-__all__ = ["StepEngine", "StepResult", "default_loss", "resolve_autocast"]
+__all__ = ["NonFiniteError", "StepEngine", "StepResult", "default_loss", "resolve_autocast"]

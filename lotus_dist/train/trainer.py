@@ -1,8 +1,9 @@
 """The training loop: build everything from a Config, then step, log, evaluate and checkpoint.
 
-Read top to bottom: ``Trainer.__init__`` builds the parts, ``fit`` is the loop, ``train_step`` is one optimizer
-step over ``grad_accum`` micro-batches through the step engine (step.py, which tests and benchmarks call too) and
-the run's policy for a non-finite step.
+Read top to bottom: ``Trainer.__init__`` builds the parts, ``fit`` is the loop (a step, then the components of
+hooks.py in order: faults, checkpoint commit, progress, evaluation, metrics, skip limit, checkpoint or stop),
+``train_step`` is one optimizer step over ``grad_accum`` micro-batches through the step engine (step.py, which tests
+and benchmarks call too) and the run's policy for a non-finite step.
 """
 
 from __future__ import annotations
@@ -19,22 +20,14 @@ from lotus_dist.train.checkpoint import Checkpointer, NonFiniteStateError, check
 from lotus_dist.train import resume_changes
 from lotus_dist.train.config import Config, check_init_from, shape_overrides, to_dict
 from lotus_dist.train.evaluate import evaluate
-from lotus_dist.train.faults import maybe_crash, maybe_poison_gradients, maybe_poison_weights
+from lotus_dist.train.faults import maybe_poison_gradients
 from lotus_dist.train.metrics import MetricsLogger, truncate_metrics
 from lotus_dist.train.peak_memory import PeakMemory
 from lotus_dist.train.run_dir import RunDirectory
 from lotus_dist.train.schedule import lr_multiplier
 from lotus_dist.train.signals import StopSignals
-from lotus_dist.train.step import StepEngine, resolve_autocast
-
-
-class NonFiniteError(UserError):
-    """A non-finite loss or gradient with ``train.on_nonfinite=stop``. ``intact``: nothing of the bad step was
-    applied, so the state may be saved (False under optim.per_layer, where earlier blocks already updated)."""
-
-    def __init__(self, message: str, intact: bool = True):
-        super().__init__(message)
-        self.intact = intact
+from lotus_dist.train.hooks import Evaluation, default_hooks
+from lotus_dist.train.step import NonFiniteError, StepEngine, resolve_autocast
 
 
 def model_fingerprint(cfg: Config, vocab_size: int) -> dict:
@@ -280,59 +273,35 @@ class Trainer:
         self.log_startup(max(self.startup_memory.peak_bytes, resume_memory.peak_bytes),
                          load_seconds if resumed_step is not None else None)
         self.signals.install()
-        last_eval = {}
+        self.end = min(t.steps, t.stop_at) if t.stop_at else t.steps  # this process's last step
+        hooks = default_hooks(self)  # what follows each step, in order (train/hooks.py)
         try:
-            from lotus_dist.optim import memory_report, solver_fallback_report, switch_report
-
             self.model.train()
-            clock, clock_tokens = time.perf_counter(), self.tokens
-            end = min(t.steps, t.stop_at) if t.stop_at else t.steps
-            while self.step < end:
-                started = time.perf_counter()
-                COUNTERS.reset()
-                try:
-                    record = self.train_step()
-                except NonFiniteError as error:
-                    self.stop_after_nonfinite(error)
-                self.train_seconds += time.perf_counter() - started
-                maybe_crash("after_step", self.rt.rank, self.step)
-                maybe_poison_weights(self.model.parameters(), self.rt.rank, self.step)
-                if self.engine.consensus.saves_done:  # every rank's asynchronous writer has finished: commit
-                    self.checkpointer.wait()
-                self.logger.advance()
-                evaluate_now = t.eval_every and (self.step % t.eval_every == 0 or self.step == t.steps)
-                if evaluate_now:
-                    last_eval = self.evaluate()
-                    record.update(last_eval)
-                if self.step % cfg.log.every == 0 or evaluate_now or self.step == end or record.get("skipped"):
-                    now = time.perf_counter()
-                    record["tokens"] = self.tokens
-                    record["tokens_per_s"] = (self.tokens - clock_tokens) / max(now - clock, 1e-9)
-                    record["optimizer_state_bytes"] = memory_report(self.optimizer)["total"]
-                    record["switches"] = sum(switch_report(self.optimizer).values())
-                    record["solver_fallbacks"] = solver_fallback_report(self.optimizer)
-                    record["refresh_s"] = float(getattr(self.optimizer, "refresh_seconds", 0.0))
-                    record["train_s"] = self.train_seconds
-                    record.update(COUNTERS.snapshot())  # what this step cost: collectives, bytes, host syncs
-                    self.logger.log({"step": self.step, **record})
-                    clock, clock_tokens = time.perf_counter(), self.tokens
-                if record.get("skipped") and self.skip_limit():
-                    # Skips applied nothing, so the state is intact and is saved.
-                    self.stop_after_nonfinite(NonFiniteError(self.skip_limit()))
-                stop = self.engine.consensus.stop  # a SIGTERM/SIGINT on any rank, agreed in the step's reduction
-                every = cfg.checkpoint.every
-                if (every and self.step % every == 0) or self.step == end or stop:
-                    self.save()
-                if stop:
-                    self.logger.message(f"{self.signals.received or 'a stop signal (on another rank)'} received: "
-                                        f"saved step {self.step}, exiting")
+            while self.step < self.end:
+                record = self.timed_step()
+                for hook in hooks:
+                    hook.after_step(self, record)
+                if self.engine.consensus.stop:
                     break
             self.checkpointer.wait()
         finally:
             self.signals.restore()
             self.logger.close()
             getattr(self.stream, "close", lambda: None)()  # the prefetch thread
+        last_eval = next((h.last for h in hooks if isinstance(h, Evaluation)), {})
         return {"step": self.step, "tokens": self.tokens, **last_eval}
+
+    def timed_step(self) -> dict:
+        """One step with what the loop measures around it (the step's counters, train seconds); a non-finite step
+        under train.on_nonfinite=stop ends here (saved if the state is intact)."""
+        started = time.perf_counter()
+        COUNTERS.reset()
+        try:
+            record = self.train_step()
+        except NonFiniteError as error:
+            self.stop_after_nonfinite(error)
+        self.train_seconds += time.perf_counter() - started
+        return record
 
     def log_startup(self, peak_bytes: int, load_seconds: float | None = None) -> None:
         """The startup record (metrics.jsonl, before the steps): the most tensor bytes any rank held before its
