@@ -9,7 +9,9 @@ level; the correctness section runs ``python -m pytest``. Not needed: datasets, 
 
 from __future__ import annotations
 
+import importlib.metadata
 import importlib.util
+import shlex
 import sys
 from typing import Callable, Iterable
 
@@ -18,6 +20,19 @@ NEEDS: dict[str, dict[str, str]] = {
     "all": {"torch": "torch", "numpy": "numpy", "yaml": "pyyaml", "sentencepiece": "sentencepiece"},
     "correctness": {"pytest": "pytest"},
 }
+# pip name -> the oldest version that works: pytest 7 reads pyproject's ``pythonpath`` (the tests' helpers)
+MIN_VERSIONS: dict[str, tuple[int, ...]] = {"pytest": (7, 0)}
+
+
+def _too_old(pip: str, version: Callable[[str], str]) -> bool:
+    least = MIN_VERSIONS.get(pip)
+    if least is None:
+        return False
+    try:
+        have = tuple(int(p) for p in version(pip).split(".")[:len(least)] if p.isdigit())
+    except (importlib.metadata.PackageNotFoundError, ValueError):
+        return False  # found by import but not by metadata (a source tree): let it run
+    return have < least
 
 
 def pip_names(sections: Iterable[str] = ()) -> list[str]:
@@ -26,8 +41,10 @@ def pip_names(sections: Iterable[str] = ()) -> list[str]:
     return sorted({pip for key in chosen for pip in NEEDS.get(key, {}).values()})
 
 
-def missing(sections: Iterable[str], find_spec: Callable = importlib.util.find_spec) -> list[str]:
-    """The pip names of the needs of ``sections`` that this Python cannot import, sorted."""
+def missing(sections: Iterable[str], find_spec: Callable = importlib.util.find_spec,
+            version: Callable[[str], str] = importlib.metadata.version) -> list[str]:
+    """The pip names of the needs of ``sections`` that this Python cannot import (or has older than
+    ``MIN_VERSIONS``, named with the version needed), sorted."""
     lacking = set()
     for key in ["all", *sections]:
         for module, pip in NEEDS.get(key, {}).items():
@@ -37,10 +54,13 @@ def missing(sections: Iterable[str], find_spec: Callable = importlib.util.find_s
                 found = False
             if not found:
                 lacking.add(pip)
+            elif _too_old(pip, version):
+                lacking.add(f"{pip}>={'.'.join(map(str, MIN_VERSIONS[pip]))}")
     return sorted(lacking)
 
 
 def need_line(lacking: list[str]) -> str:
     """The one line that says what to install."""
-    return (f"gpu_check: this Python lacks {', '.join(lacking)}; install with: pip install {' '.join(lacking)}"
+    return (f"gpu_check: this Python lacks {', '.join(lacking)}; install with: pip install "
+            f"{' '.join(shlex.quote(p) for p in lacking)}"
             f"  (into {sys.executable})")

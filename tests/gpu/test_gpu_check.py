@@ -144,6 +144,9 @@ def test_needs_are_per_section_and_a_fake_module_is_named(tmp_path, monkeypatch,
     absent = {"pytest"}
     assert needs.missing(["env"], find_spec=lambda m: None if m in absent else object()) == []
     assert needs.missing(["env", "correctness"], find_spec=lambda m: None if m in absent else object()) == ["pytest"]
+    found = lambda m: object()  # noqa: E731
+    assert needs.missing(["correctness"], find_spec=found, version=lambda p: "6.2.5") == ["pytest>=7.0"]
+    assert needs.missing(["correctness"], find_spec=found, version=lambda p: "8.3.1") == []
     monkeypatch.setitem(needs.NEEDS, "speed", {"lotus_no_such_module": "lotus-no-such-package"})
     report = tmp_path / "report.md"
     assert script.main(["--dry-run", "--only", "speed", "--report", str(report)]) == 2
