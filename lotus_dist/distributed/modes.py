@@ -30,6 +30,7 @@ class SingleProcess:
     def __init__(self, runtime: Runtime):
         self.runtime = runtime
         self.rank, self.world_size, self.device = runtime.rank, runtime.world_size, runtime.device
+        self.local_rank, self.backend = runtime.local_rank, runtime.backend  # the rank on this machine; None alone
 
     def log(self, line: str) -> None:
         """A start-up line said once for the job (by rank 0)."""

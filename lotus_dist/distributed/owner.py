@@ -244,12 +244,12 @@ class OwnerOptimizer(Optimizer):
         # every rank receives the owners' new weights (from the fp32 masters, cast, under bf16 weights)
         self.gather_bytes = max(self.gather_bytes, gather_weights(self.layout, self.group,
                                                                   source_of=lambda p: self.masters.get(id(p), p)))
-        self._counts_stale = True  # the n_bases mirrors are refreshed when a report asks (refresh_report)
+        self._counts_stale = True  # the n_bases mirrors are refreshed when a report asks (sync_switch_counts)
         return loss
 
-    def refresh_report(self) -> None:
-        """Bring the ``n_bases`` mirrors up to date for ``switch_report`` (only when a report asks, not every step:
-        it costs a collective and a host sync)."""
+    def sync_switch_counts(self) -> None:
+        """A collective: bring the ``n_bases`` mirrors up to date for ``gathered_switch_report`` (only when a report
+        asks, not every step: it costs an all-reduce and a host sync)."""
         if getattr(self, "_counts_stale", True):
             self._sync_switch_counts()
             self._counts_stale = False

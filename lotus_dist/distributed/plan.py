@@ -29,6 +29,7 @@ from typing import Iterable, Mapping
 from torch import nn
 from torch.distributed.tensor import Shard
 
+from lotus_dist.distributed.collectives import PROJECTOR_LAYOUTS
 from lotus_dist.errors import UserError
 from lotus_dist.optim.methods import is_projected, resolve_parts
 from lotus_dist.optim.subspace import PROJ_TYPES, side_for
@@ -188,8 +189,8 @@ def projector_peak_bytes(plan: Plan, projectors: str, per_layer: bool = False) -
     gathers them one at a time), or under ``optim.per_layer`` one unit's (its hooks step a block together).
     Returns ``stored``, ``in_use`` (the gathered transient) and their ``total``.
     """
-    if projectors not in ("replicate", "shard"):
-        raise ValueError(f"optim.projectors: {projectors!r} is not resolved (replicate | shard)")
+    if projectors not in PROJECTOR_LAYOUTS:
+        raise ValueError(f"optim.projectors: {projectors!r} is not resolved ({' | '.join(PROJECTOR_LAYOUTS)})")
     w = plan.shard_size
     stored, in_use, per_unit = 0, 0, {}
     for name, mp in plan.matrices.items():

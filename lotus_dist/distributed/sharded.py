@@ -37,7 +37,7 @@ from lotus_dist.errors import UserError
 from lotus_dist.optim import LowRankAdamW, ProjFactor, build_optimizer
 from lotus_dist.optim.methods import resolve_parts
 
-from .collectives import MatrixComm, StatsComm
+from .collectives import PROJECTOR_LAYOUTS, MatrixComm, StatsComm
 from .plan import Plan, choose_projectors, projector_peak_bytes
 
 # Low-rank state tensors shaped like R (the long side kept) and like the projector.
@@ -95,8 +95,8 @@ def resolve_projectors(optim_cfg, plan: Plan) -> tuple[str, str]:
     """``optim.projectors`` for this plan (``auto`` decided by ``plan.choose_projectors``, which also refuses
     ``shard`` for a solver that trains its projector in place) and why, for the log."""
     setting = getattr(optim_cfg, "projectors", "auto")
-    if setting not in ("auto", "replicate", "shard"):
-        raise UserError(f"optim.projectors: {setting!r} is not one of auto, replicate, shard")
+    if setting not in ("auto", *PROJECTOR_LAYOUTS):
+        raise UserError(f"optim.projectors: {setting!r} is not one of auto, {', '.join(PROJECTOR_LAYOUTS)}")
     per_layer = bool(getattr(optim_cfg, "per_layer", False))
     choice = choose_projectors(setting, plan, per_layer=per_layer, solver=_solver(optim_cfg))
     def size(kind: str) -> str:

@@ -11,7 +11,7 @@ from .lowrank import LowRankAdamW
 from .methods import METHODS, PROJECTED_MODULES, build_optimizer, route_parameters
 from .options import LOWRANK_DEFAULTS
 from .projfactor import ProjFactor
-from .reports import memory_report, solver_fallback_report, switch_report
+from .reports import gathered_switch_report, memory_report, solver_fallback_report, switch_report
 from .subspace import Comm
 
 __all__ = [
@@ -20,6 +20,7 @@ __all__ = [
     "build_optimizer",
     "memory_report",
     "switch_report",
+    "gathered_switch_report",
     "solver_fallback_report",
     "METHODS",
     "LOWRANK_DEFAULTS",

@@ -28,10 +28,8 @@ def memory_report(optimizer: Optimizer) -> dict[str, int]:
 
 
 def switch_report(optimizer: Optimizer) -> dict[str, int]:
-    """Subspace switches (bases computed after the first) per projected matrix, keyed by a stable name."""
-    refresh = getattr(optimizer, "refresh_report", None)  # an owner-sharded optimizer syncs its mirrors first
-    if callable(refresh):
-        refresh()
+    """Subspace switches (bases computed after the first) per projected matrix, keyed by a stable name, as this
+    rank's state holds them. Under the owner backend other ranks' counts are mirrors: ``gathered_switch_report``."""
     names = getattr(optimizer, "param_names", {})
     out: dict[str, int] = {}
     for gi, group in enumerate(optimizer.param_groups):
@@ -41,6 +39,15 @@ def switch_report(optimizer: Optimizer) -> dict[str, int]:
             st = optimizer.state.get(p, {})
             out[names.get(id(p), f"group{gi}.param{pi}")] = max(int(st.get("n_bases", 0)) - 1, 0)
     return out
+
+
+def gathered_switch_report(optimizer: Optimizer) -> dict[str, int]:
+    """``switch_report`` with every rank's counts: a collective under the owner backend (its ``sync_switch_counts``,
+    one all-reduce and host sync when counts changed since the last report), which every rank must call alike."""
+    sync = getattr(optimizer, "sync_switch_counts", None)
+    if callable(sync):
+        sync()
+    return switch_report(optimizer)
 
 
 def solver_fallback_report(optimizer: Optimizer) -> int:

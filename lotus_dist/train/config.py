@@ -16,6 +16,7 @@ from typing import Any, Optional
 
 import yaml
 
+from lotus_dist.distributed.collectives import PROJECTOR_LAYOUTS
 from lotus_dist.errors import UserError
 from lotus_dist.model.llama import shape_overrides  # noqa: F401  (the model layer's; importable here too)
 from lotus_dist.optim.options import CHOICES as LOWRANK_CHOICES
@@ -185,7 +186,7 @@ class Config:
 # The low-rank part keys' values are the optimizer's own (optim/options.py): a new solver is one edit there.
 CHOICES: dict[str, tuple[str, ...]] = {
     **{f"optim.{key}": allowed for key, allowed in LOWRANK_CHOICES.items()},
-    "optim.projectors": ("auto", "replicate", "shard"),
+    "optim.projectors": ("auto", *PROJECTOR_LAYOUTS),
     "optim.refresh": ("distributed", "owner"),
     "data.source": ("embedded", "c4", "indexed"),
     "data.split": ("auto", "node", "global"),

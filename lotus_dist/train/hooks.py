@@ -66,7 +66,7 @@ class StepMetrics:
         self.clock, self.clock_tokens = time.perf_counter(), trainer.tokens
 
     def after_step(self, trainer, record: dict) -> None:
-        from lotus_dist.optim import memory_report, solver_fallback_report, switch_report
+        from lotus_dist.optim import gathered_switch_report, memory_report, solver_fallback_report
 
         if not (due(trainer.step, trainer.cfg.log.every) or Evaluation.now(trainer) or trainer.step == trainer.end
                 or record.get("skipped")):
@@ -75,7 +75,7 @@ class StepMetrics:
         record["tokens"] = trainer.tokens
         record["tokens_per_s"] = (trainer.tokens - self.clock_tokens) / max(now - self.clock, 1e-9)
         record["optimizer_state_bytes"] = memory_report(trainer.optimizer)["total"]
-        record["switches"] = sum(switch_report(trainer.optimizer).values())
+        record["switches"] = sum(gathered_switch_report(trainer.optimizer).values())  # owner backend: a collective
         record["solver_fallbacks"] = solver_fallback_report(trainer.optimizer)
         record["refresh_s"] = float(getattr(trainer.optimizer, "refresh_seconds", 0.0))
         record["train_s"] = trainer.train_seconds

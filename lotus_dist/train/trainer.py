@@ -99,7 +99,7 @@ class Trainer:
             cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, init_from=None))
         check_init_from(cfg.model)
         # a hub tokenizer (hf:<repo>) is fetched by one process per machine, the others read the cache after it
-        self.tokenizer = load_tokenizer(cfg.data.tokenizer, first=runtime.runtime.local_rank == 0,
+        self.tokenizer = load_tokenizer(cfg.data.tokenizer, first=runtime.local_rank == 0,
                                         agree=runtime.all_gather_object)
         check_data(cfg.data, self.tokenizer, evaluate=bool(t.eval_every))  # before minutes of model building
         check_vocab(cfg.model.vocab_size or self.tokenizer.vocab_size, self.tokenizer)
@@ -311,7 +311,7 @@ class Trainer:
         peak = max(p for p, _ in peaks)
         record = {"event": "startup", "step": self.step, "startup_peak_bytes": peak,
                   "model_bytes": self.model_bytes, "world_size": self.rt.world_size,
-                  "device": self.device.type, "backend": self.rt.runtime.backend or "none"}
+                  "device": self.device.type, "backend": self.rt.backend or "none"}
         if load_seconds is not None:
             record["load_s"] = max(s for _, s in peaks)
         self.logger.log(record)
