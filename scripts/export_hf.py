@@ -124,12 +124,13 @@ def not_an_export(folder: Path) -> str | None:
     lists)."""
     try:
         files = json.loads((folder / MARKER).read_text())["files"]
-        assert isinstance(files, list) and all(isinstance(f, str) for f in files)
+        if not (isinstance(files, list) and all(isinstance(f, str) for f in files)):  # not assert: -O drops it
+            raise ValueError(f"{MARKER}'s files is not a list of names")
     except FileNotFoundError:
         # exports written before the marker existed are not told apart from a user's folder: the user decides
         return (f"it has no {MARKER}, so it is not an export of this script (or one from before exports carried "
                 f"that file); remove it yourself if it may go, or choose another --out")
-    except (OSError, ValueError, KeyError, TypeError, AssertionError):
+    except (OSError, ValueError, KeyError, TypeError):
         return f"its {MARKER} cannot be read; remove the folder yourself if it may go, or choose another --out"
     for entry in sorted(folder.iterdir()):
         if entry.name != MARKER and (entry.name not in files or (entry.is_dir() and not entry.is_symlink())):

@@ -177,14 +177,13 @@ class Checkpointer:
             raise UserError(self._no_space(step, need, free, rank))
         return need
 
-    def _no_space(self, step: int, need: int, free: int | None, rank: int | None = None) -> str:
+    def _no_space(self, step: int, need: int, free: int, rank: int | None = None) -> str:
         latest = self.latest()
-        where = f" (as rank {rank} sees it)" if rank and self.world_size > 1 else ""
-        free_text = f", {free:,} free{where}" if free is not None else ""
+        where = f" (as rank {rank} sees it)" if rank is not None and self.world_size > 1 else ""
         kept = f"the last checkpoint {latest} is intact" if latest else "there is no checkpoint yet"
         return (f"no space left on device in {self.root}: checkpoint {_step_dir_name(step)} needs about {need:,} "
-                f"bytes{free_text}; it was not saved ({kept}). Free space there, or move run.dir, and run again to "
-                f"resume")
+                f"bytes, {free:,} free{where}; it was not saved ({kept}). Free space there, or move run.dir, and run "
+                f"again to resume")
 
     def _write_failed(self, error: BaseException, tmp: Path, step: int, need: int):
         """A write that failed: its partial directory is removed; a full disk (found only now, e.g. filled by

@@ -151,20 +151,21 @@ class Trainer:
         self.checkpointer.remove_partial()
         wanted = resume_changes.snapshot(self.optimizer)  # the config's settings, before a load replaces them
         recorded = resume_changes.as_json(wanted)
+        applied: list[str] = []
 
         def check(saved: dict, path) -> None:
             check_compatible(saved, self.fingerprint, path)
             check_tokenizer(saved, self.fingerprint, path, allow_change=self.cfg.data.allow_tokenizer_change,
                             name=self.cfg.data.tokenizer)
             if "optim_groups" in saved:  # refused changes are found before loading a state they do not fit
-                resume_changes.changes(saved["optim_groups"], recorded, path)
+                applied[:] = resume_changes.changes(saved["optim_groups"], recorded, path)
 
         resumed = self.checkpointer.resume(self.model, self.optimizer, check=check)
         if resumed is not None:
             path, train_state, data_state = resumed
-            # checkpoints without the record: compare with the groups they loaded
-            saved = train_state.get("optim_groups") or resume_changes.as_json(resume_changes.snapshot(self.optimizer))
-            applied = resume_changes.changes(saved, recorded, path)
+            if "optim_groups" not in train_state:  # written before the record: compare with the groups it loaded
+                loaded = resume_changes.as_json(resume_changes.snapshot(self.optimizer))
+                applied[:] = resume_changes.changes(loaded, recorded, path)
             resume_changes.apply(self.optimizer, wanted)
             if applied and self.is_main:
                 print(f"resume applies the changed optimizer settings: {', '.join(applied)}", flush=True)

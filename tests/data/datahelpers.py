@@ -98,6 +98,15 @@ def read_all(source) -> list:
     return docs
 
 
+def read_train_split(root: Path):
+    """(files, source, docs): a mirror's train shards read in file order by one source, to the end."""
+    from lotus_dist.data.c4 import LocalShardSource, find_shards
+
+    files = find_shards(root, "train")
+    source = LocalShardSource(files, shuffle_shards=False)
+    return files, source, read_all(source)
+
+
 HAVE_MEGATRON = (importlib.util.find_spec("megatron") is not None
                  and importlib.util.find_spec("megatron.core") is not None)
 NO_MEGATRON = "megatron-core is not installed (pip install -e .[megatron])"

@@ -6,7 +6,7 @@ import random
 
 import pytest
 
-from datahelpers import data_cfg, read_all, write_shard  # tests/data is on sys.path (pyproject's pythonpath)
+from datahelpers import data_cfg, read_all, read_train_split, write_shard  # tests/data is on sys.path (pyproject's pythonpath)
 from lotus_dist.data import DataError, build_train_stream, build_val_blocks, load_tokenizer
 from lotus_dist.data.c4 import LocalShardSource, find_shards
 
@@ -29,9 +29,7 @@ def bad_mirror(tmp_path):
 
 def test_bad_lines_are_skipped_counted_and_named(bad_mirror, caplog):
     caplog.set_level(logging.WARNING)
-    files = find_shards(bad_mirror, "train")
-    source = LocalShardSource(files, shuffle_shards=False)
-    docs = read_all(source)
+    files, source, docs = read_train_split(bad_mirror)
     assert docs == [r["text"] for r in GOOD[:2]] + ["after the bad lines"] + [r["text"] for r in GOOD[2:]]
     assert source.report.counts == {"malformed": 2, "empty": 1, "non_utf8": 1, "missing_shard": 0,
                                     "corrupt_shard": 0}

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from datahelpers import (HAVE_MEGATRON, NO_MEGATRON, data_cfg, read_all, real_c4_records, skip_without_megatron,
-                         write_corrupt_deflate_shard, write_shard)
+from datahelpers import (HAVE_MEGATRON, NO_MEGATRON, data_cfg, read_all, read_train_split, real_c4_records,
+                         skip_without_megatron, write_corrupt_deflate_shard, write_shard)
 from lotus_dist.data import DataError, build_train_stream, check_data
 from lotus_dist.data.c4 import LocalShardSource, find_shards
 
@@ -31,9 +31,7 @@ def damaged_mirror(tmp_path):
 
 def test_corrupt_deflate_and_zero_byte_shards_are_skipped_counted_and_named(damaged_mirror, caplog):
     caplog.set_level(logging.WARNING)
-    files = find_shards(damaged_mirror, "train")
-    source = LocalShardSource(files, shuffle_shards=False)
-    docs = read_all(source)
+    files, source, docs = read_train_split(damaged_mirror)
     # every document of the good shards, in order, and at most the intact head of the corrupt one
     head = docs[6 : len(docs) - len(TEXTS[20:])]
     assert docs[:6] == TEXTS[:6] and docs[len(docs) - len(TEXTS[20:]):] == TEXTS[20:]
