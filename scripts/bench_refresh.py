@@ -32,8 +32,8 @@ def worker(args) -> None:
     import torch.distributed as dist
 
     from lotus_dist.counters import COUNTERS
-    from lotus_dist.distributed.collectives import MatrixComm, chunk_sizes
-    from lotus_dist.distributed.plan import lpt_assign, projector_side, solver_cost
+    from lotus_dist.distributed.matrix_comm import MatrixComm, chunk_sizes
+    from lotus_dist.distributed.sharding_plan import lpt_assign, projector_side, solver_cost
     from lotus_dist.optim.subspace import projector_steps, run_batched
 
     torch.set_num_threads(1)

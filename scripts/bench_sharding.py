@@ -91,7 +91,7 @@ def resume_table(work: Path, world: int = 2) -> None:
                          ("weights + optimizer state", held), ("bound", bound),
                          ("step 3 peak, uninterrupted", step_straight), ("step 3 peak, resumed", step_resumed)):
         print(f"{label:<32} {mib(value):>9}")
-    from lotus_dist.distributed.planner import dry_run
+    from lotus_dist.distributed.capacity import dry_run
 
     planned = dry_run(load_config(REPO / "configs/llama_60m.yaml", merge_overrides(overrides, [f"dist.world_size={world}"])),
                       out=lambda line: None)["lotus"]["resume"]
@@ -101,7 +101,7 @@ def resume_table(work: Path, world: int = 2) -> None:
 
 
 def state_table(work: Path) -> None:
-    from lotus_dist.distributed.planner import dry_run
+    from lotus_dist.distributed.capacity import dry_run
 
     print("\n## optimizer state on rank 0: measured vs planned (tiny, r=16, lotus; world 3 makes the four down_proj")
     print("## matrices fallbacks: 344 columns do not split over 3 ranks)")

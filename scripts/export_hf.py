@@ -33,6 +33,7 @@ import torch  # noqa: E402
 import torch.distributed.checkpoint as dcp  # noqa: E402
 from torch.distributed.checkpoint import FileSystemReader  # noqa: E402
 
+from lotus_dist.distributed.modes import single_process  # noqa: E402
 from lotus_dist.data.tokenizer import hf_tokenizer_files, load_tokenizer  # noqa: E402
 from lotus_dist.errors import UserError, exit_status  # noqa: E402
 from lotus_dist.model.hf import INDEX_FILE, hf_config, hf_name, plan_shards, shard_file_names  # noqa: E402
@@ -45,18 +46,6 @@ warnings.filterwarnings("ignore", message="torch.distributed is (disabled, )?una
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 MARKER = "lotus_export.json"  # written into every export: only a folder holding it may be replaced
 UNITS = {"KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "B": 1}
-
-
-class OneProcess:
-    """The Checkpointer's view of this process: rank 0 of 1 (it verifies every file itself)."""
-
-    rank, world_size = 0, 1
-
-    def barrier(self) -> None:
-        pass
-
-    def all_gather_object(self, obj):
-        return [obj]
 
 
 def parse_size(text: str) -> int:
@@ -80,7 +69,7 @@ def parse_size(text: str) -> int:
 def choose_checkpoint(run_dir: Path, step: int | None) -> Path:
     if not run_dir.is_dir():
         raise UserError(f"--run-dir: '{run_dir}' is not a directory")
-    checkpointer = Checkpointer(run_dir, keep=1, comm=OneProcess())
+    checkpointer = Checkpointer(run_dir, keep=1, mode=single_process("cpu"))  # it verifies every file itself
     found = checkpointer.checkpoints()
     if not found:
         raise UserError(f"--run-dir: {run_dir} has no complete checkpoint under checkpoints/")

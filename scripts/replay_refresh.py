@@ -23,8 +23,8 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from lotus_dist.distributed.collectives import chunk_sizes  # noqa: E402
-from lotus_dist.distributed.plan import plan_for_model  # noqa: E402
+from lotus_dist.distributed.matrix_comm import chunk_sizes  # noqa: E402
+from lotus_dist.distributed.sharding_plan import plan_for_model  # noqa: E402
 from lotus_dist.model.llama import Llama, llama_config, shape_overrides  # noqa: E402
 from lotus_dist.optim import route_parameters  # noqa: E402
 from lotus_dist.optim.refresh_batches import cut_batches, workspace_bytes  # noqa: E402

@@ -1,5 +1,5 @@
 """``dist.mode=deepspeed``: the DeepSpeed engine (launcher, config, logging, communication backend) around lotus_dist's
-own matrix-granular ZeRO-2 (``owner.py``, ``owner_buckets.py``).
+own matrix-granular ZeRO-2 (``owner_optimizer.py``, ``owner_buckets.py``).
 
 A DeepSpeed config may ask for ZeRO stage 1 or 2: the run gets stage-2 behaviour from our owner backend (gradients
 reduce-scattered to the owners from backward hooks, whole-matrix updates on the owners, weights all-gathered back)
@@ -11,7 +11,7 @@ parameters themselves: it is refused, pointing to ``dist.mode=fsdp`` (FSDP2 with
 mode), not through DeepSpeed's bf16 optimizer wrapper (which flattens too); ``fp16`` (loss scaling) is refused.
 The JSON itself is read key by key against our config in ``deepspeed_json.py``.
 
-How the trainer's loop maps onto the engine: ``wrap_model`` returns the plain module (so checkpoint FQNs are the
+How the trainer's loop maps onto the engine: ``parallelize`` returns the plain module (so checkpoint FQNs are the
 plain model's and a DeepSpeed run resumes under FSDP2, ddp or one process, and back); the last micro-batch's
 gradients are reduced to their owners by hooks during its backward and awaited when ``no_sync(model, last=True)``
 exits, i.e. before the trainer's norm and clipping; ``optimizer.step()`` is the owner step. Checkpoints go through
@@ -26,12 +26,13 @@ to a persistent directory to compile it once).
 
 from __future__ import annotations
 
+import dataclasses
 import os
 
 from torch.distributed import ProcessGroup
 
 from lotus_dist.distributed.deepspeed_json import check_config, deepspeed_config, engine_config
-from lotus_dist.distributed.owner import OwnerDataParallel
+from lotus_dist.distributed.modes import OwnerDataParallel
 from lotus_dist.errors import UserError
 
 
@@ -58,15 +59,15 @@ class DeepSpeedMode(OwnerDataParallel):
 
     engine = None
 
-    def wrap_model(self, model, cfg):
+    def parallelize(self, model, cfg):
         # Bad configs are refused first, before DeepSpeed is imported or any engine exists.
-        self.ds_config = deepspeed_config(cfg, self.world_size, self.device.type)
-        stage = check_config(self.ds_config)
+        ds_config = deepspeed_config(cfg, self.world_size, self.device.type)
+        stage = check_config(ds_config)
         if stage:
             self.log(f"deepspeed: ZeRO stage {stage} requested: lotus_dist runs its own matrix-granular ZeRO-2 inside "
                      f"the engine (gradients reduce-scattered to whole-matrix owners, weights all-gathered back); "
                      f"DeepSpeed's stage-{stage} partitions would cut matrices apart, which no projection can use")
-        self.deepspeed = import_deepspeed()
+        import_deepspeed()
         from deepspeed.accelerator import get_accelerator
 
         accelerator = get_accelerator().device_name()
@@ -74,16 +75,18 @@ class DeepSpeedMode(OwnerDataParallel):
             raise UserError(f"dist.mode=deepspeed: DeepSpeed's accelerator is '{accelerator}' but this run trains "
                             f"on {self.device.type} (dist.backend={cfg.dist.backend}); set DS_ACCELERATOR="
                             f"{self.device.type}")
-        return super().wrap_model(model, cfg)
+        model, ctx = super().parallelize(model, cfg)
+        return model, dataclasses.replace(ctx, deepspeed_config=ds_config)
 
-    def build_optimizer(self, model, optim_cfg):
-        optimizer = super().build_optimizer(model, optim_cfg)
-        _disable_shm_comm(self.deepspeed)
-        engine, engine_optimizer, _, _ = self.deepspeed.initialize(
-            model=model, optimizer=optimizer, config=engine_config(self.ds_config), dist_init_required=False)
+    def build_optimizer(self, model, optim_cfg, ctx):
+        optimizer = super().build_optimizer(model, optim_cfg, ctx)
+        deepspeed = import_deepspeed()
+        _disable_shm_comm(deepspeed)
+        engine, engine_optimizer, _, _ = deepspeed.initialize(
+            model=model, optimizer=optimizer, config=engine_config(ctx.deepspeed_config), dist_init_required=False)
         if engine_optimizer is not optimizer or engine.module is not model:
             raise RuntimeError("DeepSpeed wrapped the optimizer or model; expected ZeRO stage 0 in fp32")
-        self.engine = engine
+        self.engine = engine  # the one thing the mode keeps: close() tears it down
         return optimizer
 
     def close(self) -> None:

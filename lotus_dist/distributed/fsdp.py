@@ -18,7 +18,7 @@ from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from lotus_dist.precision import computes_in_bf16
 
 from .compat import sum_reductions_on_gloo  # importing compat also shims torch 2.6's FSDP2 on CPU
-from .plan import Plan
+from .sharding_plan import Plan
 
 log = logging.getLogger(__name__)
 

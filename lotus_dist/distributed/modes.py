@@ -1,11 +1,17 @@
 """How the trainer runs across processes: one object per ``dist.mode`` with the same small interface.
 
-``wrap_model`` takes the model as the trainer builds it, on the ``meta`` device: each mode shards it first where it
-shards (FSDP2), then gives it storage on its device and initialises it (``materialize``: every rank writes only its
-own shards, and gets the weights one process would for the same seed). A model that already has storage is used
-as it is.
+A mode holds the facts of the launch (``rank``, ``world_size``, ``device``, ``backend``) and its collectives, and
+nothing one call leaves for a later one to read: what ``parallelize`` decides for a model (the FSDP plan and mesh,
+the owner backend's buckets and weight dtype, DeepSpeed's config) comes back as a ``ParallelContext`` that the
+caller hands to ``build_optimizer`` and to the step (``no_sync``, ``gradients``), and the owner backend's gradient
+reducer belongs to its optimizer. The one thing a mode keeps is what ``close`` must tear down (DeepSpeed's engine).
 
-The trainer only calls ``wrap_model``, ``build_optimizer``, ``update_units`` (optim.per_layer), ``no_sync``,
+``parallelize`` takes the model as the trainer builds it, on the ``meta`` device: each mode shards it first where
+it shards (FSDP2), then gives it storage on its device and initialises it (``materialize``: every rank writes only
+its own shards, and gets the weights one process would for the same seed). A model that already has storage is
+used as it is.
+
+The trainer only calls ``parallelize``, ``build_optimizer``, ``update_units`` (optim.per_layer), ``no_sync``,
 ``gradients``, ``all_reduce_mean``, ``all_reduce_sum``, ``all_gather_object``, ``barrier``, ``close``
 and reads ``rank``, ``world_size``, ``device``.
 """
@@ -20,8 +26,24 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from lotus_dist.distributed.owner_buckets import check_fits
+from lotus_dist.distributed.owner_optimizer import BUCKET_MB, build_owner_optimizer
 from lotus_dist.distributed.runtime import Runtime, build_mesh, init_distributed
 from lotus_dist.errors import UserError
+from lotus_dist.precision import computes_in_bf16
+
+
+@dataclasses.dataclass(frozen=True)
+class ParallelContext:
+    """What ``parallelize`` decided for one model, read by ``build_optimizer`` and by the step's ``no_sync``. The
+    default is the single process's (nothing sharded, nothing deferred)."""
+
+    plan: object = None  # fsdp: the side-aware sharding plan (sharding_plan.Plan)
+    reduce_last: bool = False  # fsdp: dist.reduce_last_micro_batch (reduce on a step's last micro-batch only)
+    bucket_mb: float = BUCKET_MB  # ddp/deepspeed: dist.bucket_mb, the owner layout's gradient buckets
+    weights_dtype: torch.dtype | None = None  # ddp/deepspeed: bf16 weights on every rank, fp32 masters on owners
+    grad_accum: int = 1  # ddp/deepspeed: micro-batches per step (the start-up memory check counts their buffers)
+    deepspeed_config: dict | None = None  # deepspeed: the checked DeepSpeed JSON the engine starts from
 
 
 class SingleProcess:
@@ -37,8 +59,9 @@ class SingleProcess:
         if self.rank == 0:
             print(line, flush=True)
 
-    def wrap_model(self, model, cfg):
-        return self.materialize(model, cfg)
+    def parallelize(self, model, cfg) -> tuple[torch.nn.Module, ParallelContext]:
+        """The model on this rank, materialised (and sharded where the mode shards), with what was decided."""
+        return self.materialize(model, cfg), ParallelContext()
 
     def materialize(self, model, cfg, local_part=None):
         """Storage on this rank's device for a model built on ``meta`` (its shards, once sharded), initialised by
@@ -57,7 +80,7 @@ class SingleProcess:
             init_parameters(model, cfg.seed, local_part)
         return model
 
-    def build_optimizer(self, model, optim_cfg):
+    def build_optimizer(self, model, optim_cfg, ctx: ParallelContext):
         from lotus_dist.optim import build_optimizer
 
         return build_optimizer(model, optim_cfg)
@@ -68,10 +91,11 @@ class SingleProcess:
 
         return units_of(model)
 
-    def no_sync(self, model, last: bool):
+    def no_sync(self, model, optimizer, ctx: ParallelContext, last: bool):
+        """A context around one micro-batch's forward and backward (``last``: the step's last)."""
         return contextlib.nullcontext()
 
-    def gradients(self, model) -> list[torch.Tensor]:
+    def gradients(self, model, optimizer) -> list[torch.Tensor]:
         """This rank's gradients after backward (the norm and clipping work on these)."""
         return [p.grad for p in model.parameters() if p.grad is not None]
 
@@ -139,25 +163,22 @@ def write_fallbacks(plan, run_dir) -> str | None:
 class FullyShardedDataParallel(Collective):
     """``dist.mode=fsdp``: FSDP2 per block with the side-aware plan (HSDP when ``dist.replicate > 1``)."""
 
-    reduce_last = False  # dist.reduce_last_micro_batch, set by wrap_model
-
-    def wrap_model(self, model, cfg):
+    def parallelize(self, model, cfg):
         from lotus_dist.distributed.fsdp import apply_fsdp, local_part, mixed_precision
-        from lotus_dist.distributed.plan import method_geometry, plan_for_model
+        from lotus_dist.distributed.sharding_plan import method_geometry, plan_for_model
 
         mesh = build_mesh(self.runtime, cfg.dist.replicate)
         proj_type, solver = method_geometry(cfg.optim)  # the method's, with the config's keys applied
         plan = plan_for_model(model, self.world_size, cfg.optim.rank, proj_type, solver, replicate=cfg.dist.replicate)
         param_dtype, reduce_dtype = mixed_precision(cfg.train.dtype, self.device, cfg.dist.reduce_dtype)
-        self.plan = plan
-        self.reduce_last = cfg.dist.reduce_last_micro_batch
         details = write_fallbacks(plan, cfg.run.dir) if self.rank == 0 else None
         model = apply_fsdp(model, mesh, plan, param_dtype=param_dtype, reduce_dtype=reduce_dtype, log_fn=self.log,
                            details=details)
-        return self.materialize(model, cfg, local_part)  # sharded first: no rank ever holds the whole model
+        model = self.materialize(model, cfg, local_part)  # sharded first: no rank ever holds the whole model
+        return model, ParallelContext(plan=plan, reduce_last=cfg.dist.reduce_last_micro_batch)
 
-    def no_sync(self, model, last: bool):
-        if self.reduce_last:
+    def no_sync(self, model, optimizer, ctx: ParallelContext, last: bool):
+        if ctx.reduce_last:
             from lotus_dist.distributed.fsdp import set_gradient_sync
 
             set_gradient_sync(model, last)
@@ -168,30 +189,66 @@ class FullyShardedDataParallel(Collective):
 
         return units_of(model, root_as_one_unit=True)  # FSDP2 reduce-scatters the root's gradients together
 
-    def build_optimizer(self, model, optim_cfg):
-        from lotus_dist.distributed.sharded import (build_sharded_optimizer, mesh_of, owner_refresh_replaces_rsvd,
+    def build_optimizer(self, model, optim_cfg, ctx: ParallelContext):
+        from lotus_dist.distributed.fsdp_optimizer import (build_sharded_optimizer, mesh_of, owner_refresh_replaces_rsvd,
                                                     resolve_projectors)
 
         if owner_refresh_replaces_rsvd(optim_cfg):
             # a solver change the user should see: the exact SVD is what every projector refresh now computes
             self.log(f"optim.refresh=owner: {optim_cfg.name}'s projectors are refreshed by an exact SVD on each "
                      f"matrix's owner rank instead of the distributed rsvd")
-        projectors, why = resolve_projectors(optim_cfg, self.plan)
+        projectors, why = resolve_projectors(optim_cfg, ctx.plan)
         if optim_cfg.name != "adamw":  # adamw keeps no projectors
             self.log(f"optim.projectors={optim_cfg.projectors}: {projectors} ({why})")
         optim_cfg = dataclasses.replace(optim_cfg, projectors=projectors)
-        return build_sharded_optimizer(model, optim_cfg, self.plan, mesh_of(model))
+        return build_sharded_optimizer(model, optim_cfg, ctx.plan, mesh_of(model))
+
+
+class OwnerDataParallel(Collective):
+    """``dist.mode=ddp``: the model whole on every rank, its gradients reduce-scattered to their owners from
+    backward hooks (the optimizer's ``OwnerReducer``: on the step's last micro-batch; earlier ones accumulate in
+    fp32 buckets), the optimizer state and update on the owners (``OwnerOptimizer``), the weights all-gathered back.
+    After backward a rank holds the gradients of its own parameters only, so the trainer's norm (each owned
+    gradient counted once, summed over the ranks) is the global one."""
+
+    def parallelize(self, model, cfg):
+        ctx = ParallelContext(
+            bucket_mb=cfg.dist.bucket_mb,
+            grad_accum=max(1, cfg.train.batch_size // (cfg.train.micro_batch_size * self.world_size)),
+            # bf16 weights where the trainer computes in bf16 (train.dtype=bf16, or auto on CUDA)
+            weights_dtype=torch.bfloat16 if computes_in_bf16(cfg.train.dtype, self.device.type) else None)
+        return self.materialize(model, cfg), ctx  # whole on every rank, initialised (in fp32) as one process would
+
+    def build_optimizer(self, model, optim_cfg, ctx: ParallelContext):
+        optimizer = build_owner_optimizer(model, optim_cfg, bucket_mb=ctx.bucket_mb, weights_dtype=ctx.weights_dtype)
+        # refused on every rank alike (shapes only) before the first step, rather than out of memory in it
+        check_fits(optimizer.predicted_bytes(ctx.grad_accum)["total"], self.device_bytes(),
+                   "the weights, the step's gradient buffers and the optimizer state, without activations")
+        optimizer.reduce_in_backward()
+        return optimizer
+
+    def device_bytes(self) -> int | None:
+        """The accelerator's memory (None on a CPU: no check)."""
+        if self.device.type == "cuda":
+            return torch.cuda.get_device_properties(self.device).total_memory
+        return None
+
+    def gradients(self, model, optimizer) -> list[torch.Tensor]:
+        return optimizer.gradients()
+
+    def no_sync(self, model, optimizer, ctx: ParallelContext, last: bool):
+        return optimizer.reducing(last)
 
 
 def _imported(module: str, name: str):
-    """A mode class imported on first use: owner.py and deepspeed.py import this module (Collective)."""
+    """A mode class imported on first use: deepspeed.py imports this module (OwnerDataParallel)."""
     return lambda runtime: getattr(importlib.import_module(module), name)(runtime)
 
 
 MODES = {
     "single": SingleProcess,
     "fsdp": FullyShardedDataParallel,
-    "ddp": _imported("lotus_dist.distributed.owner", "OwnerDataParallel"),
+    "ddp": OwnerDataParallel,
     "deepspeed": _imported("lotus_dist.distributed.deepspeed", "DeepSpeedMode"),
 }
 

@@ -47,7 +47,7 @@ import torch
 import torch.distributed as dist
 
 from lotus_dist.counters import nbytes
-from lotus_dist.distributed.collectives import counted
+from lotus_dist.distributed.matrix_comm import counted
 from lotus_dist.errors import UserError
 
 INFLIGHT = 2  # reduce-scatters outstanding during backward before the oldest is waited for (and its buffer freed)

@@ -16,7 +16,7 @@ import torch
 import torch.distributed as dist
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
-from .plan import DistConfigError
+from .sharding_plan import DistConfigError
 
 
 @dataclass(frozen=True)

@@ -93,18 +93,18 @@ def set_rng_state(state: dict) -> None:
 class Checkpointer:
     """Saves, proves and finds the checkpoints of one run directory; every rank calls ``save``/``resume`` together.
 
-    ``comm`` is the distribution mode (``rank``, ``world_size``, ``device``, ``barrier``,
+    ``mode`` is the distribution mode (``rank``, ``world_size``, ``device``, ``barrier``,
     ``all_reduce_sum``, ``all_gather_object``).
     """
 
-    def __init__(self, run_dir: str | Path, *, keep: int, comm, asynchronous: bool = False,
+    def __init__(self, run_dir: str | Path, *, keep: int, mode, asynchronous: bool = False,
                  log: Callable[[str], None] = print):
         self.root = Path(run_dir) / "checkpoints"
         self.keep = keep
-        self.comm = comm
-        self.rank, self.world_size = comm.rank, comm.world_size
+        self.mode = mode
+        self.rank, self.world_size = mode.rank, mode.world_size
         self.asynchronous = asynchronous
-        self.log = log if comm.rank == 0 else (lambda line: None)
+        self.log = log if mode.rank == 0 else (lambda line: None)
         self.pending = None  # (future, step, tmp dir, final dir) of an asynchronous save not yet committed
         self.async_group = None
         self._finisher = None  # one background thread: waits for DCP's writer, then checksums this rank's files
@@ -132,7 +132,7 @@ class Checkpointer:
             for p in self.root.iterdir():
                 if p.is_dir() and p.name.endswith(".tmp") and STEP_DIR.match(p.name[:-4]):
                     shutil.rmtree(p, ignore_errors=True)
-        self.comm.barrier()
+        self.mode.barrier()
 
     # ---- save ------------------------------------------------------------------------------------------------
     def save(self, step: int, model, optimizer, *, train_state: dict, data_state: dict) -> Path:
@@ -147,7 +147,7 @@ class Checkpointer:
         if self.rank == 0:
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir(parents=True)
-        self.comm.barrier()
+        self.mode.barrier()
         try:
             if self.asynchronous:
                 future, writer = async_save_state(str(tmp), state, process_group=self.async_group)
@@ -169,7 +169,7 @@ class Checkpointer:
         """Refuse (UserError, on every rank, nothing written) a save that the checkpoint filesystem cannot hold, as
         every rank sees it; returns the bytes the checkpoint needs. One gather: each rank's tensors, its own files'
         bytes (``own_bytes``: the data position) and the free space it sees."""
-        per_rank = self.comm.all_gather_object((stored_bytes(state), own_bytes, _free_bytes(self.root)))
+        per_rank = self.mode.all_gather_object((stored_bytes(state), own_bytes, _free_bytes(self.root)))
         need = merge_stored_bytes([b for b, _, _ in per_rank]) + sum(n for _, n, _ in per_rank)
         need += need // 100 + self.world_size * (1 << 20)  # DCP's metadata and framing, RNG states, manifests
         free, rank = min((f, r) for r, (_, _, f) in enumerate(per_rank))
@@ -195,10 +195,10 @@ class Checkpointer:
         raise error
 
     def _refuse_nonfinite(self, state: dict, step: int) -> None:
-        bad = int(self.comm.all_reduce_sum(nonfinite_count(state, self.comm.device)).item())
+        bad = int(self.mode.all_reduce_sum(nonfinite_count(state, self.mode.device)).item())
         if not bad:
             return
-        names = [n for per_rank in self.comm.all_gather_object(nonfinite_names(state)) for n in per_rank][:3]
+        names = [n for per_rank in self.mode.all_gather_object(nonfinite_names(state)) for n in per_rank][:3]
         latest = self.latest()
         raise NonFiniteStateError(
             f"the model/optimizer state after step {step} holds non-finite values ({bad} tensor shard(s), e.g. "
@@ -237,7 +237,7 @@ class Checkpointer:
 
     def _commit(self, step: int, tmp: Path, final: Path) -> None:
         maybe_crash("in_save", self.rank, step)
-        self.comm.barrier()  # every rank's files and manifest are written
+        self.mode.barrier()  # every rank's files and manifest are written
         if self.rank == 0:
             (tmp / COMPLETE_MARKER).write_text(json.dumps({"step": step, "manifests": self.world_size}) + "\n")
             if (final / COMPLETE_MARKER).exists():
@@ -248,7 +248,7 @@ class Checkpointer:
             tmp.rename(final)
             for old in self.checkpoints()[:-self.keep]:  # ours only; the one just committed is the newest
                 shutil.rmtree(old, ignore_errors=True)
-        self.comm.barrier()
+        self.mode.barrier()
 
     # ---- prove and load ----------------------------------------------------------------------------------------
     def verify(self, path: Path) -> str | None:
@@ -273,7 +273,7 @@ class Checkpointer:
             problem = problem or check_file(path, name, files[name])
             if problem:
                 break
-        return next((p for p in self.comm.all_gather_object(problem) if p), None)
+        return next((p for p in self.mode.all_gather_object(problem) if p), None)
 
     def read_train_state(self, path: Path) -> dict:
         return json.loads((path / TRAIN_STATE).read_text())
@@ -332,7 +332,7 @@ class Checkpointer:
         # BaseException, not an Exception
         except (Exception, CheckpointException) as e:
             error = f"loading failed on rank {self.rank} ({_first_failure(e)})"
-        error = next((e for e in self.comm.all_gather_object(error) if e), None)
+        error = next((e for e in self.mode.all_gather_object(error) if e), None)
         return error, (None if error else loaded)
 
     def _set_aside(self, damaged: list[Path]) -> None:
@@ -340,7 +340,7 @@ class Checkpointer:
         if self.rank == 0:
             for path in damaged:
                 self.log(f"set aside the damaged checkpoint {path.name} as {_aside(path, '.damaged').name}")
-        self.comm.barrier()
+        self.mode.barrier()
 
 
 def _first_failure(error: BaseException) -> str:

@@ -63,14 +63,14 @@ def cluster_of(args):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    parallel = None
+    mode = None
     try:
         from lotus_dist.train.config import load_config
 
         cluster = cluster_of(args)
         cfg = load_config(args.config, args.overrides)
         if args.dry_run:
-            from lotus_dist.distributed.planner import dry_run
+            from lotus_dist.distributed.capacity import dry_run
 
             dry_run(cfg, cluster=cluster)
             return 0
@@ -78,10 +78,10 @@ def main(argv=None) -> int:
         from lotus_dist.train.run_dir import RunDirectory
         from lotus_dist.train.trainer import Trainer
 
-        parallel = build_parallelism(cfg)
-        with RunDirectory.open(cfg.run.dir, parallel) as run:  # created and locked before anything is built
-            result = Trainer(cfg, parallel, run).fit()
-        if parallel.rank == 0:
+        mode = build_parallelism(cfg)
+        with RunDirectory.open(cfg.run.dir, mode) as run:  # created and locked before anything is built
+            result = Trainer(cfg, mode, run).fit()
+        if mode.rank == 0:
             shown = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in result.items())
             print(f"done: {shown}", flush=True)
         return 0
@@ -97,8 +97,8 @@ def main(argv=None) -> int:
         sys.stderr.flush()
         return 130
     finally:
-        if parallel is not None:
-            parallel.close()
+        if mode is not None:
+            mode.close()
 
 
 if __name__ == "__main__":

@@ -16,7 +16,7 @@ from typing import Any, Optional
 
 import yaml
 
-from lotus_dist.distributed.collectives import PROJECTOR_LAYOUTS
+from lotus_dist.distributed.matrix_comm import PROJECTOR_LAYOUTS
 from lotus_dist.errors import UserError
 from lotus_dist.model.llama import shape_overrides  # noqa: F401  (the model layer's; importable here too)
 from lotus_dist.optim.options import CHOICES as LOWRANK_CHOICES

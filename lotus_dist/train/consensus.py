@@ -55,8 +55,8 @@ class StepConsensus:
     """Builds, reduces and reads the step's vector; after ``read``, ``stop`` (a rank was asked to stop) and
     ``saves_done`` (no rank is still writing an asynchronous checkpoint) hold for every rank alike."""
 
-    def __init__(self, runtime):
-        self.rt = runtime
+    def __init__(self, mode):
+        self.mode = mode
         self.stop = False
         self.saves_done = True
 
@@ -64,9 +64,9 @@ class StepConsensus:
         """All-reduce (sum) of this rank's ``values`` and its two flags; no host sync."""
         # torch.full fills on the device from a kernel argument; torch.tensor(..., device=cuda) would be a blocking
         # host-to-device copy every step (lotus_dist/sync_audit.py finds those)
-        flags = [torch.full((1,), float(f), dtype=torch.float32, device=self.rt.device) for f in (stop, writing)]
-        local = torch.cat([torch.stack([v.float().reshape(()).to(self.rt.device) for v in values]), *flags])
-        return self.rt.all_reduce_sum(local)
+        flags = [torch.full((1,), float(f), dtype=torch.float32, device=self.mode.device) for f in (stop, writing)]
+        local = torch.cat([torch.stack([v.float().reshape(()).to(self.mode.device) for v in values]), *flags])
+        return self.mode.all_reduce_sum(local)
 
     def read(self, summed: torch.Tensor, exact: list[torch.Tensor] = ()) -> list[float]:
         """The step's one host sync: the summed values (flags taken off), then ``exact`` (values that are global

@@ -24,8 +24,8 @@ class FaultInjection:
     """LOTUS_FAULT: a crash after a step, a NaN written into a weight (train/faults.py)."""
 
     def after_step(self, trainer, record: dict) -> None:
-        maybe_crash("after_step", trainer.rt.rank, trainer.step)
-        maybe_poison_weights(trainer.model.parameters(), trainer.rt.rank, trainer.step)
+        maybe_crash("after_step", trainer.mode.rank, trainer.step)
+        maybe_poison_weights(trainer.model.parameters(), trainer.mode.rank, trainer.step)
 
 
 class AsyncCommit:

@@ -91,10 +91,10 @@ class RunDirectory:
         self._lock_fd = lock_fd
 
     @classmethod
-    def open(cls, path: str | Path, comm) -> "RunDirectory":
+    def open(cls, path: str | Path, mode) -> "RunDirectory":
         path = Path(path)
         problem, fd = None, None
-        if comm.rank == 0:
+        if mode.rank == 0:
             try:
                 path.mkdir(parents=True, exist_ok=True)
                 fd = acquire_lock(path)
@@ -105,7 +105,7 @@ class RunDirectory:
                 problem = f"run.dir {path} cannot be created or written: {e.strerror}{where}"
             except UserError as e:
                 problem = str(e)
-        problem = comm.all_gather_object(problem)[0]
+        problem = mode.all_gather_object(problem)[0]
         if problem:
             if fd is not None:
                 os.close(fd)

@@ -18,6 +18,7 @@ from typing import Callable, ContextManager, Iterator
 
 import torch
 
+from lotus_dist.distributed.modes import ParallelContext
 from lotus_dist.errors import UserError
 from lotus_dist.precision import computes_in_bf16
 from lotus_dist.train.consensus import StepConsensus, clip_, grad_sq_partial, replicas_of
@@ -56,18 +57,18 @@ class StepResult:
 
 class StepEngine:
     """``mode``: the distributed mode (modes.py: ``no_sync``, ``gradients``, ``update_units``, ``all_reduce_sum``,
-    ``device``, ``world_size``). ``after_backward()`` runs once the step's gradients exist, before they are read
+    ``device``, ``world_size``); ``ctx``: what its ``parallelize`` decided (the single process's by default). ``after_backward()`` runs once the step's gradients exist, before they are read
     (fault injection, a test's look at what a rank holds); ``before_unit_update(unit)`` before each per-layer
     block update; ``around_update()`` is a context entered around ``optimizer.step()`` (what the update alone
     costs: its collectives, its peak memory). ``loss_fn(model, batch)`` is divided by ``grad_accum`` here."""
 
-    def __init__(self, model, optimizer, mode, *, grad_accum: int = 1, grad_clip: float = 0.0,
+    def __init__(self, model, optimizer, mode, ctx: ParallelContext = ParallelContext(), *, grad_accum: int = 1, grad_clip: float = 0.0,
                  grad_clip_unit: float = 0.0, on_nonfinite: str = "stop", per_layer: bool = False,
                  autocast: Callable = contextlib.nullcontext, loss_fn: Callable = default_loss,
                  after_backward: Callable[[], None] | None = None,
                  before_unit_update: Callable | None = None,
                  around_update: Callable[[], ContextManager] = contextlib.nullcontext):
-        self.model, self.optimizer, self.mode = model, optimizer, mode
+        self.model, self.optimizer, self.mode, self.ctx = model, optimizer, mode, ctx
         self.device = mode.device
         self.grad_accum, self.grad_clip, self.autocast, self.loss_fn = grad_accum, grad_clip, autocast, loss_fn
         self.after_backward = after_backward or (lambda: None)
@@ -93,7 +94,7 @@ class StepEngine:
         self.after_backward()
         # Loss and squared gradient norm with the stop and checkpoint flags in one all-reduce; clipping scales on
         # the device from the reduced norm; then the step's one host sync.
-        grads = self.mode.gradients(self.model)
+        grads = self.mode.gradients(self.model, self.optimizer)
         summed = self.consensus.reduce([loss_sum, grad_sq_partial(grads, self.device)], stop=stop, writing=writing)
         if self.grad_clip > 0:
             clip_(grads, summed[1].sqrt(), self.grad_clip)
@@ -121,7 +122,7 @@ class StepEngine:
                 self.in_backward.begin_micro_batch(micro)
                 sync = contextlib.nullcontext()
             else:
-                sync = self.mode.no_sync(self.model, last=micro == self.grad_accum - 1)
+                sync = self.mode.no_sync(self.model, self.optimizer, self.ctx, last=micro == self.grad_accum - 1)
             with sync:
                 with self.autocast():
                     loss = self.loss_fn(self.model, batch) / self.grad_accum

@@ -52,29 +52,29 @@ def resume_keys(cfg: Config) -> dict:
 
 
 class Trainer:
-    def __init__(self, cfg: Config, runtime, run: RunDirectory):
+    def __init__(self, cfg: Config, mode, run: RunDirectory):
         self.cfg = cfg
-        self.rt = runtime
-        self.device = runtime.device
-        self.is_main = runtime.rank == 0
+        self.mode = mode  # the distributed mode (distributed/modes.py): rank, device, collectives
+        self.device = mode.device
+        self.is_main = mode.rank == 0
         self.run = run  # created and locked (RunDirectory.open) before anything else is built
         self.run_dir = run.path
         t = cfg.train
 
-        per_step = t.micro_batch_size * runtime.world_size
+        per_step = t.micro_batch_size * mode.world_size
         if t.batch_size % per_step:
             raise UserError(f"config key 'train.batch_size' ({t.batch_size}) must be a multiple of "
-                            f"train.micro_batch_size x world size ({t.micro_batch_size} x {runtime.world_size})")
+                            f"train.micro_batch_size x world size ({t.micro_batch_size} x {mode.world_size})")
         self.grad_accum = t.batch_size // per_step
         if t.grad_clip_unit > 0 and self.grad_accum > 1:
             raise UserError(f"train.grad_clip_unit needs each block's whole gradient, which low-rank accumulation "
                             f"({self.grad_accum} micro-batches per step) does not keep: set train.micro_batch_size to "
-                            f"train.batch_size / world size ({t.batch_size // runtime.world_size}), or "
+                            f"train.batch_size / world size ({t.batch_size // mode.world_size}), or "
                             f"train.grad_clip_unit=0")
 
         # Everything built before step 1 is measured: the most tensor bytes held, for the startup record.
         with PeakMemory(self.device) as self.startup_memory:
-            self.build(cfg, runtime)
+            self.build(cfg, mode)
         self.step = 0
         self.tokens = 0
         self.signals = StopSignals()
@@ -82,12 +82,12 @@ class Trainer:
         self.skipped_in_row = 0
         self.train_seconds = 0.0  # wall time in train steps since this process started (not evaluation, not saving)
 
-    def build(self, cfg: Config, runtime) -> None:
+    def build(self, cfg: Config, mode) -> None:
         """Tokenizer, model (built on ``meta``, sharded, then materialised shard by shard), optimizer, data."""
         from lotus_dist.data import build_train_stream, build_val_blocks, check_data, check_vocab, load_tokenizer
 
         t = cfg.train
-        self.checkpointer = Checkpointer(self.run_dir, keep=cfg.checkpoint.keep, comm=runtime,
+        self.checkpointer = Checkpointer(self.run_dir, keep=cfg.checkpoint.keep, mode=mode,
                                          asynchronous=cfg.checkpoint.async_save)
         latest = self.checkpointer.latest()
         if latest is not None and not cfg.checkpoint.resume:
@@ -95,12 +95,12 @@ class Trainer:
                             f"choose another run.dir or remove {self.checkpointer.root}")
         if latest is not None and cfg.model.init_from:
             # a resume loads its weights from the checkpoint: the folder is not read (it may be gone by now)
-            runtime.log("model.init_from is not read: the run resumes from its checkpoints")
+            mode.log("model.init_from is not read: the run resumes from its checkpoints")
             cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, init_from=None))
         check_init_from(cfg.model)
         # a hub tokenizer (hf:<repo>) is fetched by one process per machine, the others read the cache after it
-        self.tokenizer = load_tokenizer(cfg.data.tokenizer, first=runtime.local_rank == 0,
-                                        agree=runtime.all_gather_object)
+        self.tokenizer = load_tokenizer(cfg.data.tokenizer, first=mode.local_rank == 0,
+                                        agree=mode.all_gather_object)
         check_data(cfg.data, self.tokenizer, evaluate=bool(t.eval_every))  # before minutes of model building
         check_vocab(cfg.model.vocab_size or self.tokenizer.vocab_size, self.tokenizer)
         self.fingerprint = {"model": model_fingerprint(cfg, self.tokenizer.vocab_size), "optim_method": cfg.optim.name,
@@ -111,25 +111,25 @@ class Trainer:
                             f"({model_cfg.max_seq_len}); raise model.max_seq_len")
 
         torch.manual_seed(cfg.seed)
-        with torch.device("meta"):  # no storage yet: wrap_model shards it, then each rank materialises its shards
+        with torch.device("meta"):  # no storage yet: parallelize shards it, then each rank materialises its shards
             self.model = Llama(model_cfg)
         self.model_bytes = sum(p.numel() * p.element_size() for p in self.model.parameters())
         self.model.activation_checkpointing = t.activation_checkpointing
         if self.is_main:
             self.note_rank_clipping()
-        self.model = runtime.wrap_model(self.model, cfg)
-        self.optimizer = runtime.build_optimizer(self.model, cfg.optim)
+        self.model, self.ctx = mode.parallelize(self.model, cfg)
+        self.optimizer = mode.build_optimizer(self.model, cfg.optim, self.ctx)
         self.autocast = resolve_autocast(t.dtype, self.device)
         self._poisoned_step = 0
         self.engine = StepEngine(
-            self.model, self.optimizer, runtime, grad_accum=self.grad_accum, grad_clip=t.grad_clip,
+            self.model, self.optimizer, mode, self.ctx, grad_accum=self.grad_accum, grad_clip=t.grad_clip,
             grad_clip_unit=t.grad_clip_unit, on_nonfinite=t.on_nonfinite, per_layer=cfg.optim.per_layer,
             autocast=self.autocast,
-            after_backward=lambda: maybe_poison_gradients(self.model.parameters(), runtime.rank, self.step + 1),
+            after_backward=lambda: maybe_poison_gradients(self.model.parameters(), mode.rank, self.step + 1),
             before_unit_update=self._fault_in_unit)
 
         self.stream = build_train_stream(cfg.data, self.tokenizer, seq_len=t.seq_len, micro_batch_size=t.micro_batch_size,
-                                         rank=runtime.rank, world_size=runtime.world_size, seed=cfg.seed,
+                                         rank=mode.rank, world_size=mode.world_size, seed=cfg.seed,
                                          pin_memory=self.device.type == "cuda")
         self.val_blocks = build_val_blocks(cfg.data, self.tokenizer, seq_len=t.seq_len) if t.eval_every else None
 
@@ -172,7 +172,7 @@ class Trainer:
             self.step, self.tokens = train_state["step"], train_state["tokens"]
             if data_state is None:
                 raise UserError(f"checkpoint {path} was written by {train_state['world_size']} ranks; this run has "
-                                f"{self.rt.world_size}, and per-rank data positions (data.split=node) do not carry "
+                                f"{self.mode.world_size}, and per-rank data positions (data.split=node) do not carry "
                                 f"over; start runs with data.split=global to change the world size on resume")
             self.stream.load_state_dict(data_state)
         if self.is_main:
@@ -258,7 +258,7 @@ class Trainer:
         """LOTUS_FAULT=nan_grad under optim.per_layer: poison the first block to update in the step."""
         if self._poisoned_step != self.step + 1:
             self._poisoned_step = self.step + 1
-            maybe_poison_gradients(unit, self.rt.rank, self.step + 1)
+            maybe_poison_gradients(unit, self.mode.rank, self.step + 1)
 
     # ---- the loop --------------------------------------------------------------------------------------------
     def fit(self) -> dict:
@@ -308,11 +308,11 @@ class Trainer:
         """The startup record (metrics.jsonl, before the steps): the most tensor bytes any rank held before its
         first step (CUDA allocator peak on GPU, the storage account of peak_memory.py on CPU; a resume's load
         included) against the model's bytes; ``load_s``: the slowest rank's resume (proof and load), if resumed."""
-        peaks = self.rt.all_gather_object((int(peak_bytes), load_seconds))
+        peaks = self.mode.all_gather_object((int(peak_bytes), load_seconds))
         peak = max(p for p, _ in peaks)
         record = {"event": "startup", "step": self.step, "startup_peak_bytes": peak,
-                  "model_bytes": self.model_bytes, "world_size": self.rt.world_size,
-                  "device": self.device.type, "backend": self.rt.backend or "none"}
+                  "model_bytes": self.model_bytes, "world_size": self.mode.world_size,
+                  "device": self.device.type, "backend": self.mode.backend or "none"}
         if load_seconds is not None:
             record["load_s"] = max(s for _, s in peaks)
         self.logger.log(record)
@@ -334,5 +334,5 @@ class Trainer:
 
     def evaluate(self) -> dict:
         return evaluate(self.model, self.val_blocks, micro_batch_size=self.cfg.train.micro_batch_size, device=self.device,
-                        autocast=self.autocast, rank=self.rt.rank, world_size=self.rt.world_size,
-                        all_reduce=self.rt.all_reduce_sum if self.rt.world_size > 1 else None)
+                        autocast=self.autocast, rank=self.mode.rank, world_size=self.mode.world_size,
+                        all_reduce=self.mode.all_reduce_sum if self.mode.world_size > 1 else None)

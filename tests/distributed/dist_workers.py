@@ -19,7 +19,7 @@ from torch.distributed.tensor import DTensor
 
 from lotus_dist.distributed.dcp_util import load_sharded, save_sharded
 from lotus_dist.distributed.fsdp import apply_fsdp, check_placements
-from lotus_dist.distributed.plan import plan_for_model
+from lotus_dist.distributed.sharding_plan import plan_for_model
 from lotus_dist.distributed.runtime import build_mesh, destroy, init_distributed
 from lotus_dist.model.llama import Llama, llama_config
 from lotus_dist.train.config import DistConfig
@@ -109,7 +109,7 @@ def check_meta_init(rt, replicate: int) -> dict:
     cfg.optim.rank, cfg.dist.replicate, cfg.train.dtype = RANK_R, replicate, "fp32"
     with torch.device("meta"):
         model = Llama(CFG)
-    model = FullyShardedDataParallel(rt).wrap_model(model, cfg)
+    model, _ = FullyShardedDataParallel(rt).parallelize(model, cfg)
     with torch.device("meta"):
         ref = Llama(CFG)
     ref.to_empty(device="cpu")
@@ -129,8 +129,8 @@ def main() -> None:
     torch.set_num_threads(1)
     rt = init_distributed(DistConfig(backend="gloo"))
     assert rt.is_distributed and rt.backend == "gloo" and rt.device.type == "cpu"
-    if options.get("suite") == "sharded_optim":  # test_sharded_optim.py: the sharded low-rank optimizer
-        from sharded_workers import main as sharded_main
+    if options.get("suite") == "sharded_optim":  # test_fsdp_optimizer.py: the sharded low-rank optimizer
+        from fsdp_optimizer_workers import main as sharded_main
 
         sharded_main(options, workdir, rt)
         dist.barrier()

@@ -25,6 +25,7 @@ import torch.distributed as dist
 
 from lotus_dist.counters import COUNTERS
 from lotus_dist.distributed.dcp_util import load_sharded, save_sharded
+from lotus_dist.distributed.modes import ParallelContext
 from lotus_dist.distributed.runtime import init_distributed
 from lotus_dist.model.llama import Llama, llama_config
 from lotus_dist.optim import build_optimizer, gathered_switch_report, memory_report, switch_report
@@ -66,11 +67,12 @@ def lr_at(step: int, total: int) -> float:
 
 
 def train(model, opt, mode, rank: int, world: int, start: int, end: int, total: int, on_step=None,
-          held: list | None = None, micro: int = MICRO, comm: list | None = None) -> list[float]:
+          held: list | None = None, micro: int = MICRO, comm: list | None = None,
+          ctx: ParallelContext = ParallelContext()) -> list[float]:
     """Steps ``start+1 .. end`` through the trainer's step (``lotus_dist/train/step.py``, with the trainer's lr set
     on ``param_groups``); returns the logged (global mean) losses. ``held`` collects, after each step's backward,
     (gradients this rank holds, of them not its own, its own parameters); ``comm`` each step's counted optimizer
-    bytes (lotus_dist.counters, the trainer's optim_comm_bytes)."""
+    bytes (lotus_dist.counters, the trainer's optim_comm_bytes). ``ctx``: what the mode's parallelize decided."""
     per = GLOBAL_BATCH // world
 
     def after_backward():
@@ -79,7 +81,7 @@ def train(model, opt, mode, rank: int, world: int, start: int, end: int, total: 
             with_grad = [p for p in params if p.grad is not None]
             held.append((len(with_grad), sum(not opt.owned(p) for p in with_grad), sum(map(opt.owned, params))))
 
-    engine = StepEngine(model, opt, mode, grad_accum=per // micro, grad_clip=CLIP, after_backward=after_backward)
+    engine = StepEngine(model, opt, mode, ctx, grad_accum=per // micro, grad_clip=CLIP, after_backward=after_backward)
     losses = []
     for step in range(start, end):
         COUNTERS.reset()
@@ -142,7 +144,7 @@ def reference(method: str, steps: int) -> dict:
 
 def make_mode(name: str, rt):
     if name == "ddp":
-        from lotus_dist.distributed.owner import OwnerDataParallel
+        from lotus_dist.distributed.modes import OwnerDataParallel
 
         return OwnerDataParallel(rt)
     if name == "deepspeed":
@@ -159,8 +161,8 @@ def make_mode(name: str, rt):
 def build(mode_name: str, method: str, rt):
     mode = make_mode(mode_name, rt)
     torch.manual_seed(0)
-    model = mode.wrap_model(Llama(CFG), run_cfg(method, rt.world_size))
-    return mode, model, mode.build_optimizer(model, optim_cfg(method))
+    model, ctx = mode.parallelize(Llama(CFG), run_cfg(method, rt.world_size))
+    return mode, ctx, model, mode.build_optimizer(model, optim_cfg(method), ctx)
 
 
 def gather(value):
@@ -169,20 +171,20 @@ def gather(value):
     return out
 
 
-def layout_record(mode, opt, comm: list) -> dict:
+def layout_record(opt, comm: list) -> dict:
     """What the owner layout is and what it measured: stream lengths, owners per bucket, each step's counted
     bytes, and every rank's measured buffer peaks (the reducer's in backward, the weights' all-gather's)."""
     layout = opt.layout
     return {"lengths": layout.lengths, "buckets": len(layout.buckets),
             "owners_per_bucket": [len({piece[0] for piece in b.pieces.values()}) for b in layout.buckets],
-            "comm": comm, "reducer_peak": gather(mode.reducer.peak_bytes), "gather_peak": gather(opt.gather_bytes)}
+            "comm": comm, "reducer_peak": gather(opt.reducer.peak_bytes), "gather_peak": gather(opt.gather_bytes)}
 
 
 def accum_bf16_check(rt, accum: int) -> dict:
     """ddp with bf16 weights over ``accum`` micro-batches: the owners' accumulated gradients against the fp32 sum
     of the bf16 micro-batch gradients (averaged over the ranks) and against their bf16 running sum (what autograd
     accumulates in a bf16 ``.grad``). Also: a device too small for the layout is refused on every rank."""
-    from lotus_dist.distributed.owner import OwnerDataParallel
+    from lotus_dist.distributed.modes import OwnerDataParallel
     from lotus_dist.errors import UserError
 
     rank, world = rt.rank, rt.world_size
@@ -190,8 +192,8 @@ def accum_bf16_check(rt, accum: int) -> dict:
     cfg.train.dtype, cfg.train.batch_size = "bf16", MICRO * accum * world
     mode = OwnerDataParallel(rt)
     torch.manual_seed(0)
-    model = mode.wrap_model(Llama(CFG), cfg)
-    opt = mode.build_optimizer(model, optim_cfg("adamw"))
+    model, ctx = mode.parallelize(Llama(CFG), cfg)
+    opt = mode.build_optimizer(model, optim_cfg("adamw"), ctx)
     g = torch.Generator().manual_seed(7)
     toks = torch.randint(0, CFG.vocab_size, (MICRO * accum * world, SEQ + 1), generator=g)
     mine = toks[rank * MICRO * accum:(rank + 1) * MICRO * accum]
@@ -211,7 +213,7 @@ def accum_bf16_check(rt, accum: int) -> dict:
             dist.all_reduce(t)
             t.div_(world)
     for i, (x, y) in enumerate(micro):
-        with mode.no_sync(model, last=i == accum - 1):
+        with mode.no_sync(model, opt, ctx, last=i == accum - 1):
             (model(x, y) / accum).backward()
     fp32_err = bf16_err = 0.0
     for name, p in model.named_parameters():
@@ -221,12 +223,13 @@ def accum_bf16_check(rt, accum: int) -> dict:
             fp32_err = max(fp32_err, ((got - fp32_sum[name]).norm() / fp32_sum[name].norm()).item())
             bf16_err = max(bf16_err, ((bf16_sum[name] - fp32_sum[name]).norm() / fp32_sum[name].norm()).item())
     opt.zero_grad(set_to_none=True)
-    mode.reducer.remove()  # not close(): that would tear the process group down
+    opt.reducer.remove()  # not close(): that would tear the process group down
     small = OwnerDataParallel(rt)
     small.device_bytes = lambda: 2**20  # a 1 MiB device: the layout cannot fit
     refused = None
     try:
-        small.build_optimizer(small.wrap_model(Llama(CFG), cfg), optim_cfg("adamw"))
+        small_model, small_ctx = small.parallelize(Llama(CFG), cfg)
+        small.build_optimizer(small_model, optim_cfg("adamw"), small_ctx)
     except UserError as e:
         refused = str(e)
     return {"fp32_err": max(gather(fp32_err)), "bf16_err": max(gather(bf16_err)), "refused": gather(refused)}
@@ -253,7 +256,7 @@ def main(options: dict, workdir: Path) -> None:
         ref = ref_of(method)
         result.setdefault("ref", {})[method] = {"switches": ref["switches"], "bytes": ref["bytes"]}
         for mode_name in options.get("modes", []):
-            mode, model, opt = build(mode_name, method, rt)
+            mode, ctx, model, opt = build(mode_name, method, rt)
             built.append(mode)
             ckpt = workdir / "ckpt" / f"{mode_name}_{method}_w{world}"
 
@@ -263,7 +266,7 @@ def main(options: dict, workdir: Path) -> None:
 
             held: list = []
             comm: list = []
-            losses = train(model, opt, mode, rank, world, 0, steps, steps, on_step, held, comm=comm)
+            losses = train(model, opt, mode, rank, world, 0, steps, steps, on_step, held, comm=comm, ctx=ctx)
             params = full_params(model)
             run = {
                 "loss_rel": loss_diff(losses, ref["losses"]),
@@ -280,17 +283,18 @@ def main(options: dict, workdir: Path) -> None:
             }
             if mode_name == "deepspeed":
                 run["engine"] = type(mode.engine).__name__
-            if hasattr(mode, "reducer"):
-                run["layout"] = layout_record(mode, opt, comm)
+            if hasattr(opt, "reducer"):
+                run["layout"] = layout_record(opt, comm)
             result["runs"][f"{mode_name}_{method}"] = run
     if options.get("one_micro_batch"):  # ddp with each rank's whole batch in one micro-batch: gradients wait
         steps1 = options["one_micro_batch"]
-        mode, model, opt = build("ddp", "lotus", rt)
+        mode, ctx, model, opt = build("ddp", "lotus", rt)
         built.append(mode)
         comm = []
-        losses = train(model, opt, mode, rank, world, 0, steps1, steps, micro=GLOBAL_BATCH // world, comm=comm)
+        losses = train(model, opt, mode, rank, world, 0, steps1, steps, micro=GLOBAL_BATCH // world, comm=comm,
+                       ctx=ctx)
         result["runs"]["ddp_lotus_one_micro"] = {"loss_rel": loss_diff(losses, ref_of("lotus")["losses"][:steps1]),
-                                                 "layout": layout_record(mode, opt, comm)}
+                                                 "layout": layout_record(opt, comm)}
     if options.get("accum_bf16"):
         result["accum_bf16"] = accum_bf16_check(rt, options["accum_bf16"])
     for entry in options.get("resume", []):
@@ -298,13 +302,13 @@ def main(options: dict, workdir: Path) -> None:
         lenient = len(entry) > 4 and entry[4]  # record a failure instead of raising (a combination still in work)
         key = f"{Path(ckpt).name}->{mode_name}_w{world}"
         try:
-            mode, model, opt = build(mode_name, method, rt)
+            mode, ctx, model, opt = build(mode_name, method, rt)
             built.append(mode)
             with torch.no_grad():
                 for p in model.parameters():  # different weights: the load must overwrite them
                     (p.to_local() if hasattr(p, "to_local") else p).add_(1.0)
             load_sharded(ckpt, model, opt)
-            train(model, opt, mode, rank, world, start, steps, steps)
+            train(model, opt, mode, rank, world, start, steps, steps, ctx=ctx)
             ref = ref_of(method)
             result["resume"][key] = {"param_rel": rel_diff(full_params(model), ref["params"]),
                                      "switches": sum(gathered_switch_report(opt).values()), "ref_switches": ref["switches"]}

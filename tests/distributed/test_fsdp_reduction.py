@@ -13,7 +13,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lotus_dist.distributed.planner import dry_run
+from lotus_dist.distributed.capacity import dry_run
 from lotus_dist.train.config import ConfigError, load_config, merge_overrides
 from lotus_dist.train.metrics import read_metrics
 from pretrain_launch import REPO, SMALL, launch
@@ -85,9 +85,9 @@ def test_fsdp_mode_defers_the_reduction_to_the_last_micro_batch():
     reduce-scatter; HSDP: no all-reduce), on the last every parameter has its reduced gradient. Planned on a fake
     process group of 4 ranks (rank 0), as the planner does."""
     from lotus_dist.distributed.fsdp import apply_fsdp
-    from lotus_dist.distributed.modes import FullyShardedDataParallel
-    from lotus_dist.distributed.plan import plan_for_model
-    from lotus_dist.distributed.planner import _mesh, fake_process_group
+    from lotus_dist.distributed.modes import FullyShardedDataParallel, ParallelContext
+    from lotus_dist.distributed.sharding_plan import plan_for_model
+    from lotus_dist.distributed.capacity import _mesh, fake_process_group
     from lotus_dist.model.llama import Llama, llama_config
 
     for replicate in (1, 2):
@@ -97,11 +97,11 @@ def test_fsdp_mode_defers_the_reduction_to_the_last_micro_batch():
                 apply_fsdp(model, _mesh(4, replicate), plan_for_model(model, 4, 4, replicate=replicate),
                            log_fn=lambda s: None)
                 mode = FullyShardedDataParallel.__new__(FullyShardedDataParallel)  # no process group of its own
-                mode.reduce_last = reduce_last
+                ctx = ParallelContext(reduce_last=reduce_last)
                 tokens = torch.randint(0, 64, (2, 9), generator=torch.Generator().manual_seed(0))
                 reduced = []
                 for last in (False, True):
-                    with mode.no_sync(model, last=last):
+                    with mode.no_sync(model, None, ctx, last=last):
                         model(tokens[:, :-1], tokens[:, 1:]).backward()
                     reduced.append(sum(p.grad is not None for p in model.parameters()))
             n = len(list(model.parameters()))

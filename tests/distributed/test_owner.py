@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from torch.distributed.checkpoint import FileSystemReader
 
-from lotus_dist.distributed.owner import state_bytes
+from lotus_dist.distributed.owner_optimizer import state_bytes
 from lotus_dist.distributed.owner_buckets import INFLIGHT, build_layout, check_fits, padding_ratio
 from lotus_dist.errors import UserError
 from lotus_dist.model.llama import Llama
@@ -62,7 +62,7 @@ def test_owner_streams_hold_every_matrix_whole_with_little_padding(world):
 
 
 def _plan_7b(world: int, *overrides: str) -> dict:
-    from lotus_dist.distributed.planner import _ddp_numbers, _model_config
+    from lotus_dist.distributed.capacity import _ddp_numbers, _model_config
     from lotus_dist.train.config import load_config
 
     cfg = load_config(R.REPO / "configs/llama_7b.yaml", [f"dist.world_size={world}", *overrides])
@@ -162,7 +162,7 @@ def test_pretrain_ddp_moves_one_all_reduce_of_bytes_per_step():
 def test_planner_ddp_column_is_what_the_ranks_hold():
     """The capacity planner's ``lotus (ddp)`` column, for the test model's config, against the runs: each rank's
     optimizer state (measured by memory_report) and its gradients after backward, byte for byte."""
-    from lotus_dist.distributed.planner import _ddp_numbers
+    from lotus_dist.distributed.capacity import _ddp_numbers
 
     for res in (R.world2(), R.world3()):
         world = res["world"]
@@ -200,7 +200,7 @@ def test_planner_predicts_the_measured_step_buffers():
     """The planner's ddp buffers (owner_buckets.step_buffer_bytes on shapes) against the buffers the reducer and
     the weights' all-gather allocated in the runs, rank by rank, with 2-3 micro-batches (fp32 buckets kept across
     them) and with one (gradients waiting for their buckets)."""
-    from lotus_dist.distributed.planner import _ddp_numbers
+    from lotus_dist.distributed.capacity import _ddp_numbers
 
     for world, run, micro in _bucket_runs():
         cfg = W.run_cfg("lotus", world)
@@ -224,7 +224,7 @@ def test_bf16_weights_keep_fp32_masters_on_their_owners():
     """train.dtype=bf16 under ddp: the model is bf16 on every rank and the owners step fp32 masters (optimizer
     state: optimizer_state_bytes counts them, as the planner's ddp column does); the losses follow a one-process
     bf16 run (fp32 weights, autocast) to bf16 rounding; a resume continues bit for bit from the masters."""
-    from lotus_dist.distributed.planner import _ddp_numbers
+    from lotus_dist.distributed.capacity import _ddp_numbers
     from lotus_dist.train.config import load_config, merge_overrides
 
     bf16 = ["dist.mode=ddp", "train.dtype=bf16", "checkpoint.every=3"]

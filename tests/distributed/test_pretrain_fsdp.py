@@ -1,7 +1,7 @@
 """pretrain.py under torchrun with FSDP2 follows the single-process run: same losses, same switches.
 
 fp32 on gloo: the sharded reductions round differently from one process, so losses agree to a relative 1e-4 over
-this short run (the optimizer-level equivalence at 1e-5 and tighter is in test_sharded_optim.py).
+this short run (the optimizer-level equivalence at 1e-5 and tighter is in test_fsdp_optimizer.py).
 """
 
 import pytest

@@ -11,7 +11,7 @@ import shutil
 
 import pytest
 
-from lotus_dist.distributed.planner import dry_run
+from lotus_dist.distributed.capacity import dry_run
 from lotus_dist.train.config import load_config, merge_overrides
 from lotus_dist.train.metrics import read_events
 from pretrain_launch import REPO, SMALL, launch

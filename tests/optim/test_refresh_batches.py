@@ -8,8 +8,8 @@ The distributed form of the hang (3 gloo ranks) is tests/distributed/test_refres
 import pytest
 import torch
 
-from lotus_dist.distributed.collectives import MatrixComm, chunk_sizes
-from lotus_dist.distributed.planner import fake_process_group
+from lotus_dist.distributed.matrix_comm import MatrixComm, chunk_sizes
+from lotus_dist.distributed.capacity import fake_process_group
 from lotus_dist.optim import LowRankAdamW, build_optimizer
 from lotus_dist.optim.job import _Job
 from lotus_dist.optim.refresh import REFRESH_BATCH_BYTES

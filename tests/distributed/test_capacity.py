@@ -7,7 +7,7 @@ import time
 import torch
 import torch.distributed as dist
 
-from lotus_dist.distributed.planner import METHODS, dry_run
+from lotus_dist.distributed.capacity import METHODS, dry_run
 from lotus_dist.model.llama import Llama, llama_config
 from lotus_dist.train.config import load_config
 

@@ -1,4 +1,4 @@
-"""One rank of the sharded-optimizer checks (test_sharded_optim.py); reached through ``dist_workers.py`` with
+"""One rank of the sharded-optimizer checks (test_fsdp_optimizer.py); reached through ``dist_workers.py`` with
 ``{"suite": "sharded_optim", ...}``. Rank 0 writes ``<tag>.result.json`` and ``<tag>.params.pt``.
 
 Per launch: the training runs of ``options["runs"]`` (each: FSDP2 model + ``build_sharded_optimizer``, 30 steps
@@ -18,14 +18,14 @@ import torch.distributed as dist
 from torch.distributed.fsdp import FSDPModule
 from torch.distributed.tensor import DTensor
 
-from lotus_dist.distributed.collectives import MatrixComm, chunk_sizes
+from lotus_dist.distributed.matrix_comm import MatrixComm, chunk_sizes
 from lotus_dist.distributed.compat import set_gradient_divide_factor
 from lotus_dist.distributed.dcp_util import load_sharded, save_sharded, sharded_state
 from lotus_dist.distributed.fsdp import apply_fsdp
 from lotus_dist.distributed.modes import FullyShardedDataParallel
-from lotus_dist.distributed.plan import plan_for_model
+from lotus_dist.distributed.sharding_plan import plan_for_model
 from lotus_dist.distributed.runtime import build_mesh
-from lotus_dist.distributed.sharded import build_sharded_optimizer
+from lotus_dist.distributed.fsdp_optimizer import build_sharded_optimizer
 from lotus_dist.model.llama import Llama, llama_config
 from lotus_dist.optim import build_optimizer
 from lotus_dist.optim.subspace import rsvd_columns
@@ -238,7 +238,7 @@ def rsvd_check(rank: int, world: int) -> dict:
 def batched_refresh_check(cases, rank: int, world: int) -> dict:
     """The three rsvd solves together in lockstep (one flat all-reduce per stage for all of them) against each
     alone; and exact svd solves of several matrices on their owners at once: each rank solves only its own."""
-    import lotus_dist.distributed.collectives as collectives
+    import lotus_dist.distributed.matrix_comm as collectives
     from lotus_dist.counters import COUNTERS
     from lotus_dist.optim.subspace import projector_steps, rsvd_steps, run_batched, svd_projector
 

@@ -2,7 +2,7 @@
 
 ``build_sharded_optimizer`` builds the ordinary ``LowRankAdamW`` and plugs the distributed parts in:
 
-- a ``MatrixComm`` per projected matrix (collectives.py) from the plan's side / shard dim / fallback / owner;
+- a ``MatrixComm`` per projected matrix (matrix_comm.py) from the plan's side / shard dim / fallback / owner;
 - a ``StatsComm``: the step's one batched all-reduce of switch statistics, on check steps only;
 - state-dict hooks: the step keeps the low-rank state as plain local tensors, but ``state_dict()`` hands them out
   as DTensors with their global shape (moments ``Shard`` along their long side: the weight's own placement,
@@ -37,8 +37,8 @@ from lotus_dist.errors import UserError
 from lotus_dist.optim import LowRankAdamW, ProjFactor, build_optimizer
 from lotus_dist.optim.methods import resolve_parts
 
-from .collectives import PROJECTOR_LAYOUTS, MatrixComm, StatsComm
-from .plan import Plan, choose_projectors, projector_peak_bytes
+from .matrix_comm import PROJECTOR_LAYOUTS, MatrixComm, StatsComm
+from .sharding_plan import Plan, choose_projectors, projector_peak_bytes
 
 # Low-rank state tensors shaped like R (the long side kept) and like the projector.
 MOMENT_LIKE = frozenset({"exp_avg", "exp_avg_sq", "d_init", "pe_acc", "pe_sketch"})
@@ -92,7 +92,7 @@ def owner_refresh_replaces_rsvd(optim_cfg) -> bool:
 
 
 def resolve_projectors(optim_cfg, plan: Plan) -> tuple[str, str]:
-    """``optim.projectors`` for this plan (``auto`` decided by ``plan.choose_projectors``, which also refuses
+    """``optim.projectors`` for this plan (``auto`` decided by ``sharding_plan.choose_projectors``, which also refuses
     ``shard`` for a solver that trains its projector in place) and why, for the log."""
     setting = getattr(optim_cfg, "projectors", "auto")
     if setting not in ("auto", *PROJECTOR_LAYOUTS):

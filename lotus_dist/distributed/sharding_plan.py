@@ -29,7 +29,7 @@ from typing import Iterable, Mapping
 from torch import nn
 from torch.distributed.tensor import Shard
 
-from lotus_dist.distributed.collectives import PROJECTOR_LAYOUTS
+from lotus_dist.distributed.matrix_comm import PROJECTOR_LAYOUTS
 from lotus_dist.errors import UserError
 from lotus_dist.optim.methods import is_projected, resolve_parts
 from lotus_dist.optim.subspace import PROJ_TYPES, side_for

@@ -28,14 +28,12 @@ from torch import nn
 from torch.optim import Optimizer
 
 from lotus_dist.counters import nbytes, to_host
-from lotus_dist.distributed.collectives import counted
-from lotus_dist.distributed.modes import Collective
-from lotus_dist.distributed.owner_buckets import (OwnerReducer, build_layout, check_fits, gather_weights,
+from lotus_dist.distributed.matrix_comm import counted
+from lotus_dist.distributed.owner_buckets import (OwnerReducer, build_layout, gather_weights,
                                                   padding_ratio, step_buffer_bytes)
-from lotus_dist.distributed.plan import solver_cost
+from lotus_dist.distributed.sharding_plan import solver_cost
 from lotus_dist.errors import UserError
 from lotus_dist.optim.tensors import closure_loss
-from lotus_dist.precision import computes_in_bf16
 
 BUCKET_MB = 25.0  # MiB of one gradient bucket, all ranks' segments together (dist.bucket_mb), whatever the world size
 
@@ -172,6 +170,21 @@ class OwnerOptimizer(Optimizer):
     def gradients(self) -> list[torch.Tensor]:
         """This rank's gradients after backward (its own parameters'), for the trainer's norm and clipping."""
         return [t.grad for t in self._param_of_targets() if t.grad is not None]
+
+    def reduce_in_backward(self) -> OwnerReducer:
+        """Install the backward hooks that reduce each gradient to its owner (dist.mode=ddp/deepspeed): gradients
+        are summed in fp32 whatever the weights' dtype, and go to the owner's master under bf16 weights."""
+        self.reducer = OwnerReducer(self.layout, group=self.group, reduce_dtype=torch.float32, target=self.grad_target)
+        return self.reducer
+
+    @contextlib.contextmanager
+    def reducing(self, last: bool):
+        """One micro-batch's backward under the reducer: accumulated in its buckets, reduced to the owners (and
+        awaited on leaving) on the step's ``last`` micro-batch."""
+        self.reducer.begin(last)
+        yield
+        if last:
+            self.reducer.finish()
 
     def _param_of_targets(self) -> list[torch.Tensor]:
         return [t for g in self.local.param_groups for t in g["params"]]
@@ -316,47 +329,4 @@ def build_owner_optimizer(model: nn.Module, optim_cfg, *, group=None, bucket_mb:
                           weights_dtype=weights_dtype)
 
 
-class OwnerDataParallel(Collective):
-    """``dist.mode=ddp``: the model whole on every rank, its gradients reduce-scattered to their owners from
-    backward hooks (``OwnerReducer``: on the step's last micro-batch; earlier ones accumulate in fp32 buckets), the
-    optimizer state and update on the owners (``OwnerOptimizer``), the weights all-gathered back. After backward a
-    rank holds the gradients of its own parameters only, so the trainer's norm (each owned gradient counted once,
-    summed over the ranks) is the global one."""
-
-    def wrap_model(self, model, cfg):
-        self.bucket_mb = cfg.dist.bucket_mb
-        self.grad_accum = max(1, cfg.train.batch_size // (cfg.train.micro_batch_size * self.world_size))
-        # bf16 weights where the trainer computes in bf16 (train.dtype=bf16, or auto on CUDA), fp32 masters on owners
-        self.weights_dtype = torch.bfloat16 if computes_in_bf16(cfg.train.dtype, self.device.type) else None
-        return self.materialize(model, cfg)  # whole on every rank, initialised (in fp32) as one process would
-
-    def build_optimizer(self, model, optim_cfg):
-        optimizer = build_owner_optimizer(model, optim_cfg, bucket_mb=getattr(self, "bucket_mb", BUCKET_MB),
-                                          weights_dtype=getattr(self, "weights_dtype", None))
-        # refused on every rank alike (shapes only) before the first step, rather than out of memory in it
-        check_fits(optimizer.predicted_bytes(getattr(self, "grad_accum", 1))["total"], self.device_bytes(),
-                   "the weights, the step's gradient buffers and the optimizer state, without activations")
-        # gradients are summed in fp32 whatever the weights' dtype, and go to the owner's master under bf16
-        self.reducer = OwnerReducer(optimizer.layout, group=None, reduce_dtype=torch.float32,
-                                    target=optimizer.grad_target)
-        self.optimizer = optimizer
-        return optimizer
-
-    def device_bytes(self) -> int | None:
-        """The accelerator's memory (None on a CPU: no check)."""
-        if self.device.type == "cuda":
-            return torch.cuda.get_device_properties(self.device).total_memory
-        return None
-
-    def gradients(self, model) -> list[torch.Tensor]:
-        return self.optimizer.gradients()
-
-    @contextlib.contextmanager
-    def no_sync(self, model, last: bool):
-        self.reducer.begin(last)
-        yield
-        if last:
-            self.reducer.finish()
-
-
-__all__ = ["OwnerDataParallel", "OwnerOptimizer", "build_owner_optimizer", "owner_costs", "state_bytes", "BUCKET_MB"]
+__all__ = ["OwnerOptimizer", "build_owner_optimizer", "owner_costs", "state_bytes", "BUCKET_MB"]

@@ -30,7 +30,7 @@ import torch.distributed as dist
 from lotus_dist.counters import COUNTERS, nbytes, to_host
 from lotus_dist.optim.subspace import Comm, Request, linalg_steps, orth_columns_steps, svd_projectors
 
-# optim.projectors once decided (``auto`` is resolved by plan.choose_projectors): whole on every rank, or row slices
+# optim.projectors once decided (``auto`` is resolved by sharding_plan.choose_projectors): whole on every rank, or row slices
 PROJECTOR_LAYOUTS = ("replicate", "shard")
 
 
@@ -103,7 +103,7 @@ class MatrixComm(Comm):
         self.me = dist.get_rank(group)
         self.shape, self.side, self.r, self.shard_dim, self.fallback = tuple(shape), side, rank, shard_dim, fallback
         self.owner = owner
-        if projectors not in PROJECTOR_LAYOUTS:  # "auto" is decided before (sharded.resolve_projectors)
+        if projectors not in PROJECTOR_LAYOUTS:  # "auto" is decided before (fsdp_optimizer.resolve_projectors)
             raise ValueError(f"MatrixComm: projectors must be one of {PROJECTOR_LAYOUTS}, got {projectors!r}")
         self.projectors = projectors
         self.gathers_projector = projectors == "shard"

@@ -28,7 +28,7 @@ from lotus_dist.optim.methods import resolve_parts
 
 from . import step_time
 from .fsdp import apply_fsdp, mixed_precision
-from .plan import (DistConfigError, Plan, choose_projectors, default_projected, method_geometry, plan_for_model,
+from .sharding_plan import (DistConfigError, Plan, choose_projectors, default_projected, method_geometry, plan_for_model,
                    projector_peak_bytes)
 from .step_time import fsdp_bytes
 
@@ -78,7 +78,7 @@ def _sharded(cfg, mcfg, mesh, world: int, replicate: int, method: str) -> tuple[
 
 
 def _projectors(cfg, plan: Plan, method: str, per_layer: bool) -> str:
-    """optim.projectors for this method's plan, decided by the rule dist.mode=fsdp uses (plan.choose_projectors)."""
+    """optim.projectors for this method's plan, decided by the rule dist.mode=fsdp uses (sharding_plan.choose_projectors)."""
     return choose_projectors(cfg.optim.projectors, plan, per_layer=per_layer, solver=_parts(cfg, method).get("solver"))
 
 
@@ -202,7 +202,7 @@ def _ddp_numbers(cfg, mcfg, world: int) -> dict:
     from lotus_dist.optim import build_optimizer
     from lotus_dist.optim.reports import MOMENT_KEYS, PROJECTOR_KEYS
 
-    from .owner import owner_costs
+    from .owner_optimizer import owner_costs
     from .owner_buckets import build_layout, step_buffer_bytes
 
     with torch.device("meta"):
@@ -373,7 +373,7 @@ def dry_run(cfg, out: Callable[[str], None] = print, cluster: step_time.Cluster 
         f"= replicate {replicate} x shard {world // replicate}, rank r={cfg.optim.rank}, "
         f"gather {param_dtype or torch.float32} / reduce {reduce_dtype or param_dtype or torch.float32}, "
         f"projectors={cfg.optim.projectors}"
-        + (f" -> {results['lotus']['projector_choice']} (plan.choose_projectors)" if cfg.optim.projectors == "auto"
+        + (f" -> {results['lotus']['projector_choice']} (sharding_plan.choose_projectors)" if cfg.optim.projectors == "auto"
            else "")
         + f", lotus refresh={cfg.optim.refresh}"
     )

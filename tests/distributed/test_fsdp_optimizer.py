@@ -13,7 +13,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-import sharded_workers as sw  # tests/distributed is on sys.path (pyproject's pythonpath)
+import fsdp_optimizer_workers as sw  # tests/distributed is on sys.path (pyproject's pythonpath)
 from dist_spawn import run_workers
 from lotus_dist.distributed.dcp_util import load_sharded
 from lotus_dist.model.llama import Llama
@@ -263,7 +263,7 @@ def test_batched_refresh_equals_per_matrix_and_owners_solve_their_own(world, wor
     ("lotus", None, "distributed", False),
 ])
 def test_owner_refresh_replaces_only_an_rsvd_solver(name, solver, refresh, replaced):
-    from lotus_dist.distributed.sharded import owner_refresh_replaces_rsvd
+    from lotus_dist.distributed.fsdp_optimizer import owner_refresh_replaces_rsvd
     from lotus_dist.train.config import OptimConfig
 
     assert owner_refresh_replaces_rsvd(OptimConfig(name=name, solver=solver, refresh=refresh)) is replaced

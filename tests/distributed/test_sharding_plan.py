@@ -9,7 +9,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from lotus_dist.distributed.plan import build_plan, default_projected, lpt_assign, plan_for_model, projector_side
+from lotus_dist.distributed.sharding_plan import build_plan, default_projected, lpt_assign, plan_for_model, projector_side
 from lotus_dist.model.llama import Llama, llama_config
 
 
@@ -148,7 +148,7 @@ def test_fsdp2_rejects_uneven_shard1_as_the_plan_assumes(fake_world3):
 def test_choose_projectors_shards_when_the_peak_is_lower():
     """optim.projectors=auto, by hand: replicated = every projector whole; sharded = rank 0's row slices plus the
     one projector (per layer: the one unit's) gathered at a time."""
-    from lotus_dist.distributed.plan import DistConfigError, choose_projectors, projector_peak_bytes
+    from lotus_dist.distributed.sharding_plan import DistConfigError, choose_projectors, projector_peak_bytes
 
     even = build_plan({"tall": (300, 100), "wide": (100, 300)}, {"tall", "wide"}, world_size=4, rank_r=16)
     # tall: right B 16 x 100, rows 4 per rank; wide: left A 100 x 16, rows 25 per rank; fp32
