@@ -24,7 +24,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
 
-from lotus_dist.data.c4 import find_shards  # noqa: E402
+from lotus_dist.data.text_sources import find_shards  # noqa: E402
 from lotus_dist.errors import exit_status  # noqa: E402
 from lotus_dist.data.indexed import preprocess_split  # noqa: E402
 

@@ -21,7 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script 
 import sentencepiece as spm  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
-from lotus_dist.data.c4 import LocalShardSource, find_shards  # noqa: E402
+from lotus_dist.data.text_sources import LocalShardSource, find_shards  # noqa: E402
 from lotus_dist.data.corpus import ensure_embedded_corpus  # noqa: E402
 from lotus_dist.data.errors import DataError  # noqa: E402
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import torch
 
-from .c4 import TokenStream, build_text_stream, build_text_val_blocks
+from .packing import TokenStream, build_text_stream, build_text_val_blocks
 from .errors import DataError
 from .prefetch import PrefetchStream
 from .probe import check_vocab
@@ -26,7 +26,7 @@ __all__ = ["DataError", "PrefetchStream", "Tokenizer", "TokenStream", "load_toke
 
 def build_train_stream(data_cfg, tokenizer, *, seq_len: int, micro_batch_size: int, rank: int, world_size: int,
                        seed: int, pin_memory: bool = False):
-    """The endless, resumable training stream of this rank (see c4.py and indexed.py for the semantics), prefetched
+    """The endless, resumable training stream of this rank (see packing.py and indexed.py for the semantics), prefetched
     by a background thread when ``data.prefetch`` > 0. ``pin_memory``: pin the batches (only done under CUDA)."""
     if not 0 <= rank < world_size:
         raise DataError(f"rank {rank} is not in a world of size {world_size}")
@@ -59,7 +59,7 @@ def check_data(data_cfg, tokenizer, *, evaluate: bool) -> None:
         for prefix in prefixes + ([validation_prefix(data_cfg, prefixes)] if evaluate else []):
             check_tokenizer_matches(prefix, tokenizer, allow_change=allow_tokenizer_change(data_cfg))
     elif data_cfg.source == "c4" and data_cfg.path:
-        from .c4 import find_shards
+        from .text_sources import find_shards
 
         for split in splits:
             find_shards(data_cfg.path, split, "data.path", warn=False)  # the stream's own call warns

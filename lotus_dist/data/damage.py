@@ -2,7 +2,7 @@
 
 A local shard may be missing, empty (0 bytes), truncated, or hold a corrupt deflate stream; a line may be malformed
 JSON, not UTF-8, or an empty document. Each is skipped, counted by kind and logged with file and line (the first
-``MAX_WARNINGS_PER_KIND`` of each kind), in training (c4.py) and in scripts/preprocess_c4.py alike.
+``MAX_WARNINGS_PER_KIND`` of each kind), in training (text_sources.py) and in scripts/preprocess_c4.py alike.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import logging
 import zlib
 from typing import Optional
 
-log = logging.getLogger("lotus_dist.data.c4")  # the readers' logger, whose warnings the docs and tests name
+log = logging.getLogger("lotus_dist.data.text_sources")  # the readers' logger (they live there)
 
 MAX_WARNINGS_PER_KIND = 10  # per reader; C4 is large and one bad shard must not flood the log
 BAD_KINDS = ("malformed", "empty", "non_utf8", "missing_shard", "corrupt_shard")

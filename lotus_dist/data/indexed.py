@@ -28,8 +28,9 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from .c4 import LocalShardSource, blocks_from_tokens, val_block_count
 from .errors import DataError
+from .packing import blocks_from_tokens, val_block_count
+from .text_sources import LocalShardSource
 from .tokenizer import load_tokenizer
 
 log = logging.getLogger(__name__)

@@ -60,7 +60,7 @@ def probe_hub_dataset(data_cfg, splits) -> None:
             raise DataError(f"data.source=c4 without data.path streams '{name}' from the hub, but there is no "
                             f"network ({hub_endpoint()}: {reason}); {fix}, or set HF_HUB_OFFLINE=1 with the data "
                             f"set in the Hugging Face cache (HF_HUB_CACHE)")
-    from .c4 import hub_factory
+    from .text_sources import hub_factory
 
     for split in splits:
         try:

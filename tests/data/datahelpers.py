@@ -53,12 +53,29 @@ def mirror_docs(root: Path, split: str = "train") -> list[str]:
     return docs
 
 
-
 def data_cfg(**kw) -> DataConfig:
     cfg = DataConfig()
     for k, v in kw.items():
         setattr(cfg, k, v)
     return cfg
+
+
+SEQ = 16  # the sequence length of the text stream tests
+
+
+def stream(cfg, tok, rank=0, world=1, mb=2, seed=0):
+    """The training stream of ``cfg`` for one rank, cut in blocks of SEQ + 1 tokens."""
+    from lotus_dist.data import build_train_stream
+
+    return build_train_stream(cfg, tok, seq_len=SEQ, micro_batch_size=mb, rank=rank, world_size=world, seed=seed)
+
+
+def take(s, n):
+    return [next(s) for _ in range(n)]
+
+
+def json_roundtrip(state):
+    return json.loads(json.dumps(state))  # the state must be JSON, not pickled objects
 
 
 def real_c4_records() -> list[dict]:
@@ -100,7 +117,7 @@ def read_all(source) -> list:
 
 def read_train_split(root: Path):
     """(files, source, docs): a mirror's train shards read in file order by one source, to the end."""
-    from lotus_dist.data.c4 import LocalShardSource, find_shards
+    from lotus_dist.data.text_sources import LocalShardSource, find_shards
 
     files = find_shards(root, "train")
     source = LocalShardSource(files, shuffle_shards=False)

@@ -8,7 +8,7 @@ import pytest
 
 from datahelpers import data_cfg, read_all, read_train_split, write_shard  # tests/data is on sys.path (pyproject's pythonpath)
 from lotus_dist.data import DataError, build_train_stream, build_val_blocks, load_tokenizer
-from lotus_dist.data.c4 import LocalShardSource, find_shards
+from lotus_dist.data.text_sources import LocalShardSource, find_shards
 
 GOOD = [{"text": f"good document number {i} with a few words"} for i in range(4)]
 

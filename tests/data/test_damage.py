@@ -11,7 +11,7 @@ import pytest
 from datahelpers import (HAVE_MEGATRON, NO_MEGATRON, data_cfg, read_all, read_train_split, real_c4_records,
                          skip_without_megatron, write_corrupt_deflate_shard, write_shard)
 from lotus_dist.data import DataError, build_train_stream, check_data
-from lotus_dist.data.c4 import LocalShardSource, find_shards
+from lotus_dist.data.text_sources import LocalShardSource, find_shards
 
 RECORDS = real_c4_records()
 TEXTS = [r["text"] for r in RECORDS]
