@@ -12,6 +12,13 @@ class UserError(Exception):
     """A problem with the run's inputs, reported as one line without a traceback."""
 
 
+def first_line(error: BaseException, limit: int = 200) -> str:
+    """``Type: first line`` of an exception (``Type`` alone when it says nothing): how a caught foreign error is
+    named inside one of our one-line errors."""
+    text = str(error).strip()
+    return f"{type(error).__name__}: {text.splitlines()[0][:limit]}" if text else type(error).__name__
+
+
 def exit_status(work: Callable[[], object]) -> int:
     """A script's exit status for ``work()``: 0, or 2 with its UserError printed as one line on stderr."""
     try:

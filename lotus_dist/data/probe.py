@@ -4,14 +4,10 @@ said before the model is built instead of a traceback from the prefetch thread o
 
 from __future__ import annotations
 
+from lotus_dist.errors import first_line
 from .errors import DataError
 
 PROBE_TIMEOUT_S = 5.0  # one request; huggingface_hub's own retries take ~25 s per file without a network
-
-
-def first_line(e: BaseException) -> str:
-    text = str(e).strip()
-    return f"{type(e).__name__}: {text.splitlines()[0]}" if text else type(e).__name__
 
 
 def hub_offline() -> bool:

@@ -42,7 +42,7 @@ from torch.distributed.checkpoint.api import CheckpointException
 
 from lotus_dist.distributed.dcp_util import (async_save_state, load_sharded, merge_stored_bytes, nonfinite_count,
                                              nonfinite_names, save_state, sharded_state, stored_bytes)
-from lotus_dist.errors import UserError
+from lotus_dist.errors import UserError, first_line
 from lotus_dist.train.faults import maybe_crash
 from lotus_dist.train.manifest import ManifestError, check_file, read_manifests, write_manifest
 
@@ -349,8 +349,7 @@ def _first_failure(error: BaseException) -> str:
     if isinstance(failures, dict) and failures:
         _, (inner, _) = min(failures.items(), key=lambda item: item[0])
         error = inner
-    text = str(error).strip().splitlines()
-    return f"{type(error).__name__}: {text[0][:200] if text else ''}"
+    return first_line(error)
 
 
 def _free_bytes(path: Path) -> int:
