@@ -1,63 +1,87 @@
-"""The low-rank options: their defaults (the Lotus method), their allowed values and the check of a param group's."""
+"""The low-rank options, one schema: each key's type (a ``Literal`` of its allowed values, or a bounded number), its
+default (the Lotus method) and a one-line doc. ``LOWRANK_DEFAULTS``, ``CHOICES`` and ``check_options`` derive from
+it, and the run config annotates its ``optim.*`` part keys with the same types (train/config.py), so an allowed
+value is written once: in the tuple beside its implementation."""
 
 from __future__ import annotations
 
 import math
-from typing import Any
+import typing
+from dataclasses import dataclass
+from typing import Any, Literal, Optional
 
 from .subspace import PROJ_TYPES, SOLVERS
 from .switching import POLICIES
 
-# The Lotus method (docs/algorithms.md section 8); gamma None = the switch policy's own default.
-LOWRANK_DEFAULTS: dict[str, Any] = dict(
-    scale=0.25,
-    proj_type="std",
-    solver="rsvd",
-    switch="displacement",
-    update_gap=200,
-    gamma=None,
-    verify_gap=50,
-    t_min=50,
-    window=50,
-    moments="keep",
-    residual="none",
-    oversample=8,
-    power_iters=2,
-    geodesic_step=0.1,
-    reference_dtype="bf16",  # the displacement policy's d_init: bf16 (half the bytes) or fp32 (exact)
-    seed=0,
-)
 MOMENT_POLICIES = ("keep", "reset", "rotate", "rotate_subtrack")
 RESIDUALS = ("none", "fira")
 REFERENCE_DTYPES = ("bf16", "fp32")
-CHOICES: dict[str, tuple[str, ...]] = {
-    "proj_type": PROJ_TYPES,
-    "solver": SOLVERS,
-    "switch": tuple(POLICIES),
-    "moments": MOMENT_POLICIES,
-    "residual": RESIDUALS,
-    "reference_dtype": REFERENCE_DTYPES,
+
+# Literal types built from the tuples at run time (a static checker cannot evaluate that: hence the ignores); the
+# config and the checks below read their values with typing.get_args.
+ProjType = Literal[PROJ_TYPES]  # type: ignore[valid-type]
+Solver = Literal[SOLVERS]  # type: ignore[valid-type]
+SwitchPolicy = Literal[tuple(POLICIES)]  # type: ignore[valid-type]
+MomentPolicy = Literal[MOMENT_POLICIES]  # type: ignore[valid-type]
+Residual = Literal[RESIDUALS]  # type: ignore[valid-type]
+ReferenceDtype = Literal[REFERENCE_DTYPES]  # type: ignore[valid-type]
+
+REQUIRED = object()  # the "default" of an option every low-rank group must give (its rank)
+
+
+@dataclass(frozen=True)
+class Option:
+    type: Any  # a Literal of the allowed values, int or float
+    default: Any  # the Lotus method's value (REQUIRED: none); a number option with a default accepts None
+    doc: str
+    bound: str = "positive"  # numbers: positive (ints >= 1, floats > 0 and finite) or non-negative (ints >= 0)
+
+    @property
+    def choices(self) -> Optional[tuple]:
+        """The allowed values of a Literal-typed option; None for a number."""
+        return typing.get_args(self.type) if typing.get_origin(self.type) is Literal else None
+
+
+OPTIONS: dict[str, Option] = {
+    "rank": Option(int, REQUIRED, "r, the projected dimension (clipped to a matrix's projected side)"),
+    "scale": Option(float, 0.25, "alpha, the scale of the projected update"),
+    "proj_type": Option(ProjType, "std", "which side the projector sits on (std: the short one, reverse_std: "
+                                         "the long one)"),
+    "solver": Option(Solver, "rsvd", "how a refresh computes the new basis"),
+    "switch": Option(SwitchPolicy, "displacement", "when the basis is refreshed"),
+    "update_gap": Option(int, 200, "T of the fixed policy: steps between refreshes"),
+    "gamma": Option(float, None, "threshold of displacement / path_efficiency (None: the policy's own default)"),
+    "verify_gap": Option(int, 50, "eta of the displacement policy: steps between switch checks"),
+    "t_min": Option(int, 50, "minimum interval of path_efficiency"),
+    "window": Option(int, 50, "w of path_efficiency"),
+    "moments": Option(MomentPolicy, "keep", "what the moments do at a switch (rotate: LDAdam; rotate_subtrack: "
+                                            "SubTrack++'s code)"),
+    "residual": Option(Residual, "none", "fira: add Fira's scaled residual of the gradient outside the subspace"),
+    "oversample": Option(int, 8, "p of rsvd", bound="non-negative"),
+    "power_iters": Option(int, 2, "q of rsvd", bound="non-negative"),
+    "geodesic_step": Option(float, 0.1, "eta_g of grasswalk"),
+    "reference_dtype": Option(ReferenceDtype, "bf16", "the displacement policy's stored reference d_init (bf16: "
+                                                      "half the bytes; fp32: exact)"),
+    "seed": Option(int, 0, "seed of every random basis (with the matrix index and the switch count)",
+                   bound="non-negative"),
 }
-_POSITIVE_INT = ("rank", "update_gap", "verify_gap", "t_min", "window")
-_NONNEG_INT = ("oversample", "power_iters", "seed")
-_POSITIVE_FLOAT = ("gamma", "geodesic_step")
+
+# The Lotus method (docs/algorithms.md section 8); gamma None = the switch policy's own default.
+LOWRANK_DEFAULTS: dict[str, Any] = {k: o.default for k, o in OPTIONS.items() if o.default is not REQUIRED}
+CHOICES: dict[str, tuple[str, ...]] = {k: o.choices for k, o in OPTIONS.items() if o.choices is not None}
 
 
 def check_options(opts: dict, prefix: str = "") -> None:
     """Raise ValueError naming ``prefix + key`` for a bad low-rank option."""
-    for key, allowed in CHOICES.items():
-        if key in opts and opts[key] not in allowed:
-            raise ValueError(f"{prefix}{key}: {opts[key]!r} is not one of {', '.join(allowed)}")
-    for key in _POSITIVE_INT + _NONNEG_INT:
+    for key, option in OPTIONS.items():
         v = opts.get(key)
-        if v is None and key != "rank":
-            continue
-        if key in opts and (not isinstance(v, int) or isinstance(v, bool) or v < (1 if key in _POSITIVE_INT else 0)):
-            kind = "a positive" if key in _POSITIVE_INT else "a non-negative"
-            raise ValueError(f"{prefix}{key}: expected {kind} integer, got {v!r}")
-    for key in _POSITIVE_FLOAT + ("scale",):
-        v = opts.get(key)
-        if v is None:
-            continue
-        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v <= 0:
+        if key not in opts or (v is None and option.choices is None and option.default is not REQUIRED):
+            continue  # absent, or None for a number that has a default (gamma None: the policy's own)
+        if option.choices is not None:
+            if v not in option.choices:
+                raise ValueError(f"{prefix}{key}: {v!r} is not one of {', '.join(option.choices)}")
+        elif option.type is int:
+            if not isinstance(v, int) or isinstance(v, bool) or v < (1 if option.bound == "positive" else 0):
+                raise ValueError(f"{prefix}{key}: expected a {option.bound} integer, got {v!r}")
+        elif isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v <= 0:
             raise ValueError(f"{prefix}{key}: expected a positive number, got {v!r}")

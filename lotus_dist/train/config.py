@@ -1,7 +1,7 @@
 """Run configuration: nested dataclasses loaded from YAML plus ``section.key=value`` overrides.
 
-Every key has a type; an unknown key or a value of the wrong type fails at start-up with the key named
-(``ConfigError``), before any process group, model or data is touched.
+Every key has a type (a ``Literal`` lists a key's allowed values); an unknown key or a value of the wrong type
+fails at start-up with the key named (``ConfigError``), before any process group, model or data is touched.
 """
 
 from __future__ import annotations
@@ -12,15 +12,27 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Literal, Optional
 
 import yaml
 
 from lotus_dist.distributed.matrix_comm import PROJECTOR_LAYOUTS
 from lotus_dist.errors import UserError
 from lotus_dist.model.llama import shape_overrides  # noqa: F401  (the model layer's; importable here too)
-from lotus_dist.optim.options import CHOICES as LOWRANK_CHOICES
+from lotus_dist.optim.options import (OPTIONS, MomentPolicy, ProjType, ReferenceDtype, Residual, Solver,
+                                      SwitchPolicy)
 from lotus_dist.precision import TRAIN_DTYPES
+
+# The allowed values of the keys that are not the optimizer's (the low-rank parts' types are optim/options.py's).
+Projectors = Literal[("auto", *PROJECTOR_LAYOUTS)]  # type: ignore[valid-type]
+Refresh = Literal["distributed", "owner"]
+DataSource = Literal["embedded", "c4", "indexed"]
+DataSplit = Literal["auto", "node", "global"]
+TrainDtype = Literal[TRAIN_DTYPES]  # type: ignore[valid-type]
+OnNonfinite = Literal["stop", "skip"]
+DistMode = Literal["auto", "single", "fsdp", "ddp", "deepspeed"]
+DistBackend = Literal["auto", "nccl", "gloo"]
+ReduceDtype = Literal["fp32", "bf16"]
 
 
 class ConfigError(UserError, ValueError):
@@ -45,42 +57,49 @@ class ModelConfig:
     init_from: Optional[str] = None
 
 
+def _part(key: str, default: Any = None) -> Any:
+    """A low-rank part key (null: the method's value); its doc is the optimizer's schema's (optim/options.py)."""
+    return field(default=default, metadata={"doc": OPTIONS[key].doc})
+
+
 @dataclass
 class OptimConfig:
     # A method of docs/algorithms.md section 8: adamw, galore, lotus, lotus_rho, golore, grassjump, grasswalk,
-    # osd, fira, projfactor. The keys below that default to null take the method's value when null.
+    # osd, fira, projfactor. The part keys below (defaulting to null) take the method's value when null; their
+    # docs, bounds and allowed values are the optimizer's (optim/options.py OPTIONS).
     name: str = "lotus"
     lr: float = 0.01
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
     eps: float = 1e-6
     weight_decay: float = 0.0
-    rank: int = 128
-    scale: Optional[float] = None  # alpha; GaLore recipe 0.25
-    proj_type: Optional[str] = None  # std | reverse_std | left | right
-    solver: Optional[str] = None  # svd | rsvd | random | grasswalk | online_pca
-    switch: Optional[str] = None  # fixed | displacement | path_efficiency | every_step
-    update_gap: Optional[int] = None  # T of the fixed policy
-    gamma: Optional[float] = None  # threshold of displacement / path_efficiency
-    verify_gap: Optional[int] = None  # eta of the displacement policy
-    t_min: Optional[int] = None  # minimum interval of path_efficiency
-    window: Optional[int] = None  # w of path_efficiency
-    moments: Optional[str] = None  # keep | reset | rotate (LDAdam) | rotate_subtrack (SubTrack++'s code)
-    residual: Optional[str] = None  # none | fira
-    oversample: Optional[int] = None  # p of rsvd
-    power_iters: Optional[int] = None  # q of rsvd
-    geodesic_step: Optional[float] = None  # eta_g of grasswalk
+    rank: int = _part("rank", 128)
+    scale: Optional[float] = _part("scale")
+    proj_type: Optional[ProjType] = _part("proj_type")
+    solver: Optional[Solver] = _part("solver")
+    switch: Optional[SwitchPolicy] = _part("switch")
+    update_gap: Optional[int] = _part("update_gap")
+    gamma: Optional[float] = _part("gamma")
+    verify_gap: Optional[int] = _part("verify_gap")
+    t_min: Optional[int] = _part("t_min")
+    window: Optional[int] = _part("window")
+    moments: Optional[MomentPolicy] = _part("moments")
+    residual: Optional[Residual] = _part("residual")
+    oversample: Optional[int] = _part("oversample")
+    power_iters: Optional[int] = _part("power_iters")
+    geodesic_step: Optional[float] = _part("geodesic_step")
     granularity: Optional[int] = None  # c of projfactor
-    reference_dtype: Optional[str] = None  # bf16 | fp32: the displacement policy's stored reference (d_init)
-    seed: int = 0  # seed of every random basis (with matrix index and switch count)
+    reference_dtype: Optional[ReferenceDtype] = _part("reference_dtype")
+    seed: int = _part("seed", 0)
     # Update each block (FSDP unit) inside backward and free its gradients at once (single, fsdp): no full-model
     # gradient; with train.grad_accum > 1 projected matrices accumulate R (long x r), not G. Clip with
     # train.grad_clip_unit (global-norm train.grad_clip must be 0).
     per_layer: bool = False
-    # fsdp: replicate (whole on every rank, no traffic) | shard (1/W row slices, all-gathered one at a time in a
-    # step) | auto: shard where that lowers the per-rank peak and replicated projectors would outweigh the rank's
-    # weight shard (plan.choose_projectors), said in the start-up log
-    projectors: str = "auto"
-    refresh: str = "distributed"  # fsdp: distributed (sketch rsvd) | owner (exact SVD on each matrix's owner rank)
+    # fsdp: where projectors live. replicate: whole on every rank, no traffic; shard: 1/W row slices, all-gathered
+    # one at a time in a step; auto: shard where that lowers the per-rank peak and replicated projectors would
+    # outweigh the rank's weight shard (plan.choose_projectors), said in the start-up log
+    projectors: Projectors = "auto"
+    # fsdp: how a refresh is solved. distributed: sketch rsvd across ranks; owner: exact SVD on each matrix's owner rank
+    refresh: Refresh = "distributed"
     # MiB of solver workspace (global matrix shapes) per batch of a refresh's matrices solved together, one
     # collective per stage per batch; > 0, default = optim/refresh.py REFRESH_BATCH_BYTES
     refresh_batch_mb: float = 256.0
@@ -90,7 +109,7 @@ class OptimConfig:
 class DataConfig:
     # embedded: the offline Shakespeare corpus in C4 format; c4: allenai/c4 from the hub or a local mirror
     # (data.path); indexed: Megatron .bin/.idx prefixes (data.path, or data.blend for weighted blends).
-    source: str = "embedded"
+    source: DataSource = "embedded"
     path: Optional[str] = None
     tokenizer: str = "tokenizer/embedded.model"
     hub_name: str = "allenai/c4"
@@ -102,7 +121,7 @@ class DataConfig:
     # node: each rank reads its own shards/examples (split_dataset_by_node); global: every rank reads the whole
     # stream and takes its slice of each global batch (world-size-invariant batches, exact resume at any size);
     # auto: global for the (small, local) embedded corpus, node for c4 and indexed data.
-    split: str = "auto"
+    split: DataSplit = "auto"
     val_path: Optional[str] = None  # indexed: validation .bin/.idx prefix; null: the '*validation*' sibling
     # micro-batches prepared ahead by a background thread (0: none); checkpoints hold the position of the batches
     # trained on, so a run resumes exactly at any depth. Raise it (e.g. 8) for small micro-batches.
@@ -124,8 +143,8 @@ class TrainConfig:
     warmup_ratio: float = 0.1
     min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio
     eval_every: int = 50
-    dtype: str = "auto"  # auto (bf16 autocast on CUDA, fp32 on CPU) | fp32 | bf16
-    on_nonfinite: str = "stop"  # stop | skip
+    dtype: TrainDtype = "auto"  # auto: bf16 autocast on CUDA, fp32 on CPU
+    on_nonfinite: OnNonfinite = "stop"  # a step with a non-finite loss or gradient: stop (save, exit) or skip it
     # skip gives up (saves and stops) after this many skipped steps in a row, or once more than this fraction of
     # train.steps has been skipped in all
     max_skipped: int = 10
@@ -135,13 +154,13 @@ class TrainConfig:
 
 @dataclass
 class DistConfig:
-    mode: str = "auto"  # auto (single alone, fsdp under torchrun) | single | fsdp | ddp | deepspeed
+    mode: DistMode = "auto"  # auto: single alone, fsdp under torchrun
     world_size: Optional[int] = None  # dry runs only: the world size to plan for
     replicate: int = 1  # HSDP: replicas (outer mesh dim); 1 = plain FSDP
-    backend: str = "auto"  # auto (nccl on CUDA, gloo on CPU) | nccl | gloo
+    backend: DistBackend = "auto"  # auto: nccl on CUDA, gloo on CPU
     deepspeed_config: Optional[str] = None  # deepspeed only: a DeepSpeed JSON file; null: generated from this config
     bucket_mb: float = 25.0  # ddp/deepspeed: MiB of one fp32 gradient bucket, all ranks' segments, at any world size
-    reduce_dtype: str = "fp32"  # fsdp: dtype of the gradient reduce-scatter / all-reduce (bf16: half the bytes)
+    reduce_dtype: ReduceDtype = "fp32"  # fsdp: dtype of the gradient reduce-scatter / all-reduce (bf16: half the bytes)
     # fsdp, train.grad_accum > 1: reduce gradients on the last micro-batch of a step only. Flat FSDP skips the
     # reduce-scatter before it (each rank accumulates its blocks' unsharded gradients, the whole model's in
     # dist.reduce_dtype); HSDP reduce-scatters inside the shard group every micro-batch and defers only the
@@ -182,22 +201,6 @@ class Config:
     seed: int = 0
 
 
-# Values a key may take, checked at load time so that a typo fails before the run starts.
-# The low-rank part keys' values are the optimizer's own (optim/options.py): a new solver is one edit there.
-CHOICES: dict[str, tuple[str, ...]] = {
-    **{f"optim.{key}": allowed for key, allowed in LOWRANK_CHOICES.items()},
-    "optim.projectors": ("auto", *PROJECTOR_LAYOUTS),
-    "optim.refresh": ("distributed", "owner"),
-    "data.source": ("embedded", "c4", "indexed"),
-    "data.split": ("auto", "node", "global"),
-    "train.dtype": TRAIN_DTYPES,
-    "train.on_nonfinite": ("stop", "skip"),
-    "dist.mode": ("auto", "single", "fsdp", "ddp", "deepspeed"),
-    "dist.backend": ("auto", "nccl", "gloo"),
-    "dist.reduce_dtype": ("fp32", "bf16"),
-}
-
-
 def _check_type(key: str, value: Any, annotation: Any) -> Any:
     """Return ``value`` converted to ``annotation`` or raise ConfigError naming ``key``."""
     origin = typing.get_origin(annotation)
@@ -215,6 +218,13 @@ def _check_type(key: str, value: Any, annotation: Any) -> Any:
                 errors.append(e)
         raise errors[0]
     if annotation is Any:
+        return value
+    if origin is Literal:  # the allowed values of a key, checked at load time so that a typo fails before the run
+        allowed = typing.get_args(annotation)
+        if all(isinstance(a, str) for a in allowed) and not isinstance(value, str):
+            raise ConfigError(f"config key '{key}': expected a string, got {value!r}")
+        if value not in allowed:
+            raise ConfigError(f"config key '{key}': {value!r} is not one of {', '.join(map(str, allowed))}")
         return value
     if origin is list or annotation is list:
         if not isinstance(value, (list, tuple)):
@@ -265,8 +275,6 @@ def _apply(obj: Any, prefix: str, mapping: dict) -> None:
             _apply(current, f"{full}.", value)
             continue
         value = _check_type(full, value, hints[key])
-        if full in CHOICES and value is not None and value not in CHOICES[full]:
-            raise ConfigError(f"config key '{full}': {value!r} is not one of {', '.join(CHOICES[full])}")
         setattr(obj, key, value)
 
 
