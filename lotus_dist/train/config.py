@@ -16,7 +16,9 @@ from typing import Any, Literal, Optional
 
 import yaml
 
+from lotus_dist.distributed.fsdp import REDUCE_DTYPES
 from lotus_dist.distributed.matrix_comm import PROJECTOR_LAYOUTS
+from lotus_dist.distributed.modes import MODES
 from lotus_dist.errors import UserError
 from lotus_dist.model.llama import shape_overrides  # noqa: F401  (the model layer's; importable here too)
 from lotus_dist.optim.options import (OPTIONS, MomentPolicy, ProjType, ReferenceDtype, Residual, Solver,
@@ -30,9 +32,9 @@ DataSource = Literal["embedded", "c4", "indexed"]
 DataSplit = Literal["auto", "node", "global"]
 TrainDtype = Literal[TRAIN_DTYPES]  # type: ignore[valid-type]
 OnNonfinite = Literal["stop", "skip"]
-DistMode = Literal["auto", "single", "fsdp", "ddp", "deepspeed"]
+DistMode = Literal[("auto", *MODES)]  # type: ignore[valid-type]
 DistBackend = Literal["auto", "nccl", "gloo"]
-ReduceDtype = Literal["fp32", "bf16"]
+ReduceDtype = Literal[tuple(REDUCE_DTYPES)]  # type: ignore[valid-type]
 
 
 class ConfigError(UserError, ValueError):
