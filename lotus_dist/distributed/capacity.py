@@ -25,6 +25,7 @@ from torch import nn
 
 from lotus_dist.model.llama import Llama, count_parameters, llama_config, shape_overrides
 from lotus_dist.optim.methods import resolve_parts
+from lotus_dist.optim.reference_codes import reference_bytes
 
 from . import step_time
 from .fsdp import apply_fsdp, mixed_precision
@@ -34,7 +35,6 @@ from .step_time import fsdp_bytes
 
 METHODS = ("adamw", "galore", "lotus")
 STATE_BYTES = 4  # optimizer states and projectors are fp32 (docs/algorithms.md section 4)
-REFERENCE_BYTES = {"bf16": 2, "fp32": 4}  # lotus's switch reference d_init (optim.reference_dtype)
 SWITCH_STATS = 2  # displacement policy: partial sums of |R|^2 and <R, d_init> per matrix
 
 
@@ -91,7 +91,6 @@ def _method_numbers(cfg, model: nn.Module, plan: Plan, method: str, gather_bytes
     q, k_over = parts.get("power_iters"), parts.get("oversample")
     shard_projectors = projectors == "shard"
     owner_refresh = method == "galore" or cfg.optim.refresh == "owner"
-    reference_bytes = REFERENCE_BYTES.get(parts.get("reference_dtype"))
 
     params = grads = moments = switch_state = 0
     step_extra = switch = refresh = 0.0
@@ -118,8 +117,8 @@ def _method_numbers(cfg, model: nn.Module, plan: Plan, method: str, gather_bytes
         if method == "lotus":
             switch += 2 * _ring(w) * SWITCH_STATS * STATE_BYTES
             # Algorithm 1 compares each low-rank gradient with the one at the last switch (d_init), kept like a
-            # moment (sharded the same way), in optim.reference_dtype.
-            switch_state += long_local * r * reference_bytes
+            # moment (sharded the same way), in optim.reference_dtype's form.
+            switch_state += reference_bytes(long_local, r, parts["reference_dtype"])
         k = min(r + k_over, short)
         if owner_refresh:
             owner_in[mp.owner] += _ring(w) * m * n * STATE_BYTES  # full G into the owner

@@ -198,8 +198,9 @@ class LotusAdamW(_DropIn):
     Same arguments and group format as ``GaLoreAdamW``; a projected group also takes Lotus's keys: ``gamma``
     (switch threshold, default 0.01), ``verify_gap`` (η: steps between checks, default 50, also the shortest
     interval between switches), ``oversample`` (8) and ``power_iters`` (2) of the randomized SVD, ``seed`` (0),
-    ``reference_dtype`` (``bf16``: the stored reference direction; ``fp32`` exact), and any other part of
-    ``LOWRANK_DEFAULTS`` (``switch="path_efficiency"`` with ``gamma``/``window``/``t_min`` is ``lotus_rho``).
+    ``reference_dtype`` (``bf16``: the stored reference direction; ``fp32`` exact; ``int4`` compact codes), and any
+    other part of ``LOWRANK_DEFAULTS`` (``switch="path_efficiency"`` with ``gamma``/``window``/``t_min`` is
+    ``lotus_rho``).
     Those keys given to the constructor become defaults for every projected group. There is no fixed clock:
     ``update_proj_gap`` is accepted (a group copied from galore-torch keeps working) and only used with
     ``switch="fixed"``; the displacement rule switches by τ ≈ 2/γ steps at the latest.

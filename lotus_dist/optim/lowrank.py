@@ -6,7 +6,8 @@ residual, see ``LOWRANK_DEFAULTS``); every other group is plain AdamW with ``tor
 State per projected matrix (tensors and ints only, so ``torch.load(weights_only=True)`` and DCP work):
 ``step``, ``index`` (matrix index, seeds the random draws), ``n_bases`` (bases computed so far; 0 = no projector
 yet), ``exp_avg``/``exp_avg_sq`` (R-shaped: r x n for a left projector, m x r for a right one, i.e. the weight's
-long side), ``projector`` (A m x r or B r x n), plus per part: ``tau``/``d_init`` (displacement), ``pe_*``
+long side), ``projector`` (A m x r or B r x n), plus per part: ``tau``/``d_init`` (displacement; reference_codes.py:
+``d_codes``, ``d_scale``, ``d_top``, ``d_norm_sq`` with optim.reference_dtype=int4), ``pe_*``
 (path_efficiency), ``fira_norm``/``fira_ready`` (Fira), ``pca_*`` (online_pca). The state is allocated in full at
 the first step that sees a gradient, even a zero one, so DCP's zero-gradient initialising step builds the complete
 structure; the projector is only computed from the first non-zero gradient.
@@ -45,7 +46,7 @@ from .subspace import (
     side_for,
 )
 from .switching import CHECK, POLICIES, STATS_WIDTH, SWITCH
-from .tensors import FP32_KEYS, OWN_DTYPE_KEYS, _local, _sq_norm, closure_loss, reference_dtype, state_dtype
+from .tensors import FP32_KEYS, OWN_DTYPE_KEYS, _local, _sq_norm, closure_loss, state_dtype
 from .unit_step import UnitStepping
 
 
@@ -154,7 +155,7 @@ class LowRankAdamW(UnitStepping, BasisRefresh, FiraAndOnlinePCA, AdamWStep, Opti
         st["projector"] = torch.zeros(stored, dtype=dtype, device=device)
         short = self.comm_for(p).short_size(projected_dim(shape, side))
         POLICIES[group["switch"]].allocate(st, piece, side, r, dtype, device, short=short,
-                                           reference_dtype=reference_dtype(group["reference_dtype"], p.dtype))
+                                           reference=group["reference_dtype"])
         if group["residual"] == "fira":
             st["fira_norm"] = torch.zeros((), dtype=torch.float32, device=device)
             st["fira_ready"] = 0
@@ -171,7 +172,7 @@ class LowRankAdamW(UnitStepping, BasisRefresh, FiraAndOnlinePCA, AdamWStep, Opti
 
     def load_state_dict(self, state_dict: dict) -> None:
         """torch's load, except that the states keep the dtype ``state_dtype`` gives them (fp32 statistics, the
-        switch reference its own): torch casts every floating state tensor to the parameter's, which would make a
+        switch reference its own: bf16, the state's, or uint8 codes): torch casts every floating state tensor to the parameter's, which would make a
         bf16-parameter resume keep bf16 moments and projectors, and a bf16 reference grow back to fp32."""
         state = dict(state_dict["state"])
         # saved keys (ints, or FQNs when DCP's set_state_dict calls us) map to parameters by group order, as in torch

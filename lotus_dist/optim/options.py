@@ -10,12 +10,12 @@ import typing
 from dataclasses import dataclass
 from typing import Any, Literal, Optional
 
+from .reference_codes import REFERENCE_DTYPES
 from .subspace import PROJ_TYPES, SOLVERS
 from .switching import POLICIES
 
 MOMENT_POLICIES = ("keep", "reset", "rotate", "rotate_subtrack")
 RESIDUALS = ("none", "fira")
-REFERENCE_DTYPES = ("bf16", "fp32")
 
 # Literal types built from the tuples at run time (a static checker cannot evaluate that: hence the ignores); the
 # config and the checks below read their values with typing.get_args.
@@ -61,7 +61,8 @@ OPTIONS: dict[str, Option] = {
     "power_iters": Option(int, 2, "q of rsvd", bound="non-negative"),
     "geodesic_step": Option(float, 0.1, "eta_g of grasswalk"),
     "reference_dtype": Option(ReferenceDtype, "bf16", "the displacement policy's stored reference d_init (bf16: "
-                                                      "half the bytes; fp32: exact)"),
+                                                      "half the bytes; fp32: exact; int4: 4-bit codes per "
+                                                      "long-side index, 1/16 of the moments' bytes)"),
     "seed": Option(int, 0, "seed of every random basis (with the matrix index and the switch count)",
                    bound="non-negative"),
 }

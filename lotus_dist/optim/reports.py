@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from torch.optim import Optimizer
 
+from .reference_codes import REFERENCE_KEYS
 from .tensors import _local
 
 # memory_report's classes of state tensors
@@ -13,8 +14,9 @@ PROJECTOR_KEYS = frozenset({"projector"})
 
 
 def memory_report(optimizer: Optimizer) -> dict[str, int]:
-    """Bytes of optimizer state held by this process: moments, projectors, other tensors, total."""
-    out = {"moments": 0, "projectors": 0, "other": 0}
+    """Bytes of optimizer state held by this process: moments, projectors, other tensors, total; and ``reference``,
+    the part of ``other`` that is the displacement policy's switch reference (optim.reference_dtype)."""
+    out = {"moments": 0, "projectors": 0, "other": 0, "reference": 0}
     for st in optimizer.state.values():
         for key, value in st.items():
             if not isinstance(value, torch.Tensor):
@@ -23,6 +25,8 @@ def memory_report(optimizer: Optimizer) -> dict[str, int]:
             nbytes = t.numel() * t.element_size()
             cls = "moments" if key in MOMENT_KEYS else "projectors" if key in PROJECTOR_KEYS else "other"
             out[cls] += nbytes
+            if key in REFERENCE_KEYS:
+                out["reference"] += nbytes
     out["total"] = out["moments"] + out["projectors"] + out["other"]
     return out
 

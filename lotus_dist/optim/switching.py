@@ -19,6 +19,7 @@ import math
 
 import torch
 
+from . import reference_codes
 from .subspace import IDENTITY, Comm, derive_seed, lowrank_shape, projected_dim, seeded
 
 STAY, CHECK, SWITCH = "stay", "check", "switch"
@@ -32,9 +33,9 @@ class Policy:
     default_gamma: float | None = None
 
     def allocate(self, state: dict, shape, side: str, r: int, dtype, device, short: int | None = None,
-                 reference_dtype=None) -> None:
+                 reference: str = "fp32") -> None:
         """``shape`` is this rank's piece of the matrix; ``short`` the global size of its projected side;
-        ``reference_dtype`` the dtype of a stored reference gradient (optim.reference_dtype)."""
+        ``reference`` the form of a stored reference gradient (optim.reference_dtype; fp32: ``dtype``, exact)."""
 
     def peek(self, state: dict, group: dict) -> str:
         """What ``advance`` will return, without changing the state."""
@@ -84,19 +85,20 @@ class EveryStep(Policy):
 class Displacement(Policy):
     """Lotus Algorithm 1: switch when ‖d_cur − d_init‖_F / τ < γ, checked when τ % η == 0.
 
-    ``d_init`` stores R of the switch step unnormalised (normalising needs the global norm, i.e. a collective);
-    the statistics row [‖R‖², ⟨R, D⟩, ‖D‖²] gives ‖R/‖R‖ − D/‖D‖‖² = 2 − 2⟨R, D⟩ / (‖R‖ ‖D‖) after reduction.
-    ``d_init`` is stored in bf16 by default (optim.reference_dtype): it only enters through a normalised inner
-    product, where bf16's 2^-9 relative rounding moves the distance by far less than the gap to γ·τ that a decision
-    needs; the statistics are accumulated in fp32.
+    The reference D stores R of the switch step unnormalised (normalising needs the global norm, i.e. a
+    collective); the statistics row [‖R‖², ⟨R, D⟩, ‖D‖²] gives ‖R/‖R‖ − D/‖D‖‖² = 2 − 2⟨R, D⟩ / (‖R‖ ‖D‖) after
+    reduction. D is stored in bf16 by default (optim.reference_dtype, ``d_init``): it only enters through a
+    normalised inner product, where bf16's 2^-9 relative rounding moves the distance by far less than the gap to
+    γ·τ that a decision needs; ``int4`` stores 4-bit codes per long-side index with the exact ‖D‖²
+    (reference_codes.py); the statistics are accumulated in fp32.
     """
 
     name = "displacement"
     default_gamma = 0.01
 
-    def allocate(self, state, shape, side, r, dtype, device, short=None, reference_dtype=None):
+    def allocate(self, state, shape, side, r, dtype, device, short=None, reference="fp32"):
         state["tau"] = 0
-        state["d_init"] = torch.zeros(lowrank_shape(shape, side, r), dtype=reference_dtype or dtype, device=device)
+        reference_codes.allocate(state, shape, side, r, reference, dtype, device)
 
     def peek(self, state, group):
         return CHECK if (state["tau"] + 1) % group["verify_gap"] == 0 else STAY
@@ -107,9 +109,8 @@ class Displacement(Policy):
         return action
 
     def statistics(self, state, group, R):
-        D = state["d_init"]
-        Rf, Df = R.float(), D.float()
-        return torch.stack([Rf.square().sum(), (Rf * Df).sum(), Df.square().sum()])
+        rd, dd = reference_codes.sums(state, R)
+        return torch.stack([R.float().square().sum(), rd, dd])
 
     @staticmethod
     def distance(row: list[float]) -> float | None:
@@ -123,7 +124,7 @@ class Displacement(Policy):
         return dist is not None and dist / state["tau"] < self.gamma(group)
 
     def on_switch(self, state, group, R):
-        state["d_init"].copy_(R)
+        reference_codes.store(state, R)
         state["tau"] = 1
 
 
@@ -144,7 +145,7 @@ class PathEfficiency(Policy):
     def sketch_rows(shape, side, short=None):
         return min(PE_SKETCH_ROWS, projected_dim(shape, side) if short is None else short)
 
-    def allocate(self, state, shape, side, r, dtype, device, short=None, reference_dtype=None):
+    def allocate(self, state, shape, side, r, dtype, device, short=None, reference="fp32"):
         s = self.sketch_rows(shape, side, short)
         state["pe_acc"] = torch.zeros(lowrank_shape(shape, side, r), dtype=torch.float32, device=device)
         state["pe_sketch"] = torch.zeros(lowrank_shape(shape, side, s), dtype=torch.float32, device=device)

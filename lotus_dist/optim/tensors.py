@@ -4,19 +4,17 @@ from __future__ import annotations
 
 import torch
 
-FP32_KEYS = frozenset({"pe_acc", "pe_sketch", "fira_norm"})  # statistics kept in fp32 whatever the param dtype
-OWN_DTYPE_KEYS = frozenset({"d_init"})  # kept in the dtype they were saved in (optim.reference_dtype)
+from . import reference_codes
+
+# statistics kept in fp32 whatever the param dtype
+FP32_KEYS = frozenset({"pe_acc", "pe_sketch", "fira_norm"}) | reference_codes.FP32_KEYS
+OWN_DTYPE_KEYS = reference_codes.OWN_DTYPE_KEYS  # kept in the dtype they were saved in (optim.reference_dtype)
 
 
 def state_dtype(param_dtype: torch.dtype) -> torch.dtype:
     """Moments, projectors and statistics are fp32 at least whatever the parameter dtype (bf16 ones stall: V moves by
     (1 - β2) = 1e-3 of itself a step, below bf16's 2^-8; bf16 projectors drift from orthonormal); fp64 stays fp64."""
     return torch.promote_types(param_dtype, torch.float32)
-
-
-def reference_dtype(name: str, param_dtype: torch.dtype) -> torch.dtype:
-    """The switch reference's dtype: bf16, or ``fp32`` = the exact form (the state dtype)."""
-    return torch.bfloat16 if name == "bf16" else state_dtype(param_dtype)
 
 
 def _local(t: torch.Tensor) -> torch.Tensor:

@@ -42,7 +42,7 @@ ON_RESUME: dict[str, tuple[str, str]] = {
     "granularity": (REFUSED, "projfactor's reshaping: the shape of its state"),
     "switch": (REFUSED, "the switch policy's state (tau/d_init, pe_*) is another one"),
     "residual": (REFUSED, "Fira's state (fira_norm) exists only with the residual"),
-    "reference_dtype": (REFUSED, "the dtype of the stored switch reference"),
+    "reference_dtype": (REFUSED, "the form of the stored switch reference (d_init, or int4's codes)"),
 }
 NOT_SETTINGS = ("params", "lr")  # the parameters; lr is the schedule's, re-set before every step
 

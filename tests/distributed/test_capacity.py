@@ -150,3 +150,21 @@ def test_auto_replicates_where_sharding_costs_more():
         chosen = block["lotus"] if key == "shard" else block["lotus+per_layer"]
         column = "lotus" if key == "shard" else "lotus+per_layer"
         assert chosen["total"] == explicit[column]["total"]
+
+
+def test_lotus_int4_reference_is_planned_from_the_codecs_layout():
+    """optim.reference_dtype=int4: the planned switch reference is the codec's bytes (r/2 + 12 per long-side index)
+    of each rank-0 shard, under a tenth of the planned moments; bf16 is long x r x 2."""
+    from lotus_dist.optim.reference_codes import reference_bytes
+
+    planned = {}
+    for form in ("bf16", "int4"):
+        res, _ = run("model.name=llama_60m", "dist.world_size=1", "optim.rank=128", f"optim.reference_dtype={form}")
+        planned[form] = res["lotus"]
+    with torch.device("meta"):
+        model = Llama(llama_config("llama_60m"))
+    mats = [p.shape for n, p in model.named_parameters() if n.endswith("_proj.weight")]
+    assert planned["int4"]["switch_state"] == sum(reference_bytes(max(s), 128, "int4") for s in mats)
+    assert planned["bf16"]["switch_state"] == sum(max(s) * 128 * 2 for s in mats)
+    assert planned["int4"]["switch_state"] <= 0.10 * (planned["int4"]["moments"] - 2 * 4 * sum(
+        p.numel() for n, p in model.named_parameters() if not n.endswith("_proj.weight")))

@@ -25,6 +25,7 @@ TOL = 1e-5  # relative, per parameter: max |Δ| / max |reference|
 Q = sw.OPTIM["power_iters"]
 METHODS = ("lotus", "galore", "adamw")
 RHO = dict(window=4, t_min=4, gamma=0.6)  # lotus_rho (path_efficiency): some windows switch, some do not
+INT4 = dict(reference_dtype="int4")  # the compact switch reference: codes per long-side index, sharded like a moment
 
 
 @pytest.fixture(scope="module")
@@ -32,7 +33,8 @@ def references():
     out = {m: sw.reference_run(m) for m in METHODS}
     out["rho"] = sw.reference_run("lotus_rho", **RHO)
     out["fira"] = sw.reference_run("fira")
-    for m in ("lotus", "galore", "rho", "fira"):
+    out["int4"] = sw.reference_run("lotus", **INT4)
+    for m in ("lotus", "galore", "rho", "fira", "int4"):
         assert out[m][1][-1] and min(out[m][1][-1]) >= 2, f"{m}: the run must switch bases: {out[m][1][-1]}"
     return out
 
@@ -49,7 +51,8 @@ def world2(tmp_path_factory):
     work = tmp_path_factory.mktemp("sharded_optim")
     ckpt = work / "ckpt_lotus_w2"
     extra = [{"key": "lotus_saved", "method": "lotus", "save": str(ckpt), "same_world_resume": True},
-             {"key": "lotus_shardproj", "method": "lotus", "extra": {"projectors": "shard"}}]
+             {"key": "lotus_shardproj", "method": "lotus", "extra": {"projectors": "shard"}},
+             {"key": "int4", "method": "lotus", "extra": INT4, "save": str(work / "ckpt_int4_w2")}]
     res, params = _launch(2, work, extra, peak=True)
     return work, ckpt, res, params
 
@@ -60,7 +63,8 @@ def world3(world2):
     extra = [{"key": "lotus_resumed", "method": "lotus", "resume": str(ckpt)},
              {"key": "lotus_shardproj", "method": "lotus", "extra": {"projectors": "shard"}},
              {"key": "rho", "method": "lotus_rho", "extra": RHO},
-             {"key": "fira", "method": "fira"}]  # its residual needs the fallback's whole R and N: all-gathered
+             {"key": "fira", "method": "fira"},  # its residual needs the fallback's whole R and N: all-gathered
+             {"key": "int4_resumed", "method": "lotus", "extra": INT4, "resume": str(work / "ckpt_int4_w2")}]
     return _launch(3, work, extra)
 
 
@@ -189,6 +193,21 @@ def test_world3_fallback_equivalence_budget_and_resume(world3, references):
     assert _rel_diff(params["lotus_resumed"], references["lotus"][0]) < TOL
     assert res["lotus_resumed.decisions"] == references["lotus"][1][sw.SAVE_AT:]
     assert res["lotus_resumed.decisions_agree"]
+
+
+def test_int4_reference_world2_equals_one_process_and_its_checkpoint_resumes_at_world3(world2, world3, references):
+    """optim.reference_dtype=int4 at world 2 (codes, scales and norms Shard(0) like the moments): the same trajectory
+    and switch steps as one process; its step-15 checkpoint loads at world 3 (uneven long-side shards, fallbacks
+    whose r x 172 state is sharded by columns) and continues as the single process did."""
+    _, _, res2, params2 = world2
+    _check_equivalence(res2, params2, references, ["int4"])
+    kinds = res2["int4.state_kinds"]["layers.0.mlp.gate_proj.weight"]
+    assert kinds["d_codes"] == kinds["d_scale"] == kinds["d_top"] == kinds["d_norm_sq"] == "(Shard(dim=0),)"
+    assert "d_init" not in kinds
+    res3, params3 = world3
+    assert _rel_diff(params3["int4_resumed"], references["int4"][0]) < TOL
+    assert res3["int4_resumed.decisions"] == references["int4"][1][sw.SAVE_AT:]
+    assert res3["int4_resumed.decisions_agree"]
 
 
 def test_world4_equivalence_hsdp_and_resume(world4, references):

@@ -71,7 +71,8 @@ def test_bf16_parameters_keep_fp32_state_orthonormal_projectors_and_growing_mome
     assert V.min() > 0.9 * (1 - BETA2**STEPS)
 
 
-@pytest.mark.parametrize("kind, extra", [("lotus", {}), ("lotus", {"reference_dtype": "fp32"}), ("galore", {})])
+@pytest.mark.parametrize("kind, extra", [("lotus", {}), ("lotus", {"reference_dtype": "fp32"}),
+                                         ("lotus", {"reference_dtype": "int4"}), ("galore", {})])
 def test_save_load_keeps_fp32_state_of_bf16_parameters(kind, extra):
     opt, params = run(*make(kind, torch.bfloat16, **extra), steps=GAP + 2)
     buffer = io.BytesIO()
@@ -86,6 +87,8 @@ def test_save_load_keeps_fp32_state_of_bf16_parameters(kind, extra):
         assert torch.equal(v, w), (i, key)
     d_init = [w for _, k, w in loaded if k == "d_init"]
     assert all(d.dtype == (torch.float32 if extra else torch.bfloat16) for d in d_init)
+    codes = [w for _, k, w in loaded if k == "d_codes"]  # int4: uint8 codes, not cast to the parameter's dtype
+    assert all(c.dtype == torch.uint8 for c in codes) and bool(codes) == (extra.get("reference_dtype") == "int4")
 
 
 def test_fp32_parameters_still_take_the_fused_kernel_bit_for_bit():
