@@ -150,3 +150,14 @@ def test_auto_replicates_where_sharding_costs_more():
         chosen = block["lotus"] if key == "shard" else block["lotus+per_layer"]
         column = "lotus" if key == "shard" else "lotus+per_layer"
         assert chosen["total"] == explicit[column]["total"]
+
+
+def test_apollo_state_is_galores_at_its_rank_plus_the_limiter_scalar():
+    res, lines = run("model.name=tiny", "dist.world_size=4", "optim.rank=16")
+    matrices = 7 * llama_config("tiny").n_layers
+    assert res["apollo"]["moments"] == res["galore"]["moments"] + matrices * 4
+    assert res["apollo"]["projectors"] == res["galore"]["projectors"]
+    assert res["apollo"]["refresh"] == 0 and res["apollo_mini"]["refresh"] == 0  # drawn from the seed on every rank
+    assert res["apollo_mini"]["moments"] < res["apollo"]["moments"]  # rank 1 whatever optim.rank says
+    assert res["apollo_mini"]["lowrank_step"] == 3 * res["apollo"]["lowrank_step"] > 0
+    assert any(line.startswith("per rank") and "apollo_mini" in line for line in lines)
