@@ -1,4 +1,5 @@
-"""Capacity planner: per-rank memory and communication of adamw, galore and lotus for a world size, without GPUs.
+"""Capacity planner: per-rank memory and communication of adamw, galore, lotus and APOLLO (-Mini) for a world size,
+without GPUs.
 
 The model is built on the ``meta`` device and sharded with the real plan and the real FSDP2 over a *fake*
 process group (rank 0 of ``dist.world_size``), so local shard shapes, uneven padding and the Shard(1) fallbacks
@@ -24,7 +25,7 @@ import torch.distributed as dist
 from torch import nn
 
 from lotus_dist.model.llama import Llama, count_parameters, llama_config, shape_overrides
-from lotus_dist.optim.methods import resolve_parts
+from lotus_dist.optim.methods import method_rank, resolve_parts
 from lotus_dist.optim.reference_codes import reference_bytes
 
 from . import step_time
@@ -33,7 +34,8 @@ from .sharding_plan import (DistConfigError, Plan, choose_projectors, default_pr
                    projector_peak_bytes)
 from .step_time import fsdp_bytes
 
-METHODS = ("adamw", "galore", "lotus")
+METHODS = ("adamw", "galore", "lotus", "apollo", "apollo_mini")
+LIMITER_SUMS = {"apollo_channel": 1, "apollo_tensor": 3}  # all-reduced scalars a step: ‖U‖² (and ‖N‖², ‖R‖²)
 STATE_BYTES = 4  # optimizer states and projectors are fp32 (docs/algorithms.md section 4)
 SWITCH_STATS = 2  # displacement policy: partial sums of |R|^2 and <R, d_init> per matrix
 
@@ -72,7 +74,8 @@ def _sharded(cfg, mcfg, mesh, world: int, replicate: int, method: str) -> tuple[
         model = Llama(mcfg)
     projected = set() if method == "adamw" else default_projected(model)
     proj_type, solver = method_geometry(dataclasses.replace(cfg.optim, name=method))
-    plan = plan_for_model(model, world, cfg.optim.rank, proj_type, solver, replicate=replicate, projected=projected)
+    rank = method_rank(dataclasses.replace(cfg.optim, name=method))
+    plan = plan_for_model(model, world, rank, proj_type, solver, replicate=replicate, projected=projected)
     apply_fsdp(model, mesh, plan, log_fn=lambda s: None)
     return model, plan
 
@@ -91,6 +94,7 @@ def _method_numbers(cfg, model: nn.Module, plan: Plan, method: str, gather_bytes
     q, k_over = parts.get("power_iters"), parts.get("oversample")
     shard_projectors = projectors == "shard"
     owner_refresh = method == "galore" or cfg.optim.refresh == "owner"
+    limiter_sums = LIMITER_SUMS.get(parts.get("residual"), 0)
 
     params = grads = moments = switch_state = 0
     step_extra = switch = refresh = 0.0
@@ -111,6 +115,9 @@ def _method_numbers(cfg, model: nn.Module, plan: Plan, method: str, gather_bytes
         # all-gathered (together the bytes of one r×n all-reduce). Rank 0's slice is the largest.
         long_local = math.ceil(n / w) if mp.fallback else local.shape[mp.state_dim]
         moments += 2 * long_local * r * STATE_BYTES
+        if limiter_sums:  # APOLLO: GaLore's state at its rank plus the limiter's last norm (fira_norm)
+            moments += STATE_BYTES
+            step_extra += 2 * _ring(w) * limiter_sums * STATE_BYTES
         if mp.fallback:
             step_extra += 2 * _ring(w) * r * n * STATE_BYTES
         proj = mp.projector_shape[0] * mp.projector_shape[1]
@@ -120,7 +127,9 @@ def _method_numbers(cfg, model: nn.Module, plan: Plan, method: str, gather_bytes
             # moment (sharded the same way), in optim.reference_dtype's form.
             switch_state += reference_bytes(long_local, r, parts["reference_dtype"])
         k = min(r + k_over, short)
-        if owner_refresh:
+        if parts.get("solver") == "gaussian":
+            pass  # drawn on every rank from the shared seed: no communication
+        elif owner_refresh:
             owner_in[mp.owner] += _ring(w) * m * n * STATE_BYTES  # full G into the owner
             refresh += proj * STATE_BYTES if not shard_projectors else math.ceil(proj / w) * STATE_BYTES
         elif mp.fallback:
@@ -369,7 +378,7 @@ def dry_run(cfg, out: Callable[[str], None] = print, cluster: step_time.Cluster 
     lotus_plan = plans["lotus"]
     out(
         f"dry run: {cfg.model.name} ({n_params / 1e6:.1f}M params, vocab {mcfg.vocab_size}), world {world} "
-        f"= replicate {replicate} x shard {world // replicate}, rank r={cfg.optim.rank}, "
+        f"= replicate {replicate} x shard {world // replicate}, rank r={method_rank(cfg.optim)}, "
         f"gather {param_dtype or torch.float32} / reduce {reduce_dtype or param_dtype or torch.float32}, "
         f"projectors={cfg.optim.projectors}"
         + (f" -> {results['lotus']['projector_choice']} (sharding_plan.choose_projectors)" if cfg.optim.projectors == "auto"

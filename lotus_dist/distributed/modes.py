@@ -166,10 +166,12 @@ class FullyShardedDataParallel(Collective):
     def parallelize(self, model, cfg):
         from lotus_dist.distributed.fsdp import apply_fsdp, local_part, mixed_precision
         from lotus_dist.distributed.sharding_plan import method_geometry, plan_for_model
+        from lotus_dist.optim.methods import method_rank
 
         mesh = build_mesh(self.runtime, cfg.dist.replicate)
         proj_type, solver = method_geometry(cfg.optim)  # the method's, with the config's keys applied
-        plan = plan_for_model(model, self.world_size, cfg.optim.rank, proj_type, solver, replicate=cfg.dist.replicate)
+        plan = plan_for_model(model, self.world_size, method_rank(cfg.optim), proj_type, solver,
+                              replicate=cfg.dist.replicate)
         param_dtype, reduce_dtype = mixed_precision(cfg.train.dtype, self.device, cfg.dist.reduce_dtype)
         details = write_fallbacks(plan, cfg.run.dir) if self.rank == 0 else None
         model = apply_fsdp(model, mesh, plan, param_dtype=param_dtype, reduce_dtype=reduce_dtype, log_fn=self.log,

@@ -82,7 +82,7 @@ def solver_cost(m: int, n: int, rank: int, solver: str, oversample: int = 8, pow
     if solver == "rsvd":
         k = min(rank + oversample, min(m, n))
         return float(m * n * k * (2 * power_iters + 2))
-    if solver in ("random", "grasswalk"):
+    if solver in ("random", "grasswalk", "gaussian"):
         return float(max(m, n) * rank * rank)
     # svd, online_pca (svd-initialised) and anything unknown: a full thin SVD.
     return float(m * n * min(m, n))

@@ -5,7 +5,7 @@
 layer plugs in through ``subspace.Comm`` (``LowRankAdamW.set_comm``, ``LowRankAdamW.stats_comm``).
 """
 
-from .dropin import GaLoreAdamW, LotusAdamW
+from .dropin import ApolloAdamW, GaLoreAdamW, LotusAdamW
 from .in_backward import OptimizerInBackward, units_of
 from .lowrank import LowRankAdamW
 from .methods import METHODS, PROJECTED_MODULES, build_optimizer, route_parameters
@@ -29,6 +29,7 @@ __all__ = [
     "Comm",
     "OptimizerInBackward",
     "units_of",
+    "ApolloAdamW",
     "GaLoreAdamW",
     "LotusAdamW",
 ]

@@ -1,5 +1,6 @@
 """Drop-in optimizers with galore-torch's API: ``GaLoreAdamW`` (galore-torch 1.0's ``GaLoreAdamW``) and
-``LotusAdamW`` (the ``lotus`` method), for a plain training loop or a Hugging Face ``Trainer``.
+``LotusAdamW`` (the ``lotus`` method), and ``ApolloAdamW`` with apollo-torch 1.0.3's (apollo.py), for a plain
+training loop or a Hugging Face ``Trainer``.
 
 Both take galore-torch's parameter groups as galore-torch users write them::
 
@@ -154,13 +155,9 @@ class _DropIn(LowRankAdamW):
             if Wf is not W:
                 W.copy_(Wf)
 
-    def _adam_step(self, job, ok):
-        N = super()._adam_step(job, ok)
-        if not job.group.get("correct_bias", True):  # the update applies lr·sqrt(1−β2^t)/(1−β1^t): cancel it
-            beta1, beta2 = job.group["betas"]
-            t = job.state["step"]
-            N.mul_((1.0 - beta1**t) / math.sqrt(1.0 - beta2**t))
-        return N
+    @staticmethod
+    def _step_size(group: dict, t: int) -> float:
+        return LowRankAdamW._step_size(group, t) if group.get("correct_bias", True) else group["lr"]
 
     def _deferrable(self, plain, jobs) -> bool:
         return False  # the plain update is the op-by-op form above, without a device mask
@@ -192,6 +189,44 @@ class GaLoreAdamW(_DropIn):
         return side, min(r, min(p.shape))  # what svd(full_matrices=False)[:r] gives, whatever the side
 
 
+class ApolloAdamW(_DropIn):
+    """apollo-torch 1.0.3's ``AdamW`` (APOLLO / APOLLO-Mini; same arguments, same group keys, its numbers for a given
+    projection: tests/optim/test_apollo.py).
+
+    A projected group: ``rank`` (required; APOLLO-Mini is rank 1), ``proj`` (``random`` only: the seeded Gaussian
+    N(0, 1/r) projection), ``scale_type`` (``channel``: APOLLO, default; ``tensor``: APOLLO-Mini), ``scale`` (α,
+    default 1; √α multiplies the update; the paper's Mini uses 128), ``update_proj_gap`` (default 200),
+    ``proj_type`` (``std`` default, ``reverse_std``, ``left``, ``right``). Known differences: the Gaussian draws are
+    seeded by (``seed``, matrix index, refresh count), not by apollo-torch's parameter counter and ``next_seed``
+    (same distribution, other numbers); ``proj="svd"``, ``scale_front=True`` and ``disable_nl=True`` are refused;
+    the rank is clipped to the projected side (apollo-torch would draw an over-complete projection); ``channel``
+    works with every ``proj_type`` (apollo-torch's only with the projection on the short side).
+    """
+
+    METHOD = "apollo"
+    SCALE_TYPES = {"channel": "apollo_channel", "tensor": "apollo_tensor"}
+
+    def __init__(self, params: Iterable, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
+                 eps: float = 1e-6, weight_decay: float = 0.0, correct_bias: bool = True, scale_front: bool = False,
+                 disable_nl: bool = False, no_deprecation_warning: bool = True, **lowrank_defaults):
+        if scale_front or disable_nl:
+            raise ValueError("ApolloAdamW: scale_front=True and disable_nl=True are not supported (apollo-torch's "
+                             "defaults, False, are: the norm-growth limiter on, sqrt(scale) applied after it)")
+        super().__init__(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, correct_bias=correct_bias,
+                         **lowrank_defaults)
+
+    def add_param_group(self, param_group: dict) -> None:
+        if param_group.get("rank") is not None:
+            proj = param_group.setdefault("proj", "random")
+            scale_type = param_group.setdefault("scale_type", "channel")
+            if proj != "random":
+                raise ValueError(f"proj: {proj!r} is not supported by ApolloAdamW (supported: random)")
+            if scale_type not in self.SCALE_TYPES:
+                raise ValueError(f"scale_type: {scale_type!r} is not one of {', '.join(self.SCALE_TYPES)}")
+            param_group["residual"] = self.SCALE_TYPES[scale_type]
+        super().add_param_group(param_group)
+
+
 class LotusAdamW(_DropIn):
     """Lotus (the ``lotus`` method): randomized-SVD bases, switched when the unit low-rank gradient stops moving.
 
@@ -209,4 +244,4 @@ class LotusAdamW(_DropIn):
     METHOD = "lotus"
 
 
-__all__ = ["GaLoreAdamW", "LotusAdamW"]
+__all__ = ["ApolloAdamW", "GaLoreAdamW", "LotusAdamW"]

@@ -49,13 +49,19 @@ class FiraAndOnlinePCA:
         """Λ = φ ⊙ (G − project_back(R)), φ per long-side index = ‖N‖/‖R‖ over the r dim, growth-limited."""
         dim = 0 if side == "left" else 1
         phi = N.norm(dim=dim, keepdim=True) / (R.norm(dim=dim, keepdim=True) + 1e-8)
-        lam = (G - project_back(R, P, side)) * phi
-        norm = comm.reduce(lam.float().square().sum()).sqrt()
-        if st["fira_ready"]:
-            limiter = torch.clamp(norm / (st["fira_norm"] + 1e-8), min=FIRA_LIMIT) / FIRA_LIMIT
-            lam = lam / limiter.to(lam.dtype)
-            st["fira_norm"].copy_(norm / limiter)
-        else:
-            st["fira_norm"].copy_(norm)
-            st["fira_ready"] = 1
-        return lam
+        return limit_growth(st, (G - project_back(R, P, side)) * phi, comm)
+
+
+def limit_growth(st: dict, U: torch.Tensor, comm: Comm) -> torch.Tensor:
+    """Fira's norm-growth limiter (also APOLLO's): U scaled down so that ‖U‖ grows by at most ζ = 1.01 a step over
+    the last limited norm (``fira_norm``, kept across refreshes; the first step sets it); ‖U‖ summed across ranks,
+    in fp32 at least (an fp64 U in fp64: fp32 partial sums would differ from one process's sum by ~1e-7)."""
+    norm = comm.reduce(U.to(torch.promote_types(U.dtype, torch.float32)).square().sum()).sqrt()
+    if st["fira_ready"]:
+        limiter = torch.clamp(norm / (st["fira_norm"] + 1e-8), min=FIRA_LIMIT) / FIRA_LIMIT
+        U = U / limiter.to(U.dtype)
+        st["fira_norm"].copy_(norm / limiter)
+    else:
+        st["fira_norm"].copy_(norm)
+        st["fira_ready"] = 1
+    return U

@@ -8,7 +8,8 @@ State per projected matrix (tensors and ints only, so ``torch.load(weights_only=
 yet), ``exp_avg``/``exp_avg_sq`` (R-shaped: r x n for a left projector, m x r for a right one, i.e. the weight's
 long side), ``projector`` (A m x r or B r x n), plus per part: ``tau``/``d_init`` (displacement; reference_codes.py:
 ``d_codes``, ``d_scale``, ``d_top``, ``d_norm_sq`` with optim.reference_dtype=int4), ``pe_*``
-(path_efficiency), ``fira_norm``/``fira_ready`` (Fira), ``pca_*`` (online_pca). The state is allocated in full at
+(path_efficiency), ``fira_norm``/``fira_ready`` (the norm-growth limiter of Fira and APOLLO), ``pca_*``
+(online_pca). The state is allocated in full at
 the first step that sees a gradient, even a zero one, so DCP's zero-gradient initialising step builds the complete
 structure; the projector is only computed from the first non-zero gradient.
 
@@ -29,7 +30,8 @@ from torch.optim import Optimizer
 from lotus_dist.counters import to_host
 
 from .adamw_step import AdamWStep
-from .fira_online_pca import FiraAndOnlinePCA
+from .apollo import APOLLO_RESIDUALS, apollo_scaling
+from .fira_online_pca import FiraAndOnlinePCA, limit_growth
 from .job import _Job
 from .options import LOWRANK_DEFAULTS, check_options
 from .refresh import REFRESH_BATCH_BYTES, BasisRefresh
@@ -156,7 +158,7 @@ class LowRankAdamW(UnitStepping, BasisRefresh, FiraAndOnlinePCA, AdamWStep, Opti
         short = self.comm_for(p).short_size(projected_dim(shape, side))
         POLICIES[group["switch"]].allocate(st, piece, side, r, dtype, device, short=short,
                                            reference=group["reference_dtype"])
-        if group["residual"] == "fira":
+        if group["residual"] != "none":  # Fira's and APOLLO's norm-growth limiter
             st["fira_norm"] = torch.zeros((), dtype=torch.float32, device=device)
             st["fira_ready"] = 0
         if group["solver"] == "online_pca":
@@ -368,7 +370,7 @@ class LowRankAdamW(UnitStepping, BasisRefresh, FiraAndOnlinePCA, AdamWStep, Opti
                 self._apply_update(job, N, job.R, ok)
                 job.P = job.R = None  # one (gathered) projector whole at a time
         if grouped:
-            fira = [job.group["residual"] == "fira" for job, _ in grouped]
+            fira = [job.group["residual"] != "none" for job, _ in grouped]  # Fira and APOLLO read the whole R
             steps = [self.comm_for(job.p).gather_long_steps(N) for job, N in grouped]
             steps += [self.comm_for(job.p).gather_long_steps(job.R) for (job, _), f in zip(grouped, fira) if f]
             gathered = iter(run_batched(steps))
@@ -402,24 +404,33 @@ class LowRankAdamW(UnitStepping, BasisRefresh, FiraAndOnlinePCA, AdamWStep, Opti
             V.mul_(torch.where(ok, torch.full_like(one, beta2), one)).addcmul_(R, R, value=1.0 - beta2)
         return M / V.sqrt().add_(group["eps"])
 
+    @staticmethod
+    def _step_size(group: dict, t: int) -> float:
+        """lr with Adam's bias corrections (GaLore's code: in the step size, not in N)."""
+        beta1, beta2 = group["betas"]
+        return group["lr"] * math.sqrt(1.0 - beta2**t) / (1.0 - beta1**t)
+
     def _apply_update(self, job: _Job, N: torch.Tensor, R_whole: torch.Tensor | None,
                       ok: torch.Tensor | None) -> None:
-        """W -= step * project_back(N) (plus Fira's residual from the whole R), weight decay, online PCA's step; N
-        and R cover this rank's whole piece of W."""
+        """W -= step * project_back(N) (plus Fira's residual from the whole R), or APOLLO's W -= step * √α * the
+        scaled raw gradient (apollo.py), weight decay, online PCA's step; N and R cover this rank's whole piece of W."""
         group, st, side = job.group, job.state, job.side
         W, G = _local(job.p), _local(job.p.grad)
         online = group["solver"] == "online_pca" and not job.refreshed  # its first basis is an svd one
         comm = self.comm_for(job.p)
         P = job.P  # full projector; P_local multiplies this rank's piece of G
         P_local = comm.local_projector(P, side)
-        lr, (beta1, beta2), wd = group["lr"], group["betas"], group["weight_decay"]
-        t = st["step"]
+        lr, wd = group["lr"], group["weight_decay"]
         if ok is not None:
             N.mul_(ok.to(N.dtype))
-        step_size = lr * math.sqrt(1.0 - beta2**t) / (1.0 - beta1**t)
-        if group["residual"] == "fira":
-            W.add_(self._fira_residual(st, G, R_whole, N, P_local, side, comm), alpha=-step_size)
-        add_project_back_(W, N, P_local, side, alpha=-step_size * group["scale"])
+        step_size = self._step_size(group, st["step"])
+        if group["residual"] in APOLLO_RESIDUALS:  # APOLLO: the raw gradient scaled, instead of project_back(N)
+            U = limit_growth(st, G * apollo_scaling(N, R_whole, side, group["residual"], comm), comm)
+            W.add_(U, alpha=-step_size * math.sqrt(group["scale"]))
+        else:
+            if group["residual"] == "fira":
+                W.add_(self._fira_residual(st, G, R_whole, N, P_local, side, comm), alpha=-step_size)
+            add_project_back_(W, N, P_local, side, alpha=-step_size * group["scale"])
         if wd > 0.0:
             W.add_(W if ok is None else W * ok.to(W.dtype), alpha=-lr * wd)
 

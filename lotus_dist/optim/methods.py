@@ -34,7 +34,22 @@ METHODS: dict[str, dict[str, Any] | None] = {
     "osd": {**_LOWRANK, "solver": "online_pca", "switch": "every_step", "moments": "keep", "residual": "none"},
     "fira": {**_LOWRANK, "solver": "svd", "switch": "fixed", "moments": "keep", "residual": "fira"},
     "projfactor": {"granularity": 1, "update_gap": 200},
+    # APOLLO / APOLLO-Mini (apollo-torch 1.0.3): Gaussian projection refreshed every T, moments kept, the raw gradient
+    # scaled channel- / tensor-wise; alpha 1 / 128 (sqrt(alpha) multiplies the update)
+    "apollo": {**_LOWRANK, "solver": "gaussian", "switch": "fixed", "moments": "keep", "residual": "apollo_channel",
+               "scale": 1.0},
+    "apollo_mini": {**_LOWRANK, "solver": "gaussian", "switch": "fixed", "moments": "keep",
+                    "residual": "apollo_tensor", "scale": 128.0},
 }
+# A method whose rank is part of its definition (APOLLO-Mini: rank 1) ignores optim.rank; tensor-wise scaling at
+# another rank is optim.name=apollo optim.residual=apollo_tensor. APOLLO's own rank is optim.rank: the paper's d/4
+# is what configs/*.yaml give (tiny 32, llama_60m 128, llama_1b 512).
+FIXED_RANKS = {"apollo_mini": 1}
+
+
+def method_rank(optim_cfg) -> int:
+    """The rank r a run projects at: the method's fixed one, else ``optim.rank``."""
+    return FIXED_RANKS.get(optim_cfg.name, optim_cfg.rank)
 
 
 def is_projected(name: str, p: torch.Tensor) -> bool:
@@ -66,7 +81,7 @@ def resolve_parts(optim_cfg) -> dict[str, Any] | None:
         if value is not None and key != "seed":
             parts[key] = value
     parts["seed"] = getattr(optim_cfg, "seed", 0)
-    check_options({**parts, "rank": optim_cfg.rank}, prefix="optim.")
+    check_options({**parts, "rank": method_rank(optim_cfg)}, prefix="optim.")
     g = parts.get("granularity")
     if g is not None and (not isinstance(g, int) or isinstance(g, bool) or g < 1):
         raise ValueError(f"optim.granularity: expected a positive integer, got {g!r}")
@@ -79,6 +94,7 @@ def rank_above_size(model: nn.Module, optim_cfg) -> list[tuple[str, tuple[int, i
     parts = resolve_parts(optim_cfg)
     if parts is None:
         return []
+    rank = method_rank(optim_cfg)
     projected, _ = route_parameters(model)
     out = []
     for name, p in projected:
@@ -87,7 +103,7 @@ def rank_above_size(model: nn.Module, optim_cfg) -> list[tuple[str, tuple[int, i
             side_len = shape[1] // parts["granularity"]
         else:
             side_len = projected_dim(shape, side_for(shape, parts["proj_type"]))
-        if optim_cfg.rank > side_len:
+        if rank > side_len:
             out.append((name, shape, side_len))
     return out
 
@@ -111,7 +127,7 @@ def build_optimizer(model: nn.Module, optim_cfg, names: Mapping[torch.Tensor, st
         cls = ProjFactor if optim_cfg.name == "projfactor" else LowRankAdamW
         groups = []
         if projected:
-            groups.append({"params": [p for _, p in projected], "rank": optim_cfg.rank, **parts})
+            groups.append({"params": [p for _, p in projected], "rank": method_rank(optim_cfg), **parts})
         if plain:
             groups.append({"params": [p for _, p in plain]})
         if cls is ProjFactor:
@@ -129,5 +145,5 @@ def build_optimizer(model: nn.Module, optim_cfg, names: Mapping[torch.Tensor, st
     return opt
 
 
-__all__ = ["METHODS", "PROJECTED_MODULES", "PART_KEYS", "build_optimizer", "is_projected", "rank_above_size",
-           "route_parameters"]
+__all__ = ["FIXED_RANKS", "METHODS", "PROJECTED_MODULES", "PART_KEYS", "build_optimizer",
+           "is_projected", "method_rank", "rank_above_size", "route_parameters"]

@@ -10,12 +10,16 @@ import typing
 from dataclasses import dataclass
 from typing import Any, Literal, Optional
 
+from .apollo import APOLLO_RESIDUALS
 from .reference_codes import REFERENCE_DTYPES
 from .subspace import PROJ_TYPES, SOLVERS
 from .switching import POLICIES
 
 MOMENT_POLICIES = ("keep", "reset", "rotate", "rotate_subtrack")
-RESIDUALS = ("none", "fira")
+# What of the full gradient reaches W beside (or, for APOLLO, instead of) the projected update: APOLLO's rule is a
+# residual value, not a part of its own, because like Fira's it is a function of (G, R, N) after the same low-rank
+# Adam step and keeps the same limiter state; any solver and switch policy combine with it (optim/apollo.py).
+RESIDUALS = ("none", "fira", *APOLLO_RESIDUALS)
 
 # Literal types built from the tuples at run time (a static checker cannot evaluate that: hence the ignores); the
 # config and the checks below read their values with typing.get_args.
@@ -44,10 +48,11 @@ class Option:
 
 OPTIONS: dict[str, Option] = {
     "rank": Option(int, REQUIRED, "r, the projected dimension (clipped to a matrix's projected side)"),
-    "scale": Option(float, 0.25, "alpha, the scale of the projected update"),
+    "scale": Option(float, 0.25, "alpha, the scale of the projected update (APOLLO: sqrt(alpha) scales its update)"),
     "proj_type": Option(ProjType, "std", "which side the projector sits on (std: the short one, reverse_std: "
                                          "the long one)"),
-    "solver": Option(Solver, "rsvd", "how a refresh computes the new basis"),
+    "solver": Option(Solver, "rsvd", "how a refresh computes the new basis (gaussian: APOLLO's N(0, 1/r) "
+                                     "projection, not orthonormalised)"),
     "switch": Option(SwitchPolicy, "displacement", "when the basis is refreshed"),
     "update_gap": Option(int, 200, "T of the fixed policy: steps between refreshes"),
     "gamma": Option(float, None, "threshold of displacement / path_efficiency (None: the policy's own default)"),
@@ -56,7 +61,9 @@ OPTIONS: dict[str, Option] = {
     "window": Option(int, 50, "w of path_efficiency"),
     "moments": Option(MomentPolicy, "keep", "what the moments do at a switch (rotate: LDAdam; rotate_subtrack: "
                                             "SubTrack++'s code)"),
-    "residual": Option(Residual, "none", "fira: add Fira's scaled residual of the gradient outside the subspace"),
+    "residual": Option(Residual, "none", "fira: add Fira's scaled residual of the gradient outside the subspace; "
+                                         "apollo_channel / apollo_tensor: the update is APOLLO's raw gradient scaled "
+                                         "per channel / per tensor by |N|/|R|, instead of the projected one"),
     "oversample": Option(int, 8, "p of rsvd", bound="non-negative"),
     "power_iters": Option(int, 2, "q of rsvd", bound="non-negative"),
     "geodesic_step": Option(float, 0.1, "eta_g of grasswalk"),

@@ -24,11 +24,12 @@ from typing import Any, Generator
 
 import torch
 
+from .apollo import gaussian_columns
 from .linalg_batch import LOCAL_KINDS, run_stacked, solve_dtype
 
 SIDES = ("left", "right")
 PROJ_TYPES = ("std", "reverse_std", "left", "right")
-SOLVERS = ("svd", "rsvd", "random", "grasswalk", "online_pca")
+SOLVERS = ("svd", "rsvd", "random", "grasswalk", "online_pca", "gaussian")
 
 _MASK64 = (1 << 64) - 1
 
@@ -458,6 +459,8 @@ def projector_steps(solver: str, G: torch.Tensor, side: str, r: int, *, gen: tor
         P = to_projector((yield from rsvd_steps(oriented(G, side), r, oversample, power_iters, gen, comm)), side)
     elif solver == "random" or (solver == "grasswalk" and prev is None):
         P = to_projector((yield from random_columns_steps(d, r, gen, G.device)), side)
+    elif solver == "gaussian":
+        P = to_projector(gaussian_columns(d, r, gen, G.device), side)
     elif solver == "grasswalk":
         P = to_projector((yield from grasswalk_steps(columns(prev, side), geodesic_step, gen)), side)
     else:
@@ -485,9 +488,9 @@ class Timer:
         return False
 
 
-__all__ = ["Comm", "IDENTITY", "SIDES", "PROJ_TYPES", "SOLVERS", "side_for", "projected_dim",
-           "lowrank_shape", "projector_shape", "oriented", "columns", "to_projector", "project", "project_back",
-           "add_project_back_", "derive_seed", "seeded", "svd_projector", "svd_projector_steps", "svd_projectors",
-           "linalg_steps", "orth_columns_steps", "rsvd_columns", "rsvd_steps", "projector_steps", "run_batched",
-           "Request", "random_columns", "grasswalk_columns", "online_pca_grad", "online_pca_update_",
+__all__ = ["Comm", "IDENTITY", "SIDES", "PROJ_TYPES", "SOLVERS", "side_for", "projected_dim", "lowrank_shape",
+           "projector_shape", "oriented", "columns", "to_projector", "project", "project_back", "add_project_back_",
+           "derive_seed", "seeded", "svd_projector", "svd_projector_steps", "svd_projectors", "linalg_steps",
+           "orth_columns_steps", "rsvd_columns", "rsvd_steps", "projector_steps", "run_batched", "Request",
+           "random_columns", "gaussian_columns", "grasswalk_columns", "online_pca_grad", "online_pca_update_",
            "compute_projector"]

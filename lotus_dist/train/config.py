@@ -67,14 +67,14 @@ def _part(key: str, default: Any = None) -> Any:
 @dataclass
 class OptimConfig:
     # A method of docs/algorithms.md section 8: adamw, galore, lotus, lotus_rho, golore, grassjump, grasswalk,
-    # osd, fira, projfactor. The part keys below (defaulting to null) take the method's value when null; their
-    # docs, bounds and allowed values are the optimizer's (optim/options.py OPTIONS).
+    # osd, fira, projfactor, apollo, apollo_mini. The part keys below (defaulting to null) take the method's value
+    # when null; their docs, bounds and allowed values are the optimizer's (optim/options.py OPTIONS).
     name: str = "lotus"
     lr: float = 0.01
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
     eps: float = 1e-6
     weight_decay: float = 0.0
-    rank: int = _part("rank", 128)
+    rank: int = _part("rank", 128)  # apollo_mini's is 1 whatever this says (optim.methods.FIXED_RANKS)
     scale: Optional[float] = _part("scale")
     proj_type: Optional[ProjType] = _part("proj_type")
     solver: Optional[Solver] = _part("solver")

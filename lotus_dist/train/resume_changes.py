@@ -41,7 +41,7 @@ ON_RESUME: dict[str, tuple[str, str]] = {
     "proj_type": (REFUSED, "which side is projected: the shape of the moments and projectors"),
     "granularity": (REFUSED, "projfactor's reshaping: the shape of its state"),
     "switch": (REFUSED, "the switch policy's state (tau/d_init, pe_*) is another one"),
-    "residual": (REFUSED, "Fira's state (fira_norm) exists only with the residual"),
+    "residual": (REFUSED, "another update rule; the limiter's state (fira_norm) exists only with Fira's or APOLLO's"),
     "reference_dtype": (REFUSED, "the form of the stored switch reference (d_init, or int4's codes)"),
 }
 NOT_SETTINGS = ("params", "lr")  # the parameters; lr is the schedule's, re-set before every step

@@ -39,12 +39,12 @@ def model_fingerprint(cfg: Config, vocab_size: int) -> dict:
 def resume_keys(cfg: Config) -> dict:
     """Keys a resumed run must keep: the optimizer state's shapes (projected methods only) and the batch
     geometry the data position and the token count are in. Recorded in every checkpoint (check_compatible)."""
-    from lotus_dist.optim.methods import resolve_parts
+    from lotus_dist.optim.methods import method_rank, resolve_parts
 
     keys = {"train.batch_size": cfg.train.batch_size, "train.seq_len": cfg.train.seq_len}
     parts = resolve_parts(cfg.optim)
     if parts is not None:
-        keys["optim.rank"] = cfg.optim.rank
+        keys["optim.rank"] = method_rank(cfg.optim)
         for key in ("proj_type", "granularity"):
             if parts.get(key) is not None:
                 keys[f"optim.{key}"] = parts[key]
@@ -135,12 +135,13 @@ class Trainer:
 
     def note_rank_clipping(self) -> None:
         """Say once when optim.rank exceeds some matrices' projected side (the optimizer clips it there)."""
-        from lotus_dist.optim.methods import rank_above_size
+        from lotus_dist.optim.methods import method_rank, rank_above_size
 
         clipped = rank_above_size(self.model, self.cfg.optim)
         if clipped:
             name, shape, r = clipped[0]
-            print(f"note: optim.rank={self.cfg.optim.rank} exceeds the projected side of {len(clipped)} matrices "
+            print(f"note: optim.rank={method_rank(self.cfg.optim)} exceeds the projected side of {len(clipped)} "
+                  f"matrices "
                   f"(e.g. {name}, {shape[0]}x{shape[1]}); they are projected at their full side (rank {r}), which "
                   f"saves no memory on them", flush=True)
 

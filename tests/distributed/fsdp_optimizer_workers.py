@@ -28,6 +28,7 @@ from lotus_dist.distributed.runtime import build_mesh
 from lotus_dist.distributed.fsdp_optimizer import build_sharded_optimizer
 from lotus_dist.model.llama import Llama, llama_config
 from lotus_dist.optim import build_optimizer
+from lotus_dist.optim.methods import method_rank
 from lotus_dist.optim.subspace import rsvd_columns
 from lotus_dist.train.config import OptimConfig
 from lotus_dist.train.step import StepEngine
@@ -104,7 +105,8 @@ def sharded_model(mesh, method: str, replicate: int = 1, **extra):
     torch.manual_seed(0)
     model = Llama(CFG).to(DTYPE)
     cfg = optim_cfg(method, **extra)
-    plan = plan_for_model(model, dist.get_world_size(), cfg.rank, solver=cfg.solver or "rsvd", replicate=replicate)
+    plan = plan_for_model(model, dist.get_world_size(), method_rank(cfg), solver=cfg.solver or "rsvd",
+                          replicate=replicate)
     apply_fsdp(model, mesh, plan, log_fn=lambda s: None)
     for module in model.modules():
         if isinstance(module, FSDPModule):

@@ -39,6 +39,8 @@ GLOBAL_BATCH, SEQ, MICRO, LR, CLIP = 12, 16, 2, 0.01, 1.0
 METHOD_OPTS = {
     "lotus": dict(gamma=0.5, verify_gap=3),
     "galore": dict(update_gap=5),
+    "apollo": dict(update_gap=5),
+    "apollo_mini": dict(update_gap=5, scale=1.0),  # at its 128, lr 0.01 is chaotic: 1e-14 apart grows to 0.5
     "adamw": dict(),
 }
 

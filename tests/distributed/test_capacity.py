@@ -168,3 +168,14 @@ def test_lotus_int4_reference_is_planned_from_the_codecs_layout():
     assert planned["bf16"]["switch_state"] == sum(max(s) * 128 * 2 for s in mats)
     assert planned["int4"]["switch_state"] <= 0.10 * (planned["int4"]["moments"] - 2 * 4 * sum(
         p.numel() for n, p in model.named_parameters() if not n.endswith("_proj.weight")))
+
+
+def test_apollo_state_is_galores_at_its_rank_plus_the_limiter_scalar():
+    res, lines = run("model.name=tiny", "dist.world_size=4", "optim.rank=16")
+    matrices = 7 * llama_config("tiny").n_layers
+    assert res["apollo"]["moments"] == res["galore"]["moments"] + matrices * 4
+    assert res["apollo"]["projectors"] == res["galore"]["projectors"]
+    assert res["apollo"]["refresh"] == 0 and res["apollo_mini"]["refresh"] == 0  # drawn from the seed on every rank
+    assert res["apollo_mini"]["moments"] < res["apollo"]["moments"]  # rank 1 whatever optim.rank says
+    assert res["apollo_mini"]["lowrank_step"] == 3 * res["apollo"]["lowrank_step"] > 0
+    assert any(line.startswith("per rank") and "apollo_mini" in line for line in lines)

@@ -63,7 +63,8 @@ def _assert_same(m1, m2, atol=0.0):
             torch.testing.assert_close(p, q, atol=atol, rtol=0, msg=name)
 
 
-@pytest.mark.parametrize("name", ["lotus", "galore", "lotus_rho", "fira", "adamw", "projfactor"])
+@pytest.mark.parametrize("name", ["lotus", "galore", "lotus_rho", "fira", "adamw", "projfactor", "apollo",
+                                  "apollo_mini"])
 def test_per_layer_equals_the_whole_model_step(name):
     batches = _batches(steps=8, micro=1)
     opts = dict(FAST_SWITCHING) if name != "adamw" else {}

@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from lotus_dist.model.llama import Llama, llama_config
-from lotus_dist.optim import METHODS, LowRankAdamW, ProjFactor, build_optimizer, memory_report, switch_report
+from lotus_dist.optim import (METHODS, LowRankAdamW, ProjFactor, build_optimizer, memory_report, route_parameters,
+                              switch_report)
 from lotus_dist.train.config import OptimConfig
 
 SMALL = dict(vocab_size=64, dim=32, n_layers=2, n_heads=2, ffn_dim=48)
@@ -45,7 +46,7 @@ def test_method_table_and_part_overrides():
     adamw = build_optimizer(model, OptimConfig(name="adamw"))
     assert isinstance(adamw, LowRankAdamW) and all("rank" not in g for g in adamw.param_groups)
     assert set(METHODS) == {"adamw", "galore", "lotus", "lotus_rho", "golore", "grassjump", "grasswalk", "osd",
-                            "fira", "projfactor"}
+                            "fira", "projfactor", "apollo", "apollo_mini"}
 
 
 def test_config_errors_name_the_key():
@@ -98,6 +99,22 @@ def test_memory_report_equals_formula(device):
             p.grad = torch.randn_like(p)
         opt.step()
         assert memory_report(opt)["total"] == formula
+
+
+def test_apollo_state_is_galores_plus_one_scalar_and_mini_is_rank_one():
+    """APOLLO holds GaLore's state at its rank plus the limiter's fp32 norm per matrix; APOLLO-Mini projects at rank 1
+    whatever optim.rank says (its rank is part of the method)."""
+    cfg = llama_config("tiny", **SMALL)
+    with torch.device("meta"):
+        model = Llama(cfg)
+    n_matrices = len(route_parameters(model)[0])
+    for name, r in (("apollo", 8), ("apollo_mini", 1)):
+        opt = build_optimizer(model, OptimConfig(name=name, rank=8))
+        assert opt.param_groups[0]["rank"] == r
+        opt.init_state()
+        mem = memory_report(opt)
+        assert mem["moments"] + mem["projectors"] == _formula(model, r)[0]
+        assert mem["other"] == 4 * n_matrices  # fira_norm, the norm-growth limiter's last norm
 
 
 @pytest.mark.parametrize("name", list(METHODS))

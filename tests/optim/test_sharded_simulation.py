@@ -52,6 +52,8 @@ GROUPS = {
     "lotus": dict(solver="rsvd", switch="displacement", gamma=0.5, verify_gap=3),
     "lotus_rho+fira": dict(solver="rsvd", switch="path_efficiency", gamma=0.99, window=3, t_min=3, residual="fira"),
     "grasswalk_rotate": dict(solver="grasswalk", switch="fixed", update_gap=4, moments="rotate"),
+    "apollo": dict(solver="gaussian", switch="fixed", update_gap=4, residual="apollo_channel", scale=1.0),
+    "apollo_mini": dict(solver="gaussian", switch="fixed", update_gap=4, residual="apollo_tensor", scale=128.0),
 }
 
 
