@@ -55,7 +55,7 @@ OPTIONS: dict[str, Option] = {
                                      "projection, not orthonormalised)"),
     "switch": Option(SwitchPolicy, "displacement", "when the basis is refreshed"),
     "update_gap": Option(int, 200, "T of the fixed policy: steps between refreshes"),
-    "gamma": Option(float, None, "threshold of displacement / path_efficiency (None: the policy's own default)"),
+    "gamma": Option(float, None, "threshold of displacement / path_efficiency (None: displacement 2 / update_gap, path_efficiency 0.5)"),
     "verify_gap": Option(int, 50, "eta of the displacement policy: steps between switch checks"),
     "t_min": Option(int, 50, "minimum interval of path_efficiency"),
     "window": Option(int, 50, "w of path_efficiency"),

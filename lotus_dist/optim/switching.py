@@ -94,7 +94,13 @@ class Displacement(Policy):
     """
 
     name = "displacement"
-    default_gamma = 0.01
+
+    def gamma(self, group: dict) -> float:
+        """optim.gamma, or 2 / optim.update_gap when unset (the paper's 0.01 at GaLore's T = 200): the distance
+        shrinks like 2/τ once the unit gradient settles, so this switches at the latest near τ = T, never keeping a
+        basis longer than the fixed schedule would (docs/algorithms.md, Lotus's clock)."""
+        g = group.get("gamma")
+        return 2.0 / group["update_gap"] if g is None else g
 
     def allocate(self, state, shape, side, r, dtype, device, short=None, reference="fp32"):
         state["tau"] = 0
