@@ -10,6 +10,7 @@ import typing
 from dataclasses import dataclass
 from typing import Any, Literal, Optional
 
+from .state_codes import STATE_DTYPES
 from .subspace import PROJ_TYPES, SOLVERS
 from .switching import POLICIES
 
@@ -25,6 +26,7 @@ SwitchPolicy = Literal[tuple(POLICIES)]  # type: ignore[valid-type]
 MomentPolicy = Literal[MOMENT_POLICIES]  # type: ignore[valid-type]
 Residual = Literal[RESIDUALS]  # type: ignore[valid-type]
 ReferenceDtype = Literal[REFERENCE_DTYPES]  # type: ignore[valid-type]
+StateDtype = Literal[STATE_DTYPES]  # type: ignore[valid-type]
 
 REQUIRED = object()  # the "default" of an option every low-rank group must give (its rank)
 
@@ -62,6 +64,8 @@ OPTIONS: dict[str, Option] = {
     "geodesic_step": Option(float, 0.1, "eta_g of grasswalk"),
     "reference_dtype": Option(ReferenceDtype, "bf16", "the displacement policy's stored reference d_init (bf16: "
                                                       "half the bytes; fp32: exact)"),
+    "state_dtype": Option(StateDtype, "fp32", "how the Adam moments of every group (plain ones too) are stored: "
+                                             "fp32, bf16, or int8 block-wise codes (optim/state_codes.py)"),
     "seed": Option(int, 0, "seed of every random basis (with the matrix index and the switch count)",
                    bound="non-negative"),
 }

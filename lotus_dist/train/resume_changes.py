@@ -43,6 +43,7 @@ ON_RESUME: dict[str, tuple[str, str]] = {
     "switch": (REFUSED, "the switch policy's state (tau/d_init, pe_*) is another one"),
     "residual": (REFUSED, "Fira's state (fira_norm) exists only with the residual"),
     "reference_dtype": (REFUSED, "the dtype of the stored switch reference"),
+    "state_dtype": (REFUSED, "the stored moments are another format (fp32, bf16 or int8 codes and scales)"),
 }
 NOT_SETTINGS = ("params", "lr")  # the parameters; lr is the schedule's, re-set before every step
 

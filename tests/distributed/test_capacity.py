@@ -150,3 +150,31 @@ def test_auto_replicates_where_sharding_costs_more():
         chosen = block["lotus"] if key == "shard" else block["lotus+per_layer"]
         column = "lotus" if key == "shard" else "lotus+per_layer"
         assert chosen["total"] == explicit[column]["total"]
+
+
+def test_planned_moments_are_what_the_sharded_optimizer_allocates():
+    """Rank 0's planned moments (fsdp, world 3: uneven rows and the down_proj fallbacks' column slices) equal the
+    bytes of the tensors the sharded optimizer allocates on the same meta model, for every optim.state_dtype; the
+    table has a row for each."""
+    from lotus_dist.distributed.capacity import _mesh, _method_numbers, _model_config, _sharded, fake_process_group
+    from lotus_dist.distributed.fsdp_optimizer import build_sharded_optimizer
+    from lotus_dist.optim import memory_report
+    from lotus_dist.optim.state_codes import STATE_DTYPES
+
+    planned = {}
+    for name in STATE_DTYPES:
+        cfg = load_config(None, ["model.name=tiny", "dist.world_size=3", "optim.rank=16", f"optim.state_dtype={name}"])
+        with fake_process_group(3):
+            mesh = _mesh(3, 1)
+            model, plan = _sharded(cfg, _model_config(cfg), mesh, 3, 1, "lotus")
+            assert plan.fallbacks
+            numbers = _method_numbers(cfg, model, plan, "lotus", 4, 4, "replicate")
+            opt = build_sharded_optimizer(model, cfg.optim, plan, mesh)
+            opt.init_state()
+            assert numbers["moments"] == numbers[f"moments_{name}"] == memory_report(opt)["moments"], name
+        planned[name] = numbers["moments"]
+    assert planned["int8"] < planned["bf16"] < planned["fp32"]
+    res, lines = run("model.name=tiny", "dist.world_size=2", "optim.rank=16", "optim.state_dtype=int8")
+    assert any(line.startswith("  moments at state_dtype=int8") for line in lines)
+    assert res["lotus"]["moments"] == res["lotus"]["moments_int8"] < res["lotus"]["moments_fp32"]
+    assert res["lotus (ddp)"]["moments"] == res["lotus (ddp)"]["moments_int8"]
