@@ -12,6 +12,9 @@
    time per training step is steady + refresh / interval (galore: T = 200; lotus: the interval is adaptive, >= η =
    50 and <= ~2/γ = 200, so it is shown for 50, 100 and 200).
 
+4. codes (--only codes): optim.state_dtype's dequantize-update-requantize of M and V against fp32 and bf16 (time
+   and error of the update), and torchao's 8-bit optimizer state when torchao is importable (not a dependency).
+
     python scripts/bench_optim.py --quick            # small shapes, 2 sizes, few steps
     python scripts/bench_optim.py --shapes 512x1376,2048x5461
 """
@@ -112,6 +115,22 @@ def bench_memory(sizes):
         )
     print("lotus = galore's formula + the displacement policy's d_init (long x r per matrix, in 'other'), stored in"
           " bf16 (optim.reference_dtype, the default); 'lotus fp32 ref' = the exact fp32 d_init.")
+    print("\n## optim.state_dtype: moments and totals (MiB) from the allocated tensors, and the total / galore's fp32 "
+          "formula")
+    print(f"{'model':>11} {'rank':>5} {'method':>7} {'state':>5} {'moments':>9} {'total':>9} {'/formula':>9}")
+    for size in sizes:
+        with torch.device("meta"):
+            model = Llama(llama_config(size))
+        r, formula = RANKS[size], _formula(model, RANKS[size])
+        for name in ("galore", "lotus"):
+            for state in ("fp32", "bf16", "int8"):
+                opt = build_optimizer(model, OptimConfig(name=name, rank=r, state_dtype=state))
+                opt.init_state()
+                mem = memory_report(opt)
+                print(f"{size:>11} {r:>5} {name:>7} {state:>5} {mem['moments'] / 2**20:9.1f} "
+                      f"{mem['total'] / 2**20:9.1f} {mem['total'] / formula:9.3f}")
+    print("int8: codes (1 byte) + one fp32 scale per long-side index (low-rank) or row (plain); projectors and the "
+          "switch reference as configured (optim.projector_dtype / optim.reference_dtype)")
 
 
 def bench_step(steps, size="llama_60m"):
@@ -159,6 +178,76 @@ def bench_step(steps, size="llama_60m"):
           f"interval 50 -> {(lo[0] + lo[1] / 50) / (g[0] + g[1] / 200):.2f}")
 
 
+def bench_codes(reps: int, shape=(4096, 128), steps: int = 100):
+    """optim.state_dtype: one dequantize-update-requantize of Adam's M and V (R-shaped, one block per long-side
+    index) against the in-place fp32 update and bf16; the update's error after ``steps`` EMA steps against fp32;
+    torchao's 8-bit state (torchao.optim) beside it when importable."""
+    from lotus_dist.optim import state_codes as sc
+
+    print(f"\n## moments {shape[0]}x{shape[1]}: dequantize-update-requantize, {torch.get_num_threads()} thread(s), "
+          f"median of {reps}; error of M/(sqrt(V)+eps) after {steps} steps vs fp32 (relative Frobenius, cosine)")
+    rows = torch.logspace(-3, 0, shape[0]).unsqueeze(1)
+    signal = torch.randn(shape, generator=torch.Generator().manual_seed(0))
+    grads = [rows * (signal + 2.0 * torch.randn(shape, generator=torch.Generator().manual_seed(i + 1)))
+             for i in range(steps)]
+
+    def ours(name):
+        st = {}
+        sc.allocate(st, name, shape, lambda dt, scale: torch.zeros(shape[0], 1 if scale else shape[1], dtype=dt),
+                    torch.float32)
+
+        def step(R):
+            M, V = sc.load(st, torch.float32)
+            M.mul_(0.9).add_(R, alpha=0.1)
+            V.mul_(0.999).addcmul_(R, R, value=0.001)
+            N = M / V.sqrt().add_(1e-8)
+            sc.store(st, [M, V])
+            return N
+        return step
+
+    def torchao_state():
+        from torchao.optim.subclass_8bit import OptimState8bit  # noqa: PLC0415 - optional, benchmark only
+
+        M, V = OptimState8bit.zeros(shape, signed=True), OptimState8bit.zeros(shape, signed=False)
+
+        def step(R):
+            m, v = M.dequantize(), V.dequantize()
+            m.mul_(0.9).add_(R, alpha=0.1)
+            v.mul_(0.999).addcmul_(R, R, value=0.001)
+            M.copy_(m)
+            V.copy_(v)
+            return m / v.sqrt().add_(1e-8)
+        return step
+
+    candidates = {"fp32 (in place)": lambda: ours("fp32"), "bf16": lambda: ours("bf16"),
+                  "int8 (ours)": lambda: ours("int8")}
+    try:
+        import torchao  # noqa: F401, PLC0415
+
+        candidates["torchao int8 (eager)"] = torchao_state
+    except ImportError:
+        print("torchao is not installed in this environment: its 8-bit AdamW state is not compared")
+    ref = None
+    print(f"{'state':>22} {'ms/update':>10} {'rel err':>8} {'cosine':>8}")
+    for label, make in candidates.items():
+        try:
+            step = make()
+            for R in grads:
+                N = step(R)
+            times = []
+            for _ in range(reps):
+                t0 = time.perf_counter()
+                step(grads[-1])
+                times.append(time.perf_counter() - t0)
+        except Exception as e:  # an optional library's API that moved
+            print(f"{label:>22} failed: {type(e).__name__}: {e}")
+            continue
+        ref = N if ref is None else ref
+        err = float((N - ref).norm() / ref.norm())
+        cos = float(torch.nn.functional.cosine_similarity(N.flatten(), ref.flatten(), dim=0))
+        print(f"{label:>22} {statistics.median(times) * 1e3:10.2f} {err:8.4f} {cos:8.5f}")
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="small shapes, two model sizes, few steps")
@@ -166,7 +255,7 @@ def main(argv=None):
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--sizes", default=None, help="comma-separated model sizes for the memory table")
-    ap.add_argument("--only", default="basis,memory,step", help="which parts to run")
+    ap.add_argument("--only", default="basis,memory,step", help="which parts to run (and codes: the int8 moments)")
     ap.add_argument("--threads", type=int, default=1, help="intra-op threads (default 1: stable on a shared CPU)")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -183,6 +272,8 @@ def main(argv=None):
         bench_memory(sizes)
     if "step" in parts:
         bench_step(5 if args.quick else args.steps)
+    if "codes" in parts:
+        bench_codes(5 if args.quick else 20)
 
 
 if __name__ == "__main__":

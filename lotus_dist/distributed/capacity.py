@@ -27,6 +27,7 @@ from torch import nn
 from lotus_dist.model.llama import Llama, count_parameters, llama_config, shape_overrides
 from lotus_dist.optim.methods import method_rank, resolve_parts
 from lotus_dist.optim.reference_codes import reference_bytes
+from lotus_dist.optim.state_codes import STATE_DTYPES, moment_bytes
 
 from . import step_time
 from .fsdp import apply_fsdp, mixed_precision
@@ -36,7 +37,7 @@ from .step_time import fsdp_bytes
 
 METHODS = ("adamw", "galore", "lotus", "apollo", "apollo_mini")
 LIMITER_SUMS = {"apollo_channel": 1, "apollo_tensor": 3}  # all-reduced scalars a step: ‖U‖² (and ‖N‖², ‖R‖²)
-STATE_BYTES = 4  # optimizer states and projectors are fp32 (docs/algorithms.md section 4)
+STATE_BYTES = 4  # projectors are fp32, the moments optim.state_dtype's (docs/algorithms.md section 4)
 SWITCH_STATS = 2  # displacement policy: partial sums of |R|^2 and <R, d_init> per matrix
 
 
@@ -96,7 +97,15 @@ def _method_numbers(cfg, model: nn.Module, plan: Plan, method: str, gather_bytes
     owner_refresh = method == "galore" or cfg.optim.refresh == "owner"
     limiter_sums = LIMITER_SUMS.get(parts.get("residual"), 0)
 
+    stored = cfg.optim.state_dtype or "fp32"  # every group's moments (optim/state_codes.py)
     params = grads = moments = switch_state = 0
+    by_dtype = dict.fromkeys(STATE_DTYPES, 0)  # the moments under each optim.state_dtype, for the table
+
+    def add_moments(shape: tuple, numel: int, blocks: int) -> int:
+        for name in STATE_DTYPES:
+            by_dtype[name] += moment_bytes(name, shape, numel, blocks, STATE_BYTES)
+        return moment_bytes(stored, shape, numel, blocks, STATE_BYTES)
+
     step_extra = switch = refresh = 0.0
     owner_in = [0.0] * w
     for name, p in model.named_parameters():
@@ -105,7 +114,8 @@ def _method_numbers(cfg, model: nn.Module, plan: Plan, method: str, gather_bytes
         grads += local.numel() * STATE_BYTES  # FSDP2 casts reduced grads back to the master dtype
         mp = plan.matrices.get(name)
         if mp is None:
-            moments += 2 * local.numel() * STATE_BYTES
+            # FSDP2 shards dim 0: int8 blocks are this rank's rows
+            moments += add_moments(tuple(p.shape), local.numel(), local.shape[0] if local.dim() else 1)
             continue
         m, n = mp.shape
         r = mp.rank
@@ -114,7 +124,8 @@ def _method_numbers(cfg, model: nn.Module, plan: Plan, method: str, gather_bytes
         # sharded, states r×n) a column slice, since R = Σ_i A_iᵀ G_i is reduce-scattered by columns and the update
         # all-gathered (together the bytes of one r×n all-reduce). Rank 0's slice is the largest.
         long_local = math.ceil(n / w) if mp.fallback else local.shape[mp.state_dim]
-        moments += 2 * long_local * r * STATE_BYTES
+        # int8: one block per long-side index (the sharded one); the format follows the global state shape
+        moments += add_moments((mp.shape[mp.state_dim], r), long_local * r, long_local)
         if limiter_sums:  # APOLLO: GaLore's state at its rank plus the limiter's last norm (fira_norm)
             moments += STATE_BYTES
             step_extra += 2 * _ring(w) * limiter_sums * STATE_BYTES
@@ -153,7 +164,7 @@ def _method_numbers(cfg, model: nn.Module, plan: Plan, method: str, gather_bytes
     opt = moments + projector_bytes + switch_state
     return dict(
         params=params, grads=grads, moments=moments, projectors=projector_bytes, switch_state=switch_state,
-        masters=0, optimizer=opt,
+        masters=0, optimizer=opt, **{f"moments_{name}": b for name, b in by_dtype.items()},
         projector_transient=transient, total=params + grads + opt + transient, all_gather=comm["all_gather"],
         reduce_scatter=comm["reduce_scatter"] + comm["all_reduce"],  # HSDP: the replicas' all-reduce too
         lowrank_step=step_extra, projector_gather=gathers, switch_check=switch, refresh=refresh,
@@ -238,12 +249,14 @@ def _ddp_numbers(cfg, mcfg, world: int) -> dict:
     buffers = step_buffer_bytes(layout, accum, weight_bytes, STATE_BYTES)
     rank = max(range(world), key=lambda i: sum(per_rank[i].values()) + buffers[i]["peak"])
     worst = per_rank[rank]
+    by_dtype = _owner_moments_by_dtype(opt, layout, rank)
     params = sum(p.numel() for p in model.parameters()) * weight_bytes
     padded = world * layout.stream
     optimizer = worst["moments"] + worst["projectors"] + worst["switch_state"] + worst["masters"]
     grads = buffers[rank]["peak"]
     return dict(params=params, grads=grads, moments=worst["moments"], projectors=worst["projectors"],
                 switch_state=worst["switch_state"], masters=worst["masters"], optimizer=optimizer, projector_transient=0,
+                **{f"moments_{name}": b for name, b in by_dtype.items()},
                 total=params + grads + optimizer, all_gather=_ring(world) * padded * weight_bytes,
                 reduce_scatter=_ring(world) * padded * STATE_BYTES,
                 lowrank_step=0, projector_gather=0, switch_check=0, refresh=0, once_per_step=True,
@@ -251,6 +264,26 @@ def _ddp_numbers(cfg, mcfg, world: int) -> dict:
                 grads_per_rank=[b["own_grads"] for b in buffers], buffers_per_rank=buffers,
                 largest_bucket=max((b.numel for b in layout.buckets), default=0) * STATE_BYTES,
                 buckets=len(layout.buckets))
+
+
+def _owner_moments_by_dtype(opt, layout, rank: int) -> dict[str, int]:
+    """The moments ``rank`` owns (whole tensors) under each optim.state_dtype, in the layout planned for the
+    configured one: a block is one long-side index of a low-rank moment, one row of a plain parameter's."""
+    groups = {id(p): g for g in opt.param_groups for p in g["params"]}
+    out = dict.fromkeys(STATE_DTYPES, 0)
+    for p, owner in zip(layout.params, layout.owners):
+        if owner != rank:
+            continue
+        group = groups[id(p)]
+        if group.get("rank") is None:
+            shape, blocks = tuple(p.shape), p.shape[0] if p.dim() else 1
+        else:
+            side, r = opt._geometry(p, group)
+            shape = (r, p.shape[1]) if side == "left" else (p.shape[0], r)
+            blocks = shape[1] if side == "left" else shape[0]
+        for name in STATE_DTYPES:
+            out[name] += moment_bytes(name, shape, math.prod(shape), blocks, STATE_BYTES)
+    return out
 
 
 def resume_bytes(numbers: dict, largest_param: int) -> int:
@@ -273,6 +306,7 @@ ROWS = [
     ("params (fp32 shard)", "params"),
     ("grads (fp32 shard)", "grads"),
     ("moments", "moments"),
+    *((f"  moments at state_dtype={name}", f"moments_{name}") for name in STATE_DTYPES),
     ("projectors", "projectors"),
     ("switch reference (d_init)", "switch_state"),
     ("fp32 masters (bf16 weights)", "masters"),

@@ -37,13 +37,14 @@ from lotus_dist.errors import UserError
 from lotus_dist.optim import LowRankAdamW, ProjFactor, build_optimizer
 from lotus_dist.optim.methods import resolve_parts
 from lotus_dist.optim.reference_codes import REFERENCE_KEYS
+from lotus_dist.optim.state_codes import SCALE_KEYS
 
 from .matrix_comm import PROJECTOR_LAYOUTS, MatrixComm, StatsComm
 from .sharding_plan import Plan, choose_projectors, projector_peak_bytes
 
-# Low-rank state tensors shaped like R (the long side kept: a reference's codes and per-index scales too) and like
-# the projector.
-MOMENT_LIKE = frozenset({"exp_avg", "exp_avg_sq", "pe_acc", "pe_sketch"}) | REFERENCE_KEYS
+# Low-rank state tensors shaped like R (the long side kept: a reference's codes and per-index scales, int8 moments'
+# scales: one per long-side index, so sharded like the codes) and like the projector.
+MOMENT_LIKE = frozenset({"exp_avg", "exp_avg_sq", "pe_acc", "pe_sketch"}) | REFERENCE_KEYS | SCALE_KEYS
 PROJECTOR_LIKE = frozenset({"projector", "pca_exp_avg", "pca_exp_avg_sq"})
 
 

@@ -7,26 +7,39 @@ import math
 
 import torch
 
+from . import state_codes
 from .tensors import _local, state_dtype
 
 _FUSED_ADAMW = hasattr(torch, "_fused_adamw_")
 
 
-def _fused(p: torch.Tensor) -> bool:
-    """Whether ``p`` takes torch's fused AdamW kernel: a plain tensor on CPU/CUDA whose states share its dtype (the
-    kernel takes one dtype: a bf16 parameter with fp32 states takes the op-by-op form, computed in fp32)."""
+def _fused(p: torch.Tensor, group: dict) -> bool:
+    """Whether ``p`` takes torch's fused AdamW kernel: a plain tensor on CPU/CUDA whose states are unquantized and
+    share its dtype (the kernel takes one dtype: a bf16 parameter with fp32 states, or int8 / bf16 states of an
+    fp32 one, take the op-by-op form, computed in fp32)."""
+    held = state_codes.stored_as(_state_name(group), tuple(p.shape), state_dtype(p.dtype))
     return (_FUSED_ADAMW and type(_local(p)) in (torch.Tensor, torch.nn.Parameter)
-            and p.device.type in ("cpu", "cuda") and state_dtype(p.dtype) == p.dtype)
+            and p.device.type in ("cpu", "cuda") and held == p.dtype)
+
+
+def _state_name(group: dict) -> str:
+    return group.get("state_dtype", "fp32")  # a group loaded from a checkpoint written before the option: fp32
 
 
 class AdamWStep:
     """``LowRankAdamW``'s plain groups (a mixin of it): their state and their step, on ``self.state``."""
 
-    def _init_adamw_state(self, p: torch.Tensor) -> dict:
+    def _init_adamw_state(self, p: torch.Tensor, group: dict) -> dict:
         st = self.state[p]
         st["step"] = 0
-        st["exp_avg"] = torch.zeros_like(p, dtype=state_dtype(p.dtype), memory_format=torch.preserve_format)
-        st["exp_avg_sq"] = torch.zeros_like(p, dtype=state_dtype(p.dtype), memory_format=torch.preserve_format)
+
+        def zeros(dtype: torch.dtype, scale: bool) -> torch.Tensor:
+            # like p, so a DTensor's states are DTensors sharded as it is; int8: one scale per dim-0 row (the
+            # reduction over the other dims keeps p's Shard(0) placement)
+            like = p.detach().sum(dim=tuple(range(1, p.dim())), keepdim=True) if scale else p
+            return torch.zeros_like(like, dtype=dtype, memory_format=torch.preserve_format)
+
+        state_codes.allocate(st, _state_name(group), tuple(p.shape), zeros, state_dtype(p.dtype))
         return st
 
     def _adamw_group(self, group: dict, params: list[torch.Tensor], found_inf: torch.Tensor | None = None) -> None:
@@ -40,9 +53,9 @@ class AdamWStep:
         buckets: dict[tuple, list[torch.Tensor]] = {}
         loop = []
         for p in params:
-            st = self.state[p] or self._init_adamw_state(p)
+            st = self.state[p] or self._init_adamw_state(p, group)
             st["step"] += 1
-            if _fused(p):
+            if _fused(p, group):
                 buckets.setdefault((p.device, p.dtype, st["step"]), []).append(p)
             else:
                 loop.append(p)
@@ -67,17 +80,20 @@ class AdamWStep:
             )
         if loop and found_inf is not None:
             raise RuntimeError("found_inf needs the fused AdamW kernel for every parameter (see _deferrable)")
-        for p in loop:
+        for p in loop:  # on local shards: elementwise, and a quantized block is one row of the shard
             st = self.state[p]
-            t, M = st["step"], st["exp_avg"]
-            g = p.grad.to(M.dtype)
-            W = p.to(M.dtype)  # a bf16 weight: its update computed in fp32 and rounded once (copied back below)
+            t = st["step"]
+            M, V = state_codes.load(st, state_dtype(p.dtype), _local)  # decoded copies unless stored as fp32
+            g = _local(p.grad).to(M.dtype)
+            local = _local(p)
+            W = local.to(M.dtype)  # a bf16 weight: its update computed in fp32 and rounded once (copied back below)
             W.mul_(1 - lr * wd)
             M.lerp_(g, 1 - beta1)
-            st["exp_avg_sq"].mul_(beta2).addcmul_(g, g, value=1 - beta2)
+            V.mul_(beta2).addcmul_(g, g, value=1 - beta2)
             bc1 = 1 - beta1**t
             bc2_sqrt = math.sqrt(1 - beta2**t)
-            denom = (st["exp_avg_sq"].sqrt() / bc2_sqrt).add_(eps)
+            denom = (V.sqrt() / bc2_sqrt).add_(eps)
             W.addcdiv_(M, denom, value=-lr / bc1)
-            if W is not p:
-                p.copy_(W)
+            if W is not local:
+                local.copy_(W)
+            state_codes.store(st, [M, V], _local)

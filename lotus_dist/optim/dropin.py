@@ -43,7 +43,8 @@ import torch
 from .lowrank import LowRankAdamW
 from .methods import METHODS
 from .subspace import PROJ_TYPES, Comm
-from .tensors import _local
+from . import state_codes
+from .tensors import _local, state_dtype
 
 GALORE_PROJ_TYPES = PROJ_TYPES  # galore-torch 1.0 also has "full" (both sides), not supported here
 
@@ -139,10 +140,11 @@ class _DropIn(LowRankAdamW):
             g = _local(p.grad)
             if g.is_sparse:
                 raise RuntimeError(f"{type(self).__name__} does not support sparse gradients")
-            st = self.state[p] or self._init_adamw_state(p)
+            st = self.state[p] or self._init_adamw_state(p, group)
             st["step"] += 1
             t = st["step"]
-            W, M, V = _local(p), _local(st["exp_avg"]), _local(st["exp_avg_sq"])
+            W = _local(p)
+            M, V = state_codes.load(st, state_dtype(p.dtype), _local)  # decoded copies unless stored as fp32
             g = g.to(M.dtype)
             Wf = W.to(M.dtype)  # a bf16 weight: its update computed in fp32 and rounded once (copied back below)
             M.mul_(beta1).add_(g, alpha=1.0 - beta1)
@@ -154,6 +156,7 @@ class _DropIn(LowRankAdamW):
                 Wf.add_(Wf, alpha=-lr * wd)
             if Wf is not W:
                 W.copy_(Wf)
+            state_codes.store(st, [M, V], _local)
 
     @staticmethod
     def _step_size(group: dict, t: int) -> float:

@@ -29,6 +29,7 @@ from torch.optim import Optimizer
 
 from lotus_dist.counters import to_host
 
+from . import state_codes
 from .adamw_step import AdamWStep
 from .apollo import APOLLO_RESIDUALS, apollo_scaling
 from .fira_online_pca import FiraAndOnlinePCA, limit_growth
@@ -100,6 +101,9 @@ class LowRankAdamW(UnitStepping, BasisRefresh, FiraAndOnlinePCA, AdamWStep, Opti
             check_options(param_group)
         else:
             param_group.pop("rank", None)
+            # a plain group's moments follow optim.state_dtype too (its only low-rank option)
+            param_group.setdefault("state_dtype", self.lowrank_defaults["state_dtype"])
+            check_options({"state_dtype": param_group["state_dtype"]})
         super().add_param_group(param_group)
         param_group.setdefault("initial_lr", param_group["lr"])  # lr_0 of online_pca's projector lr
         self._indices = self._groups = None
@@ -149,8 +153,14 @@ class LowRankAdamW(UnitStepping, BasisRefresh, FiraAndOnlinePCA, AdamWStep, Opti
         st["index"] = self._index_of(p)
         st["n_bases"] = 0
         st["solver_fallbacks"] = 0  # solves that failed (degenerate gradient) and kept the previous basis
-        st["exp_avg"] = torch.zeros(lowrank_shape(piece, side, r), dtype=dtype, device=device)
-        st["exp_avg_sq"] = torch.zeros(lowrank_shape(piece, side, r), dtype=dtype, device=device)
+        local, r_dim = lowrank_shape(piece, side, r), 0 if side == "left" else 1
+
+        def zeros(dt: torch.dtype, scale: bool) -> torch.Tensor:  # int8: one scale per long-side index
+            return torch.zeros([1 if scale and d == r_dim else n for d, n in enumerate(local)], dtype=dt,
+                               device=device)
+
+        full = lowrank_shape(tuple(p.shape), side, r)  # the global state's shape decides its format
+        state_codes.allocate(st, group.get("state_dtype", "fp32"), full, zeros, dtype)
         # the projector follows the global matrix (p.shape is global for a DTensor); the Comm decides what part
         # of it this rank stores (all of it, or a 1/W slice)
         stored = self.comm_for(p).projector_storage(projector_shape(tuple(p.shape), side, r))
@@ -174,8 +184,9 @@ class LowRankAdamW(UnitStepping, BasisRefresh, FiraAndOnlinePCA, AdamWStep, Opti
 
     def load_state_dict(self, state_dict: dict) -> None:
         """torch's load, except that the states keep the dtype ``state_dtype`` gives them (fp32 statistics, the
-        switch reference its own: bf16, the state's, or uint8 codes): torch casts every floating state tensor to the parameter's, which would make a
-        bf16-parameter resume keep bf16 moments and projectors, and a bf16 reference grow back to fp32."""
+        switch reference its own (bf16, the state's, or uint8 codes), stored moments their codes', scales' or bf16, optim/state_codes.py): torch casts
+        every state tensor to the parameter's dtype, which would make a bf16-parameter resume keep bf16 moments
+        and projectors, a bf16 reference grow back to fp32 and int8 codes become floats."""
         state = dict(state_dict["state"])
         # saved keys (ints, or FQNs when DCP's set_state_dict calls us) map to parameters by group order, as in torch
         saved = [k for group in state_dict["param_groups"] for k in group["params"]]
@@ -188,8 +199,9 @@ class LowRankAdamW(UnitStepping, BasisRefresh, FiraAndOnlinePCA, AdamWStep, Opti
                 # a sharded checkpoint hands projected-matrix state over as DTensors; the step runs on local tensors
                 st = state[key] = {k: _local(v) for k, v in st.items()}
             promoted = p is not None and state_dtype(p.dtype) != p.dtype
-            extra = {k: v for k, v in st.items() if k in FP32_KEYS | OWN_DTYPE_KEYS or (
-                promoted and k != "step" and torch.is_tensor(v) and v.is_floating_point())} if p is not None else {}
+            extra = {k: v for k, v in st.items() if k in FP32_KEYS | OWN_DTYPE_KEYS or (torch.is_tensor(v) and (
+                state_codes.keeps_dtype(k, v) or promoted and k != "step" and v.is_floating_point()))
+            } if p is not None else {}
             if extra:
                 kept[key] = extra
                 state[key] = {k: v for k, v in st.items() if k not in extra}
@@ -198,7 +210,8 @@ class LowRankAdamW(UnitStepping, BasisRefresh, FiraAndOnlinePCA, AdamWStep, Opti
         for key, extra in kept.items():
             p = params[key]
             for k, v in extra.items():
-                dtype = torch.float32 if k in FP32_KEYS else v.dtype if k in OWN_DTYPE_KEYS else state_dtype(p.dtype)
+                dtype = (torch.float32 if k in FP32_KEYS else v.dtype if k in OWN_DTYPE_KEYS
+                         or state_codes.keeps_dtype(k, v) else state_dtype(p.dtype))
                 self.state[p][k] = v.to(device=p.device, dtype=dtype)
 
     def _projected_ids(self) -> set[int]:
@@ -211,7 +224,7 @@ class LowRankAdamW(UnitStepping, BasisRefresh, FiraAndOnlinePCA, AdamWStep, Opti
             for p in group["params"]:
                 if not self.state[p]:
                     if group.get("rank") is None:
-                        self._init_adamw_state(p)
+                        self._init_adamw_state(p, group)
                     else:
                         self._init_lowrank_state(p, group)
 
@@ -392,7 +405,8 @@ class LowRankAdamW(UnitStepping, BasisRefresh, FiraAndOnlinePCA, AdamWStep, Opti
         # Low-rank Adam (GaLore's code semantics: eps outside the sqrt, bias correction in the step size).
         beta1, beta2 = group["betas"]
         st["step"] += 1
-        M, V = st["exp_avg"], st["exp_avg_sq"]
+        # the stored moments, or fp32 copies decoded from bf16 / int8 codes (stored back below)
+        M, V = state_codes.load(st, state_dtype(job.p.dtype))
         if ok is None:
             M.mul_(beta1).add_(R, alpha=1.0 - beta1)
             V.mul_(beta2).addcmul_(R, R, value=1.0 - beta2)
@@ -402,7 +416,9 @@ class LowRankAdamW(UnitStepping, BasisRefresh, FiraAndOnlinePCA, AdamWStep, Opti
             R = torch.where(ok, R, torch.zeros((), dtype=R.dtype, device=R.device))
             M.mul_(torch.where(ok, torch.full_like(one, beta1), one)).add_(R, alpha=1.0 - beta1)
             V.mul_(torch.where(ok, torch.full_like(one, beta2), one)).addcmul_(R, R, value=1.0 - beta2)
-        return M / V.sqrt().add_(group["eps"])
+        N = M / V.sqrt().add_(group["eps"])
+        state_codes.store(st, [M, V], keep=None if ok is None else ~ok)  # a masked unit keeps its codes exactly
+        return N
 
     @staticmethod
     def _step_size(group: dict, t: int) -> float:

@@ -120,9 +120,12 @@ def build_optimizer(model: nn.Module, optim_cfg, names: Mapping[torch.Tensor, st
     if len(betas) != 2:
         raise ValueError(f"optim.betas: expected two numbers, got {list(betas)}")
     projected, plain = route_parameters(model)
+    # every group's moments, plain ones too (the plain groups take it as the optimizer's default)
+    stored = {"state_dtype": getattr(optim_cfg, "state_dtype", None) or LOWRANK_DEFAULTS["state_dtype"]}
+    check_options(stored, prefix="optim.")
     if parts is None:
         groups = [{"params": [p for _, p in projected + plain]}]
-        opt = LowRankAdamW(groups, lr=lr, betas=betas, eps=eps, weight_decay=wd)
+        opt = LowRankAdamW(groups, lr=lr, betas=betas, eps=eps, weight_decay=wd, **stored)
     else:
         cls = ProjFactor if optim_cfg.name == "projfactor" else LowRankAdamW
         groups = []
@@ -137,7 +140,7 @@ def build_optimizer(model: nn.Module, optim_cfg, names: Mapping[torch.Tensor, st
                         f"optim.granularity: {parts['granularity']} does not divide the input dimension "
                         f"{p.shape[1]} of {name}"
                     )
-        opt = cls(groups, lr=lr, betas=betas, eps=eps, weight_decay=wd)
+        opt = cls(groups, lr=lr, betas=betas, eps=eps, weight_decay=wd, **stored)
     given = {id(p): n for p, n in (names or {}).items()}
     opt.param_names = {id(p): given.get(id(p), n) for n, p in projected + plain}
     if getattr(optim_cfg, "refresh_batch_mb", None) is not None:  # else LowRankAdamW's REFRESH_BATCH_BYTES

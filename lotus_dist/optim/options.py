@@ -12,6 +12,7 @@ from typing import Any, Literal, Optional
 
 from .apollo import APOLLO_RESIDUALS
 from .reference_codes import REFERENCE_DTYPES
+from .state_codes import STATE_DTYPES
 from .subspace import PROJ_TYPES, SOLVERS
 from .switching import POLICIES
 
@@ -29,6 +30,7 @@ SwitchPolicy = Literal[tuple(POLICIES)]  # type: ignore[valid-type]
 MomentPolicy = Literal[MOMENT_POLICIES]  # type: ignore[valid-type]
 Residual = Literal[RESIDUALS]  # type: ignore[valid-type]
 ReferenceDtype = Literal[REFERENCE_DTYPES]  # type: ignore[valid-type]
+StateDtype = Literal[STATE_DTYPES]  # type: ignore[valid-type]
 
 REQUIRED = object()  # the "default" of an option every low-rank group must give (its rank)
 
@@ -70,6 +72,8 @@ OPTIONS: dict[str, Option] = {
     "reference_dtype": Option(ReferenceDtype, "bf16", "the displacement policy's stored reference d_init (bf16: "
                                                       "half the bytes; fp32: exact; int4: 4-bit codes per "
                                                       "long-side index, 1/16 of the moments' bytes)"),
+    "state_dtype": Option(StateDtype, "fp32", "how the Adam moments of every group (plain ones too) are stored: "
+                                             "fp32, bf16, or int8 block-wise codes (optim/state_codes.py)"),
     "seed": Option(int, 0, "seed of every random basis (with the matrix index and the switch count)",
                    bound="non-negative"),
 }

@@ -13,6 +13,7 @@ import math
 
 import torch
 
+from . import state_codes
 from .lowrank import LowRankAdamW
 from .subspace import derive_seed, seeded
 from .tensors import state_dtype
@@ -49,7 +50,9 @@ class ProjFactor(LowRankAdamW):
         st["index"] = self._index_of(p)
         st["n_bases"] = 0
         dtype = state_dtype(p.dtype)  # fp32 at least, as every optimizer state
-        st["exp_avg"] = torch.zeros(rows, r, dtype=dtype, device=p.device)
+        # exp_avg in optim.state_dtype (int8: one scale per row); the factored v_row / v_col stay in dtype
+        state_codes.allocate(st, group.get("state_dtype", "fp32"), (rows, r), lambda dt, scale: torch.zeros(
+            rows, 1 if scale else r, dtype=dt, device=p.device), dtype, keys=("exp_avg",))
         st["v_row"] = torch.zeros(rows, dtype=dtype, device=p.device)
         st["v_col"] = torch.zeros(cols, dtype=dtype, device=p.device)
         return st
@@ -86,8 +89,9 @@ class ProjFactor(LowRankAdamW):
         t = st["step"]
         Gr = p.grad.reshape(rows, cols).to(Pt.dtype)
         Gt = Gr @ Pt  # (m·c) x r
-        M = st["exp_avg"]
+        (M,) = state_codes.load(st, state_dtype(p.dtype), keys=("exp_avg",))
         M.mul_(beta1).add_(Gt, alpha=1 - beta1)
+        state_codes.store(st, [M], keys=("exp_avg",))
         G_hat_sq = (Gt @ Pt.T).square_()
         st["v_row"].mul_(beta2).add_(G_hat_sq.sum(dim=1), alpha=1 - beta2)
         st["v_col"].mul_(beta2).add_(G_hat_sq.sum(dim=0), alpha=1 - beta2)

@@ -7,6 +7,7 @@ import torch
 
 from lotus_dist.counters import to_host
 
+from . import state_codes
 from .job import _Job
 from .refresh_batches import cut_batches, workspace_bytes
 from .subspace import columns, compute_projector, derive_seed, projector_steps, run_batched
@@ -87,14 +88,13 @@ class BasisRefresh:
         mode = group["moments"]
         if mode == "keep":
             return
-        M, V = st["exp_avg"], st["exp_avg_sq"]
-        if mode == "reset":
-            M.zero_()
-            V.zero_()
+        if mode == "reset":  # zero codes and scales decode to zero moments
+            for key in state_codes.STORED_KEYS & set(st):
+                st[key].zero_()
             return
         beta1, beta2 = group["betas"]
         S_old, S_new = columns(old, side).float(), columns(new, side).float()
-        Mf, Vf = M.float(), V.float()
+        Mf, Vf = state_codes.load(st, torch.float32)  # fp32 copies, or the fp32 state itself (read only here)
         # left: C = S_newᵀ S_old acts on M's rows (r x n); right: C = S_oldᵀ S_new (= B_old B_newᵀ) on its columns
         C = S_new.T @ S_old if side == "left" else S_old.T @ S_new
 
@@ -109,5 +109,4 @@ class BasisRefresh:
             s = st["step"]
             b1, b2 = 1 - beta1**s, 1 - beta2**s
             V_new = (rotate(Vf / b2 - Mf.square() / b1**2, square=True) + CM.square() / b1**2).abs_().mul_(b2)
-        M.copy_(CM)
-        V.copy_(V_new)
+        state_codes.store(st, [CM, V_new])  # into the stored moments (requantized under int8)

@@ -6,10 +6,11 @@ import torch
 from torch.optim import Optimizer
 
 from .reference_codes import REFERENCE_KEYS
+from .state_codes import SCALE_KEYS
 from .tensors import _local
 
 # memory_report's classes of state tensors
-MOMENT_KEYS = frozenset({"exp_avg", "exp_avg_sq", "v_row", "v_col"})
+MOMENT_KEYS = frozenset({"exp_avg", "exp_avg_sq", "v_row", "v_col"}) | SCALE_KEYS  # int8: codes and scales
 PROJECTOR_KEYS = frozenset({"projector"})
 
 

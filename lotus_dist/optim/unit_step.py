@@ -98,7 +98,7 @@ class UnitStepping:
         with a policy and method whose state a device mask covers (not Fira, online PCA or path efficiency)."""
         if not _FUSED_ADAMW:
             return False
-        if not all(_fused(p) for _, ps in plain for p in ps):
+        if not all(_fused(p, group) for group, ps in plain for p in ps):
             return False
         for job in jobs:
             group, st = job.group, job.state
@@ -128,7 +128,7 @@ class UnitStepping:
                 g.mul_(coef.to(g.dtype))
             for job in jobs:
                 job.R.mul_(coef.to(job.R.dtype))
-        states = [self.state[p] or self._init_adamw_state(p) for _, ps in plain for p in ps]
+        states = [self.state[p] or self._init_adamw_state(p, group) for group, ps in plain for p in ps]
         counters = [(st, st["step"], st.get("tau")) for st in states + [job.state for job in jobs]]
         for group, ps in plain:
             self._adamw_group(group, ps, found_inf=(~ok).float())

@@ -343,6 +343,12 @@ def main(options: dict, workdir: Path, rt) -> None:
         shapes = [None] * world  # each rank's share of the down_proj state (a fallback at world 3)
         dist.all_gather_object(shapes, list(down["exp_avg"].shape))
         result[f"{key}.fallback_state"] = shapes
+        if "exp_avg_scale" in down:  # optim.state_dtype=int8: the codes' scales, sharded like them
+            dist.all_gather_object(shapes, list(down["exp_avg_scale"].shape))
+            result[f"{key}.fallback_scale"] = shapes
+            gate = opt.state[dict(model.named_parameters())["layers.0.mlp.gate_proj.weight"]]
+            result[f"{key}.state_dtypes"] = {"layers.0.mlp.gate_proj.weight": {
+                k: str(v.dtype) for k, v in gate.items() if k.startswith("exp_avg")}}
         result[f"{key}.decisions_agree"] = all(l == logs[0] for l in logs)
         result[f"{key}.decisions"] = log
         result[f"{key}.budget"] = record if rank == 0 else None

@@ -28,6 +28,7 @@ from lotus_dist.train.metrics import read_metrics
 from pretrain_launch import REPO, SMALL, launch
 
 METHODS = ("lotus", "galore", "adamw")
+DDP_VARIANTS = ("lotus_int8",)  # run in ddp mode only (owner_workers.METHOD_OPTS)
 LOSS_TOL, PARAM_TOL = 1e-5, 5e-4  # see test_owner.py's docstring
 STEPS, SAVE_AT = 30, 15
 ONE_MICRO_STEPS = 4  # the ddp run with one micro-batch per step (gradients wait for their buckets)
@@ -62,7 +63,7 @@ def ckpt(mode: str, method: str, world: int) -> str:
 
 
 def _refs() -> str:
-    for method in METHODS:
+    for method in METHODS + DDP_VARIANTS:
         path = workdir() / f"ref_{method}.pt"
         if not path.exists():
             torch.save(reference(method), path)
@@ -72,6 +73,7 @@ def _refs() -> str:
 @functools.cache
 def world2() -> dict:
     opts = {"entry": "owner_workers", "tag": "w2", "methods": list(METHODS), "modes": modes(), "steps": STEPS,
+            "ddp_methods": list(DDP_VARIANTS),
             "save_at": SAVE_AT, "refs": _refs(), "one_micro_batch": ONE_MICRO_STEPS, "accum_bf16": 4}
     return run_workers(2, opts, workdir())
 
@@ -110,6 +112,7 @@ def world3() -> dict:
             [ckpt("deepspeed", "lotus", 2), "fsdp", "lotus", SAVE_AT, True],
         ]
     opts = {"entry": "owner_workers", "tag": "w3", "methods": list(METHODS), "modes": modes(), "steps": STEPS,
+            "ddp_methods": list(DDP_VARIANTS),
             "resume": resume, "refs": _refs(), "one_micro_batch": ONE_MICRO_STEPS, "accum_bf16": 4}
     return run_workers(3, opts, workdir())
 

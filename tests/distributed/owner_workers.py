@@ -42,11 +42,15 @@ METHOD_OPTS = {
     "apollo": dict(update_gap=5),
     "apollo_mini": dict(update_gap=5, scale=1.0),  # at its 128, lr 0.01 is chaotic: 1e-14 apart grows to 0.5
     "adamw": dict(),
+    # int8 moments (optim.state_dtype) at rank 32: the gate/up/down moments (172 x 32) are codes, and the embedding's
+    # and lm_head's, row by row
+    "lotus_int8": dict(gamma=0.5, verify_gap=3, state_dtype="int8", rank=32),
 }
+VARIANT_OF = {"lotus_int8": "lotus"}  # a run key -> its method
 
 
 def optim_cfg(method: str) -> OptimConfig:
-    return OptimConfig(name=method, lr=LR, rank=8, **METHOD_OPTS.get(method, {}))
+    return OptimConfig(**{"name": VARIANT_OF.get(method, method), "lr": LR, "rank": 8, **METHOD_OPTS.get(method, {})})
 
 
 def run_cfg(method: str, world: int) -> Config:
@@ -254,10 +258,12 @@ def main(options: dict, workdir: Path) -> None:
             refs[method] = torch.load(path) if path.exists() else reference(method, steps)
         return refs[method]
 
-    for method in options.get("methods", []):
+    runs = [(m, options.get("modes", [])) for m in options.get("methods", [])]
+    runs += [(m, ["ddp"]) for m in options.get("ddp_methods", [])]  # variants run in ddp mode only
+    for method, mode_names in runs:
         ref = ref_of(method)
         result.setdefault("ref", {})[method] = {"switches": ref["switches"], "bytes": ref["bytes"]}
-        for mode_name in options.get("modes", []):
+        for mode_name in mode_names:
             mode, ctx, model, opt = build(mode_name, method, rt)
             built.append(mode)
             ckpt = workdir / "ckpt" / f"{mode_name}_{method}_w{world}"

@@ -179,3 +179,31 @@ def test_apollo_state_is_galores_at_its_rank_plus_the_limiter_scalar():
     assert res["apollo_mini"]["moments"] < res["apollo"]["moments"]  # rank 1 whatever optim.rank says
     assert res["apollo_mini"]["lowrank_step"] == 3 * res["apollo"]["lowrank_step"] > 0
     assert any(line.startswith("per rank") and "apollo_mini" in line for line in lines)
+
+
+def test_planned_moments_are_what_the_sharded_optimizer_allocates():
+    """Rank 0's planned moments (fsdp, world 3: uneven rows and the down_proj fallbacks' column slices) equal the
+    bytes of the tensors the sharded optimizer allocates on the same meta model, for every optim.state_dtype; the
+    table has a row for each."""
+    from lotus_dist.distributed.capacity import _mesh, _method_numbers, _model_config, _sharded, fake_process_group
+    from lotus_dist.distributed.fsdp_optimizer import build_sharded_optimizer
+    from lotus_dist.optim import memory_report
+    from lotus_dist.optim.state_codes import STATE_DTYPES
+
+    planned = {}
+    for name in STATE_DTYPES:
+        cfg = load_config(None, ["model.name=tiny", "dist.world_size=3", "optim.rank=16", f"optim.state_dtype={name}"])
+        with fake_process_group(3):
+            mesh = _mesh(3, 1)
+            model, plan = _sharded(cfg, _model_config(cfg), mesh, 3, 1, "lotus")
+            assert plan.fallbacks
+            numbers = _method_numbers(cfg, model, plan, "lotus", 4, 4, "replicate")
+            opt = build_sharded_optimizer(model, cfg.optim, plan, mesh)
+            opt.init_state()
+            assert numbers["moments"] == numbers[f"moments_{name}"] == memory_report(opt)["moments"], name
+        planned[name] = numbers["moments"]
+    assert planned["int8"] < planned["bf16"] < planned["fp32"]
+    res, lines = run("model.name=tiny", "dist.world_size=2", "optim.rank=16", "optim.state_dtype=int8")
+    assert any(line.startswith("  moments at state_dtype=int8") for line in lines)
+    assert res["lotus"]["moments"] == res["lotus"]["moments_int8"] < res["lotus"]["moments_fp32"]
+    assert res["lotus (ddp)"]["moments"] == res["lotus (ddp)"]["moments_int8"]

@@ -26,6 +26,9 @@ Q = sw.OPTIM["power_iters"]
 METHODS = ("lotus", "galore", "adamw")
 RHO = dict(window=4, t_min=4, gamma=0.6)  # lotus_rho (path_efficiency): some windows switch, some do not
 INT4 = dict(reference_dtype="int4")  # the compact switch reference: codes per long-side index, sharded like a moment
+# optim.state_dtype=int8 at rank 32: the gate/up/down moments (172 x 32) are int8 codes, q/k/v/o's (64 x 32, under
+# 4096 elements) stay fp32, the embedding's and lm_head's are coded row by row
+INT8 = dict(state_dtype="int8", rank=32)
 
 
 @pytest.fixture(scope="module")
@@ -34,6 +37,7 @@ def references():
     out["rho"] = sw.reference_run("lotus_rho", **RHO)
     out["fira"] = sw.reference_run("fira")
     out["int4"] = sw.reference_run("lotus", **INT4)
+    out["int8"] = sw.reference_run("lotus", **INT8)
     for m in ("lotus", "galore", "rho", "fira", "int4"):
         assert out[m][1][-1] and min(out[m][1][-1]) >= 2, f"{m}: the run must switch bases: {out[m][1][-1]}"
     return out
@@ -52,7 +56,9 @@ def world2(tmp_path_factory):
     ckpt = work / "ckpt_lotus_w2"
     extra = [{"key": "lotus_saved", "method": "lotus", "save": str(ckpt), "same_world_resume": True},
              {"key": "lotus_shardproj", "method": "lotus", "extra": {"projectors": "shard"}},
-             {"key": "int4", "method": "lotus", "extra": INT4, "save": str(work / "ckpt_int4_w2")}]
+             {"key": "int4", "method": "lotus", "extra": INT4, "save": str(work / "ckpt_int4_w2")},
+             {"key": "int8", "method": "lotus", "extra": INT8, "save": str(work / "ckpt_int8_w2"),
+              "same_world_resume": True}]
     res, params = _launch(2, work, extra, peak=True)
     return work, ckpt, res, params
 
@@ -64,7 +70,9 @@ def world3(world2):
              {"key": "lotus_shardproj", "method": "lotus", "extra": {"projectors": "shard"}},
              {"key": "rho", "method": "lotus_rho", "extra": RHO},
              {"key": "fira", "method": "fira"},  # its residual needs the fallback's whole R and N: all-gathered
-             {"key": "int4_resumed", "method": "lotus", "extra": INT4, "resume": str(work / "ckpt_int4_w2")}]
+             {"key": "int4_resumed", "method": "lotus", "extra": INT4, "resume": str(work / "ckpt_int4_w2")},
+             {"key": "int8", "method": "lotus", "extra": INT8},
+             {"key": "int8_resumed", "method": "lotus", "extra": INT8, "resume": str(work / "ckpt_int8_w2")}]
     return _launch(3, work, extra)
 
 
@@ -286,3 +294,32 @@ def test_owner_refresh_replaces_only_an_rsvd_solver(name, solver, refresh, repla
     from lotus_dist.train.config import OptimConfig
 
     assert owner_refresh_replaces_rsvd(OptimConfig(name=name, solver=solver, refresh=refresh)) is replaced
+
+
+def _check_int8(res, params, references, key, resumed: bool = False):
+    ref_params, ref_log = references["int8"]
+    assert _rel_diff(params[key], ref_params) < TOL, key
+    assert res[f"{key}.decisions_agree"], key
+    assert res[f"{key}.decisions"] == (ref_log[sw.SAVE_AT:] if resumed else ref_log), key
+
+
+def test_int8_states_shard_resume_and_reshard_like_one_process(world2, world3, references):
+    """optim.state_dtype=int8 under fsdp: 2 ranks and 3 (uneven, the down_proj fallbacks' r x 172 codes and
+    scales sharded by columns 58/58/56) follow the one-process int8 run; its codes and scales are DTensors sharded
+    along the long side; saved at 2 ranks it resumes bit for bit at 2 and continues the trajectory at 3."""
+    res2, params2 = world2[2], world2[3]
+    res3, params3 = world3
+    assert min(references["int8"][1][-1]) >= 2, "the int8 run must switch bases"
+    _check_int8(res2, params2, references, "int8")
+    _check_int8(res3, params3, references, "int8")
+    _check_int8(res3, params3, references, "int8_resumed", resumed=True)
+    kinds = res2["int8.state_kinds"]
+    gate, emb = kinds["layers.0.mlp.gate_proj.weight"], kinds["embed_tokens.weight"]
+    assert gate["exp_avg"] == gate["exp_avg_scale"] == gate["exp_avg_sq_scale"] == "(Shard(dim=0),)"
+    assert emb["exp_avg_scale"] == emb["exp_avg_sq"] == "(Shard(dim=0),)"
+    assert res2["int8.state_dtypes"]["layers.0.mlp.gate_proj.weight"] == {
+        "exp_avg": "torch.int8", "exp_avg_sq": "torch.uint8", "exp_avg_scale": "torch.float32",
+        "exp_avg_sq_scale": "torch.float32"}
+    assert res3["int8.fallback_scale"] == [[1, c] for c in (58, 58, 56)]
+    straight, resumed = params2["int8"], params2["int8.resumed"]
+    assert all(torch.equal(straight[k], resumed[k]) for k in straight)

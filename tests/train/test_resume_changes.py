@@ -144,7 +144,7 @@ def test_every_param_group_key_of_every_method_is_in_the_table():
     keys |= {k for parts in METHODS.values() if parts for k in parts}
     assert keys <= set(ON_RESUME), sorted(keys - set(ON_RESUME))
     assert {k for k, (what, _) in ON_RESUME.items() if what == REFUSED} == {
-        "rank", "proj_type", "granularity", "switch", "residual", "reference_dtype"}
+        "rank", "proj_type", "granularity", "switch", "residual", "reference_dtype", "state_dtype"}
 
 
 def test_a_resume_does_not_need_the_init_from_folder(tmp_path, small_overrides, capsys):

@@ -4,6 +4,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from lotus_dist.train.metrics import read_metrics
 from pretrain_runs import REPO, run, trajectory  # tests/ is on sys.path (pyproject's pythonpath)
@@ -26,6 +27,30 @@ def test_resumed_run_is_bitwise_identical(tmp_path, small_overrides, method, asy
     assert straight[-1]["switches"] > trajectory(tmp_path / "straight", 20, 20)[0]["switches"], "no switch after resume"
     # The whole file, not only its tail: nothing logged twice or lost around the resume point.
     assert [l["step"] for l in read_metrics(tmp_path / "resumed")] == list(range(1, 41))
+
+
+def test_int8_states_resume_bitwise(tmp_path, small_overrides):
+    """optim.state_dtype=int8 (rank 32: the MLP moments, 172 x 32, and the embedding's are codes): 30 steps straight
+    vs. 15 + resumed to 30 are identical, the checkpoint holds int8 / uint8 codes and fp32 scales, and the run holds
+    fewer optimizer bytes than the fp32 one."""
+    from torch.distributed.checkpoint import FileSystemReader
+
+    common = small_overrides + ["train.steps=30", "train.eval_every=10", "checkpoint.every=15", "optim.name=lotus",
+                                "optim.rank=32", "optim.verify_gap=5", "optim.gamma=0.1", "optim.state_dtype=int8"]
+    assert run(common + [f"run.dir={tmp_path / 'straight'}"]) == 0
+    assert run(common + [f"run.dir={tmp_path / 'resumed'}", "train.stop_at=15"]) == 0
+    assert run(common + [f"run.dir={tmp_path / 'resumed'}"]) == 0
+    straight, resumed = trajectory(tmp_path / "straight", 16, 30), trajectory(tmp_path / "resumed", 16, 30)
+    assert len(straight) == 15 and straight == resumed
+    assert straight[-1]["switches"] > trajectory(tmp_path / "straight", 15, 15)[0]["switches"], "no switch after resume"
+    meta = FileSystemReader(str(tmp_path / "resumed" / "checkpoints" / "step_00000015")).read_metadata()
+    dtypes = {k: v.properties.dtype for k, v in meta.state_dict_metadata.items() if hasattr(v, "properties")}
+    gate = "optim.state.layers.0.mlp.gate_proj.weight."
+    assert dtypes[gate + "exp_avg"] == torch.int8 and dtypes[gate + "exp_avg_sq"] == torch.uint8
+    assert dtypes[gate + "exp_avg_scale"] == torch.float32
+    assert dtypes["optim.state.embed_tokens.weight.exp_avg"] == torch.int8
+    assert run(common[:-1] + [f"run.dir={tmp_path / 'fp32'}", "train.steps=1"]) == 0
+    assert straight[0]["optimizer_state_bytes"] < trajectory(tmp_path / "fp32")[0]["optimizer_state_bytes"]
 
 
 def test_training_lowers_validation_loss(tmp_path, small_overrides):
