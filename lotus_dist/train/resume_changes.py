@@ -16,6 +16,7 @@ import json
 from pathlib import Path
 
 from lotus_dist.errors import UserError
+from lotus_dist.optim.options import LOWRANK_DEFAULTS
 
 APPLIED, REFUSED = "applied", "refused"
 
@@ -77,7 +78,8 @@ def changes(saved: list[dict], run: list[dict], path: Path) -> list[str]:
     applied: dict[str, str] = {}
     for old_group, new_group in zip(saved, run):
         for key in sorted(set(old_group) | set(new_group)):
-            old, new = old_group.get(key), new_group.get(key)
+            # a key the checkpoint's record lacks is an option added since: it was written with that option's default
+            old, new = old_group.get(key, LOWRANK_DEFAULTS.get(key)), new_group.get(key)
             if old == new:
                 continue
             name = _config_key(key)

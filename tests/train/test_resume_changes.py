@@ -188,3 +188,16 @@ def test_another_tokenizer_of_the_same_size_is_refused_on_resume_unless_allowed(
     err = one_error_line(capsys)
     assert "another tokenizer" in err and "data.allow_tokenizer_change=true" in err and "step_00000002" in err, err
     assert resume_in(lotus_run, run_dir, f"data.tokenizer={other}", "data.allow_tokenizer_change=true") == 0
+
+
+def test_an_option_added_since_the_checkpoint_compares_as_its_default(tmp_path):
+    """A checkpoint's record written before optim.state_dtype existed lacks the key: it was written with the default
+    (fp32 moments), so a run at the default resumes and a run asking for int8 is refused, naming the default."""
+    from lotus_dist.errors import UserError
+    from lotus_dist.train.resume_changes import changes
+
+    saved = [{"rank": 8, "betas": [0.9, 0.999]}, {"betas": [0.9, 0.999]}]
+    at_default = [{**g, "state_dtype": "fp32"} for g in saved]
+    assert changes(saved, at_default, tmp_path) == []
+    with pytest.raises(UserError, match=r"optim.state_dtype=fp32, this run has optim.state_dtype=int8"):
+        changes(saved, [{**g, "state_dtype": "int8"} for g in saved], tmp_path)
