@@ -16,6 +16,7 @@ from .switching import POLICIES
 MOMENT_POLICIES = ("keep", "reset", "rotate", "rotate_subtrack")
 RESIDUALS = ("none", "fira")
 REFERENCE_DTYPES = ("bf16", "fp32")
+PROJECTOR_DTYPES = ("bf16", "fp32")  # the order of REFERENCE_DTYPES: typing caches equal Literals as one
 
 # Literal types built from the tuples at run time (a static checker cannot evaluate that: hence the ignores); the
 # config and the checks below read their values with typing.get_args.
@@ -25,6 +26,7 @@ SwitchPolicy = Literal[tuple(POLICIES)]  # type: ignore[valid-type]
 MomentPolicy = Literal[MOMENT_POLICIES]  # type: ignore[valid-type]
 Residual = Literal[RESIDUALS]  # type: ignore[valid-type]
 ReferenceDtype = Literal[REFERENCE_DTYPES]  # type: ignore[valid-type]
+ProjectorDtype = Literal[PROJECTOR_DTYPES]  # type: ignore[valid-type]
 
 REQUIRED = object()  # the "default" of an option every low-rank group must give (its rank)
 
@@ -62,6 +64,8 @@ OPTIONS: dict[str, Option] = {
     "geodesic_step": Option(float, 0.1, "eta_g of grasswalk"),
     "reference_dtype": Option(ReferenceDtype, "bf16", "the displacement policy's stored reference d_init (bf16: "
                                                       "half the bytes; fp32: exact)"),
+    "projector_dtype": Option(ProjectorDtype, "fp32", "the stored projector (bf16: half the bytes, rounded once "
+                                                      "when a basis is stored; solvers and products run in fp32)"),
     "seed": Option(int, 0, "seed of every random basis (with the matrix index and the switch count)",
                    bound="non-negative"),
 }
@@ -85,3 +89,7 @@ def check_options(opts: dict, prefix: str = "") -> None:
                 raise ValueError(f"{prefix}{key}: expected a {option.bound} integer, got {v!r}")
         elif isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v <= 0:
             raise ValueError(f"{prefix}{key}: expected a positive number, got {v!r}")
+    if opts.get("projector_dtype") == "bf16" and opts.get("solver") == "online_pca":
+        # its projector takes an Adam step every step, far below bf16's 2^-8 resolution: the steps would round away
+        raise ValueError(f"{prefix}projector_dtype=bf16 does not fit {prefix}solver=online_pca (its per-step Adam "
+                         f"update of the projector is below bf16's resolution); use {prefix}projector_dtype=fp32")

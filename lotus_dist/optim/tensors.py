@@ -5,7 +5,8 @@ from __future__ import annotations
 import torch
 
 FP32_KEYS = frozenset({"pe_acc", "pe_sketch", "fira_norm"})  # statistics kept in fp32 whatever the param dtype
-OWN_DTYPE_KEYS = frozenset({"d_init"})  # kept in the dtype they were saved in (optim.reference_dtype)
+# kept in the dtype they were saved in (optim.reference_dtype, optim.projector_dtype)
+OWN_DTYPE_KEYS = frozenset({"d_init", "projector"})
 
 
 def state_dtype(param_dtype: torch.dtype) -> torch.dtype:
@@ -16,6 +17,12 @@ def state_dtype(param_dtype: torch.dtype) -> torch.dtype:
 
 def reference_dtype(name: str, param_dtype: torch.dtype) -> torch.dtype:
     """The switch reference's dtype: bf16, or ``fp32`` = the exact form (the state dtype)."""
+    return torch.bfloat16 if name == "bf16" else state_dtype(param_dtype)
+
+
+def projector_dtype(name: str, param_dtype: torch.dtype) -> torch.dtype:
+    """The stored projector's dtype: bf16, or ``fp32`` = the state dtype. Either way it is used in the state dtype
+    (``LowRankAdamW._use_projector`` upcasts a bf16 one, one matrix at a time)."""
     return torch.bfloat16 if name == "bf16" else state_dtype(param_dtype)
 
 

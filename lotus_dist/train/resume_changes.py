@@ -43,6 +43,8 @@ ON_RESUME: dict[str, tuple[str, str]] = {
     "switch": (REFUSED, "the switch policy's state (tau/d_init, pe_*) is another one"),
     "residual": (REFUSED, "Fira's state (fira_norm) exists only with the residual"),
     "reference_dtype": (REFUSED, "the dtype of the stored switch reference"),
+    "projector_dtype": (APPLIED, "the stored projectors are cast on load (to bf16: rounded once, as a refresh "
+                                 "stores them; to fp32: exact)"),
 }
 NOT_SETTINGS = ("params", "lr")  # the parameters; lr is the schedule's, re-set before every step
 

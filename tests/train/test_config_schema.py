@@ -32,6 +32,7 @@ CHOICE_KEYS = {key: typing.get_args(t) for key, t in _keys() if typing.get_origi
 def test_the_keys_with_fixed_choices_are_literals():
     assert set(CHOICE_KEYS) == {
         "optim.proj_type", "optim.solver", "optim.switch", "optim.moments", "optim.residual", "optim.reference_dtype",
+        "optim.projector_dtype",
         "optim.projectors", "optim.refresh", "data.source", "data.split", "train.dtype", "train.on_nonfinite",
         "dist.mode", "dist.backend", "dist.reduce_dtype"}
 
