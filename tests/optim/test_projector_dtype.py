@@ -131,7 +131,7 @@ def test_the_bf16_update_is_the_fp32_update_of_the_rounded_basis(shape):
     assert (dW - dW_ref).norm() / dW_ref.norm() < 1e-5
     dW_fp32 = (W_fp32 - W0).double()
     rel = ((dW - dW_fp32).norm() / dW_fp32.norm()).item()
-    assert 1e-4 < rel < 4 * U, rel  # the bases differ by one rounding (2^-9 relative); R, N and PN inherit it
+    assert 1e-4 < rel < 2 * U, rel  # the bases differ by one rounding (<= 2^-9 relative): R and P N each inherit it
 
 
 def test_state_bytes_measured_equal_the_formula_and_the_projectors_halve():
