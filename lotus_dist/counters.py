@@ -30,13 +30,16 @@ class StepCounters:
         self.comm_bytes = 0.0
         self.host_syncs = 0
         self.by_kind: dict[str, int] = {}
+        self.bytes_by_kind: dict[str, float] = {}  # the bytes of ``comm_bytes``, per kind of collective
 
     def collective(self, kind: str, nbytes: int, world: int) -> None:
         """One collective of ``kind`` over ``world`` ranks on a tensor (the whole one) of ``nbytes`` bytes."""
         self.collectives += 1
         self.by_kind[kind] = self.by_kind.get(kind, 0) + 1
         if world > 1:
-            self.comm_bytes += RING_FACTOR[kind] * (world - 1) / world * nbytes
+            sent = RING_FACTOR[kind] * (world - 1) / world * nbytes
+            self.comm_bytes += sent
+            self.bytes_by_kind[kind] = self.bytes_by_kind.get(kind, 0.0) + sent
 
     def host_sync(self) -> None:
         self.host_syncs += 1

@@ -31,8 +31,8 @@ from lotus_dist.optim.state_codes import STATE_DTYPES, moment_bytes
 
 from . import step_time
 from .fsdp import apply_fsdp, mixed_precision
-from .sharding_plan import (DistConfigError, Plan, choose_projectors, default_projected, method_geometry, plan_for_model,
-                   projector_peak_bytes)
+from .sharding_plan import (PROJECTOR_DTYPE_BYTES, DistConfigError, Plan, choose_projectors, default_projected,
+                            method_geometry, plan_for_model, projector_peak_bytes)
 from .step_time import fsdp_bytes
 
 METHODS = ("adamw", "galore", "lotus", "apollo", "apollo_mini")
@@ -79,6 +79,11 @@ def _sharded(cfg, mcfg, mesh, world: int, replicate: int, method: str) -> tuple[
     plan = plan_for_model(model, world, rank, proj_type, solver, replicate=replicate, projected=projected)
     apply_fsdp(model, mesh, plan, log_fn=lambda s: None)
     return model, plan
+
+
+def _projector_bytes(cfg, method: str) -> int:
+    """Bytes per stored projector element of ``method`` (optim.projector_dtype)."""
+    return PROJECTOR_DTYPE_BYTES[_parts(cfg, method).get("projector_dtype", "fp32")]
 
 
 def _projectors(cfg, plan: Plan, method: str, per_layer: bool) -> str:
@@ -152,9 +157,10 @@ def _method_numbers(cfg, model: nn.Module, plan: Plan, method: str, gather_bytes
     if owner_refresh:
         refresh += max(owner_in)
     # plan.projector_peak_bytes: stored (rank 0's row slices when sharded) and the one gathered at a time
-    peak = projector_peak_bytes(plan, projectors)
+    stored_bytes = _projector_bytes(cfg, method)
+    peak = projector_peak_bytes(plan, projectors, stored_bytes=stored_bytes)
     projector_bytes, transient = peak["stored"], peak["in_use"]
-    whole = projector_peak_bytes(plan, "replicate")["stored"]
+    whole = projector_peak_bytes(plan, "replicate", stored_bytes=stored_bytes)["stored"]
     gathers = _ring(w) * whole if shard_projectors else 0.0  # every projector all-gathered once per step
 
     numel_full = sum(p.numel() for p in model.parameters())
@@ -202,11 +208,12 @@ def _per_layer_grads(model: nn.Module, plan: Plan, accum: int) -> int:
     return kept + max(projected.values(), default=0)
 
 
-def _per_layer_numbers(lotus: dict, model: nn.Module, plan: Plan, accum: int) -> dict:
+def _per_layer_numbers(lotus: dict, model: nn.Module, plan: Plan, accum: int, stored_bytes: int) -> dict:
     """``lotus``: the whole-model numbers with the per-layer projector choice. Per-layer steps hold one unit's
     gathered projectors at a time (the largest block's)."""
     grads = _per_layer_grads(model, plan, accum)
-    transient = projector_peak_bytes(plan, lotus["projector_choice"], per_layer=True)["in_use"]
+    transient = projector_peak_bytes(plan, lotus["projector_choice"], per_layer=True,
+                                     stored_bytes=stored_bytes)["in_use"]
     return {**lotus, "grads": grads, "projector_transient": transient,
             "total": lotus["params"] + grads + lotus["optimizer"] + transient}
 
@@ -340,7 +347,8 @@ def _numbers(cfg, mcfg, world: int, replicate: int, method: str, accum: int, gat
     model, plan = _sharded(cfg, mcfg, _mesh(world, replicate), world, replicate, base)
     nums = _method_numbers(cfg, model, plan, base, gather_bytes, reduce_bytes,
                            _projectors(cfg, plan, base, per_layer))
-    return (_per_layer_numbers(nums, model, plan, accum) if per_layer else nums), model, plan
+    return (_per_layer_numbers(nums, model, plan, accum, _projector_bytes(cfg, base)) if per_layer else nums), \
+        model, plan
 
 
 def _step_times(cfg, mcfg, world: int, accum: int, results: dict, gather_bytes: int, reduce_bytes: int,

@@ -106,7 +106,6 @@ class MatrixComm(Comm):
         if projectors not in PROJECTOR_LAYOUTS:  # "auto" is decided before (fsdp_optimizer.resolve_projectors)
             raise ValueError(f"MatrixComm: projectors must be one of {PROJECTOR_LAYOUTS}, got {projectors!r}")
         self.projectors = projectors
-        self.gathers_projector = projectors == "shard"
         self.sizes = chunk_sizes(self.shape[shard_dim], self.world)  # this matrix's shard sizes
         self.offset = sum(self.sizes[: self.me])
         self.full_projector = (self.shape[0], rank) if side == "left" else (rank, self.shape[1])

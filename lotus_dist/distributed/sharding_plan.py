@@ -178,28 +178,31 @@ class Plan:
         return [f"fallback {p.name} {p.shape[0]}x{p.shape[1]}: {p.reason}" for p in self.fallbacks]
 
 
-PROJECTOR_BYTES = 4  # projectors are fp32 whatever the parameter dtype (docs/algorithms.md section 4)
+PROJECTOR_BYTES = 4  # projectors are used in fp32 whatever the parameter dtype (docs/algorithms.md section 4)
+PROJECTOR_DTYPE_BYTES = {"fp32": 4, "bf16": 2}  # as stored, optim.projector_dtype
 
 
-def projector_peak_bytes(plan: Plan, projectors: str, per_layer: bool = False) -> dict[str, int]:
+def projector_peak_bytes(plan: Plan, projectors: str, per_layer: bool = False,
+                         stored_bytes: int = PROJECTOR_BYTES) -> dict[str, int]:
     """Per-rank projector bytes at the peak of a step, for ``optim.projectors`` = ``replicate`` or ``shard``.
 
     replicate: every projector whole on every rank. shard: rank 0's row slice of each (the largest,
     ``collectives.chunk_sizes``) plus what a step holds gathered at once: one projector (``LowRankAdamW._prepare``
     gathers them one at a time), or under ``optim.per_layer`` one unit's (its hooks step a block together).
-    Returns ``stored``, ``in_use`` (the gathered transient) and their ``total``.
+    ``stored_bytes`` per stored element (``PROJECTOR_DTYPE_BYTES``): a bf16 projector is used as an fp32 copy,
+    one (one unit's) at a time, replicated too; sharded, its bf16 gather is counted beside that copy.
+    Returns ``stored``, ``in_use`` (the gathered or upcast transient) and their ``total``.
     """
     if projectors not in PROJECTOR_LAYOUTS:
         raise ValueError(f"optim.projectors: {projectors!r} is not resolved ({' | '.join(PROJECTOR_LAYOUTS)})")
     w = plan.shard_size
+    upcast = PROJECTOR_BYTES if stored_bytes != PROJECTOR_BYTES else 0
+    use = (stored_bytes if projectors == "shard" else 0) + upcast  # bytes per element of a projector in use
     stored, in_use, per_unit = 0, 0, {}
     for name, mp in plan.matrices.items():
         rows, cols = mp.projector_shape
-        whole = rows * cols * PROJECTOR_BYTES
-        if projectors == "replicate":
-            stored += whole
-            continue
-        stored += -(-rows // w) * cols * PROJECTOR_BYTES
+        stored += (rows if projectors == "replicate" else -(-rows // w)) * cols * stored_bytes
+        whole = rows * cols * use
         unit = ".".join(name.split(".")[:2])
         per_unit[unit] = per_unit.get(unit, 0) + whole
         in_use = max(in_use, whole)

@@ -49,7 +49,7 @@ from .subspace import (
     side_for,
 )
 from .switching import CHECK, POLICIES, STATS_WIDTH, SWITCH
-from .tensors import FP32_KEYS, OWN_DTYPE_KEYS, _local, _sq_norm, closure_loss, state_dtype
+from .tensors import (FP32_KEYS, OWN_DTYPE_KEYS, _local, _sq_norm, closure_loss, projector_dtype, state_dtype)
 from .unit_step import UnitStepping
 
 
@@ -164,7 +164,7 @@ class LowRankAdamW(UnitStepping, BasisRefresh, FiraAndOnlinePCA, AdamWStep, Opti
         # the projector follows the global matrix (p.shape is global for a DTensor); the Comm decides what part
         # of it this rank stores (all of it, or a 1/W slice)
         stored = self.comm_for(p).projector_storage(projector_shape(tuple(p.shape), side, r))
-        st["projector"] = torch.zeros(stored, dtype=dtype, device=device)
+        st["projector"] = torch.zeros(stored, dtype=projector_dtype(group["projector_dtype"], p.dtype), device=device)
         short = self.comm_for(p).short_size(projected_dim(shape, side))
         POLICIES[group["switch"]].allocate(st, piece, side, r, dtype, device, short=short,
                                            reference=group["reference_dtype"])
@@ -184,9 +184,10 @@ class LowRankAdamW(UnitStepping, BasisRefresh, FiraAndOnlinePCA, AdamWStep, Opti
 
     def load_state_dict(self, state_dict: dict) -> None:
         """torch's load, except that the states keep the dtype ``state_dtype`` gives them (fp32 statistics, the
-        switch reference its own (bf16, the state's, or uint8 codes), stored moments their codes', scales' or bf16, optim/state_codes.py): torch casts
-        every state tensor to the parameter's dtype, which would make a bf16-parameter resume keep bf16 moments
-        and projectors, a bf16 reference grow back to fp32 and int8 codes become floats."""
+        switch reference and the projector their own (bf16, the state's, or uint8 codes), stored moments their
+        codes', scales' or bf16, optim/state_codes.py): torch casts every state tensor to the parameter's dtype,
+        which would make a bf16-parameter resume keep bf16 moments, a bf16 reference or projector grow back to fp32
+        and int8 codes become floats."""
         state = dict(state_dict["state"])
         # saved keys (ints, or FQNs when DCP's set_state_dict calls us) map to parameters by group order, as in torch
         saved = [k for group in state_dict["param_groups"] for k in group["params"]]
@@ -213,6 +214,16 @@ class LowRankAdamW(UnitStepping, BasisRefresh, FiraAndOnlinePCA, AdamWStep, Opti
                 dtype = (torch.float32 if k in FP32_KEYS else v.dtype if k in OWN_DTYPE_KEYS
                          or state_codes.keeps_dtype(k, v) else state_dtype(p.dtype))
                 self.state[p][k] = v.to(device=p.device, dtype=dtype)
+
+    def _use_projector(self, p: torch.Tensor, st: dict) -> torch.Tensor:
+        """The full projector in the state dtype: gathered where stored sharded, upcast where stored in bf16
+        (optim.projector_dtype), a copy of one matrix at a time; the stored tensor itself otherwise."""
+        return self.comm_for(p).use_projector(st["projector"]).to(state_dtype(p.dtype))
+
+    def _store_projector(self, p: torch.Tensor, st: dict, new: torch.Tensor) -> torch.Tensor:
+        """Keep a new basis (rounded once where stored in bf16); returns the full projector to use from now on,
+        the stored one in the state dtype, so this step computes with what the next steps read back."""
+        return self.comm_for(p).store_projector(st["projector"], new).to(state_dtype(p.dtype))
 
     def _projected_ids(self) -> set[int]:
         return {id(p) for group in self.param_groups if group.get("rank") is not None for p in group["params"]}
@@ -302,7 +313,7 @@ class LowRankAdamW(UnitStepping, BasisRefresh, FiraAndOnlinePCA, AdamWStep, Opti
             if job.action == SWITCH and not online:
                 continue
             comm = self.comm_for(job.p)
-            job.P = comm.use_projector(st["projector"])
+            job.P = self._use_projector(job.p, st)
             if comm.shards_projected_side:  # a fallback: its reduction goes out with the others', below
                 grouped.append(job)
                 continue
@@ -334,7 +345,7 @@ class LowRankAdamW(UnitStepping, BasisRefresh, FiraAndOnlinePCA, AdamWStep, Opti
         if job.action == CHECK:
             job.row = len(rows)
             rows.append(POLICIES[job.group["switch"]].statistics(st, job.group, job.R))
-            if settle and self.comm_for(job.p).gathers_projector:
+            if settle and job.P is not st["projector"]:  # a gathered or upcast copy: one whole at a time
                 job.P = None
         return False
 
@@ -399,7 +410,7 @@ class LowRankAdamW(UnitStepping, BasisRefresh, FiraAndOnlinePCA, AdamWStep, Opti
         R = job.R  # after a switch, in the new basis (_refresh)
         comm = self.comm_for(job.p)
         if job.P is None:  # given back after a check (see _prepare): gathered again
-            job.P = comm.use_projector(st["projector"])
+            job.P = self._use_projector(job.p, st)
         POLICIES[group["switch"]].observe(st, group, R, G, job.P, side, self._gen(G.device), comm)
 
         # Low-rank Adam (GaLore's code semantics: eps outside the sqrt, bias correction in the step size).

@@ -21,6 +21,7 @@ MOMENT_POLICIES = ("keep", "reset", "rotate", "rotate_subtrack")
 # residual value, not a part of its own, because like Fira's it is a function of (G, R, N) after the same low-rank
 # Adam step and keeps the same limiter state; any solver and switch policy combine with it (optim/apollo.py).
 RESIDUALS = ("none", "fira", *APOLLO_RESIDUALS)
+PROJECTOR_DTYPES = ("bf16", "fp32")  # (typing caches Optional[] of equal Literals as one: mind the order)
 
 # Literal types built from the tuples at run time (a static checker cannot evaluate that: hence the ignores); the
 # config and the checks below read their values with typing.get_args.
@@ -31,6 +32,7 @@ MomentPolicy = Literal[MOMENT_POLICIES]  # type: ignore[valid-type]
 Residual = Literal[RESIDUALS]  # type: ignore[valid-type]
 ReferenceDtype = Literal[REFERENCE_DTYPES]  # type: ignore[valid-type]
 StateDtype = Literal[STATE_DTYPES]  # type: ignore[valid-type]
+ProjectorDtype = Literal[PROJECTOR_DTYPES]  # type: ignore[valid-type]
 
 REQUIRED = object()  # the "default" of an option every low-rank group must give (its rank)
 
@@ -74,6 +76,8 @@ OPTIONS: dict[str, Option] = {
                                                       "long-side index, 1/16 of the moments' bytes)"),
     "state_dtype": Option(StateDtype, "fp32", "how the Adam moments of every group (plain ones too) are stored: "
                                              "fp32, bf16, or int8 block-wise codes (optim/state_codes.py)"),
+    "projector_dtype": Option(ProjectorDtype, "fp32", "the stored projector (bf16: half the bytes, rounded once "
+                                                      "when a basis is stored; solvers and products run in fp32)"),
     "seed": Option(int, 0, "seed of every random basis (with the matrix index and the switch count)",
                    bound="non-negative"),
 }
@@ -97,3 +101,7 @@ def check_options(opts: dict, prefix: str = "") -> None:
                 raise ValueError(f"{prefix}{key}: expected a {option.bound} integer, got {v!r}")
         elif isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v <= 0:
             raise ValueError(f"{prefix}{key}: expected a positive number, got {v!r}")
+    if opts.get("projector_dtype") == "bf16" and opts.get("solver") == "online_pca":
+        # its projector takes an Adam step every step, far below bf16's 2^-8 resolution: the steps would round away
+        raise ValueError(f"{prefix}projector_dtype=bf16 does not fit {prefix}solver=online_pca (its per-step Adam "
+                         f"update of the projector is below bf16's resolution); use {prefix}projector_dtype=fp32")

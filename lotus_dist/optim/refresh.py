@@ -12,15 +12,15 @@ from .job import _Job
 from .refresh_batches import cut_batches, workspace_bytes
 from .subspace import columns, compute_projector, derive_seed, projector_steps, run_batched
 from .switching import POLICIES
-from .tensors import _local
+from .tensors import _local, state_dtype
 
 REFRESH_BATCH_BYTES = 256 << 20  # solver workspace of the matrices one batched refresh solves (optim.refresh_batch_mb)
 SALT_BASIS = 0x42
 
 
 class BasisRefresh:
-    """``LowRankAdamW``'s basis refresh (a mixin of it): uses its ``comm_for``, ``_timer``, ``_project_all`` and
-    ``refresh_batch_bytes``."""
+    """``LowRankAdamW``'s basis refresh (a mixin of it): uses its ``comm_for``, ``_timer``, ``_project_all``,
+    ``_use_projector``, ``_store_projector`` and ``refresh_batch_bytes``."""
 
     def _refresh(self, jobs: list[_Job]) -> None:
         """New bases for every matrix switching this step, solved together: the solvers run in lockstep
@@ -34,13 +34,15 @@ class BasisRefresh:
                     group, st, comm = job.group, job.state, self.comm_for(job.p)
                     first = st["n_bases"] == 0
                     if not first and job.P is None and (group["solver"] == "grasswalk" or group["moments"] != "keep"):
-                        job.P = comm.use_projector(st["projector"])  # the old basis is needed: prev / rotation
+                        job.P = self._use_projector(job.p, st)  # the old basis is needed: prev / rotation
                     seed = derive_seed(group["seed"], st["index"], st["n_bases"], SALT_BASIS)
                     gens.append(torch.Generator(device=job.p.device).manual_seed(seed))
                     solvers.append(projector_steps(
                         group["solver"], _local(job.p.grad), job.side, job.r, gen=gens[-1],
                         prev=None if first else job.P, oversample=group["oversample"],
-                        power_iters=group["power_iters"], geodesic_step=group["geodesic_step"], comm=comm))
+                        power_iters=group["power_iters"], geodesic_step=group["geodesic_step"],
+                        prev_rounded=st["projector"].dtype != state_dtype(job.p.dtype),
+                        comm=comm))
                 news = run_batched(solvers)
                 # One sync per refresh, for the whole batch (every rank holds the same reduced or broadcast bases,
                 # so every rank takes the same branches below).
@@ -74,11 +76,11 @@ class BasisRefresh:
         if new is not None:
             if not first:
                 self._apply_moment_policy(group, st, job.P, new, side)
-            job.P = comm.store_projector(st["projector"], new)
+            job.P = self._store_projector(job.p, st, new)
             st["n_bases"] += 1
             job.refreshed = True
         elif job.P is None:
-            job.P = comm.use_projector(st["projector"])
+            job.P = self._use_projector(job.p, st)
 
     @staticmethod
     def _apply_moment_policy(group, st, old, new, side) -> None:

@@ -84,8 +84,6 @@ class Comm:
         return svd_projector(G, side, r)
 
     # -- projector hooks (LowRankAdamW)
-    gathers_projector = False  # True when use_projector assembles a new full tensor (projectors stored sharded)
-
     def projector_storage(self, shape: tuple[int, int]) -> tuple[int, int]:
         """Shape this rank stores for a full projector of ``shape``."""
         return shape
@@ -402,10 +400,14 @@ def random_columns(d: int, r: int, gen: torch.Generator, device) -> torch.Tensor
     return _drive(random_columns_steps(d, r, gen, device))
 
 
-def grasswalk_steps(S: torch.Tensor, eta: float, gen: torch.Generator):
+def grasswalk_steps(S: torch.Tensor, eta: float, gen: torch.Generator, rounded: bool = False):
     """One geodesic step of length eta on the Grassmannian from span(S) in a random tangent direction; a solver
-    generator."""
+    generator. ``rounded``: S was stored in bf16 (optim.projector_dtype), so it is orthonormalised first (the Q of
+    its QR, ≈ S): without that each walk would start from the last one's rounding and the drift from orthonormal
+    would grow with the number of refreshes, not stay one rounding."""
     S = S.float()
+    if rounded:
+        S = yield from orth_columns_steps(S)
     Z = torch.randn(S.shape, generator=gen, device=S.device, dtype=torch.float32)
     H = Z - S @ (S.T @ Z)
     H = H / H.norm()
@@ -415,8 +417,8 @@ def grasswalk_steps(S: torch.Tensor, eta: float, gen: torch.Generator):
     return new + S - (S @ V_h) @ Vh_h  # S (I - V_h V_hᵀ): zero for a full-rank H, kept for rank-deficient H
 
 
-def grasswalk_columns(S: torch.Tensor, eta: float, gen: torch.Generator) -> torch.Tensor:
-    return _drive(grasswalk_steps(S, eta, gen))
+def grasswalk_columns(S: torch.Tensor, eta: float, gen: torch.Generator, rounded: bool = False) -> torch.Tensor:
+    return _drive(grasswalk_steps(S, eta, gen, rounded))
 
 
 def online_pca_grad(S: torch.Tensor, Gs: torch.Tensor, comm: Comm = IDENTITY) -> torch.Tensor:
@@ -445,9 +447,10 @@ def online_pca_update_(P: torch.Tensor, exp_avg: torch.Tensor, exp_avg_sq: torch
 
 def projector_steps(solver: str, G: torch.Tensor, side: str, r: int, *, gen: torch.Generator,
                     prev: torch.Tensor | None = None, oversample: int = 8, power_iters: int = 2,
-                    geodesic_step: float = 0.1, comm: Comm = IDENTITY):
+                    geodesic_step: float = 0.1, prev_rounded: bool = False, comm: Comm = IDENTITY):
     """A new projector (stored layout, ``solver_dtype(G)``: fp32 at least) from the current gradient G and the
-    previous projector; a solver generator (``run_batched`` runs many together, ``compute_projector`` one alone).
+    previous projector (``prev_rounded``: it was stored in bf16, see ``grasswalk_steps``); a solver generator
+    (``run_batched`` runs many together, ``compute_projector`` one alone).
 
     online_pca's first basis is the svd one (its later updates are ``online_pca_update_``); grasswalk starts from
     a random basis and then walks.
@@ -462,7 +465,7 @@ def projector_steps(solver: str, G: torch.Tensor, side: str, r: int, *, gen: tor
     elif solver == "gaussian":
         P = to_projector(gaussian_columns(d, r, gen, G.device), side)
     elif solver == "grasswalk":
-        P = to_projector((yield from grasswalk_steps(columns(prev, side), geodesic_step, gen)), side)
+        P = to_projector((yield from grasswalk_steps(columns(prev, side), geodesic_step, gen, prev_rounded)), side)
     else:
         raise ValueError(f"solver: {solver!r} is not one of {', '.join(SOLVERS)}")
     return P.to(solver_dtype(G))  # a bf16 gradient's basis is kept in fp32 (tensors.state_dtype)

@@ -8,13 +8,20 @@ from . import reference_codes
 
 # statistics kept in fp32 whatever the param dtype
 FP32_KEYS = frozenset({"pe_acc", "pe_sketch", "fira_norm"}) | reference_codes.FP32_KEYS
-OWN_DTYPE_KEYS = reference_codes.OWN_DTYPE_KEYS  # kept in the dtype they were saved in (optim.reference_dtype)
+# kept in the dtype they were saved in (optim.reference_dtype, optim.projector_dtype)
+OWN_DTYPE_KEYS = reference_codes.OWN_DTYPE_KEYS | {"projector"}
 
 
 def state_dtype(param_dtype: torch.dtype) -> torch.dtype:
     """Moments, projectors and statistics are fp32 at least whatever the parameter dtype (bf16 ones stall: V moves by
     (1 - β2) = 1e-3 of itself a step, below bf16's 2^-8; bf16 projectors drift from orthonormal); fp64 stays fp64."""
     return torch.promote_types(param_dtype, torch.float32)
+
+
+def projector_dtype(name: str, param_dtype: torch.dtype) -> torch.dtype:
+    """The stored projector's dtype: bf16, or ``fp32`` = the state dtype. Either way it is used in the state dtype
+    (``LowRankAdamW._use_projector`` upcasts a bf16 one, one matrix at a time)."""
+    return torch.bfloat16 if name == "bf16" else state_dtype(param_dtype)
 
 
 def _local(t: torch.Tensor) -> torch.Tensor:

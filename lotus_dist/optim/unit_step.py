@@ -35,7 +35,8 @@ class UnitStep:
 
 class UnitStepping:
     """``LowRankAdamW``'s per-unit path (a mixin of it): uses its ``_collect``, ``_prepare``, ``_apply``,
-    ``_decide``, ``_update_all``, ``_project``, ``_geometry``, its plain-AdamW step and ``stats_comm``."""
+    ``_decide``, ``_update_all``, ``_project``, ``_use_projector``, ``_geometry``, its plain-AdamW step and
+    ``stats_comm``."""
 
     @torch.no_grad()
     def step_unit(self, params: Iterable[torch.Tensor], *, projected: dict[int, torch.Tensor] | None = None,
@@ -160,4 +161,4 @@ class UnitStepping:
         """R = project(p.grad) in the current basis, as the step would compute it (reduced where sharded)."""
         group, st = self._group_of(p), self.state[p]
         side, _ = self._geometry(p, group)
-        return self._project(p, _local(p.grad), self.comm_for(p).use_projector(st["projector"]), side)
+        return self._project(p, _local(p.grad), self._use_projector(p, st), side)

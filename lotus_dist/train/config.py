@@ -21,8 +21,8 @@ from lotus_dist.distributed.matrix_comm import PROJECTOR_LAYOUTS
 from lotus_dist.distributed.modes import MODES
 from lotus_dist.errors import UserError
 from lotus_dist.model.llama import shape_overrides  # noqa: F401  (the model layer's; importable here too)
-from lotus_dist.optim.options import (OPTIONS, MomentPolicy, ProjType, ReferenceDtype, Residual, Solver,
-                                      StateDtype, SwitchPolicy)
+from lotus_dist.optim.options import (OPTIONS, MomentPolicy, ProjectorDtype, ProjType, ReferenceDtype, Residual,
+                                      Solver, StateDtype, SwitchPolicy)
 from lotus_dist.precision import TRAIN_DTYPES
 
 # The allowed values of the keys that are not the optimizer's (the low-rank parts' types are optim/options.py's).
@@ -92,6 +92,7 @@ class OptimConfig:
     granularity: Optional[int] = None  # c of projfactor
     reference_dtype: Optional[ReferenceDtype] = _part("reference_dtype")
     state_dtype: Optional[StateDtype] = _part("state_dtype")  # every group's Adam moments, plain ones too
+    projector_dtype: Optional[ProjectorDtype] = _part("projector_dtype")
     seed: int = _part("seed", 0)
     # Update each block (FSDP unit) inside backward and free its gradients at once (single, fsdp): no full-model
     # gradient; with train.grad_accum > 1 projected matrices accumulate R (long x r), not G. Clip with

@@ -45,6 +45,8 @@ ON_RESUME: dict[str, tuple[str, str]] = {
     "residual": (REFUSED, "another update rule; the limiter's state (fira_norm) exists only with Fira's or APOLLO's"),
     "reference_dtype": (REFUSED, "the form of the stored switch reference (d_init, or int4's codes)"),
     "state_dtype": (REFUSED, "the stored moments are another format (fp32, bf16 or int8 codes and scales)"),
+    "projector_dtype": (APPLIED, "the stored projectors are cast on load (to bf16: rounded once, as a refresh "
+                                 "stores them; to fp32: exact)"),
 }
 NOT_SETTINGS = ("params", "lr")  # the parameters; lr is the schedule's, re-set before every step
 

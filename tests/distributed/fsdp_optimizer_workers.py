@@ -18,6 +18,7 @@ import torch.distributed as dist
 from torch.distributed.fsdp import FSDPModule
 from torch.distributed.tensor import DTensor
 
+from lotus_dist.counters import COUNTERS
 from lotus_dist.distributed.matrix_comm import MatrixComm, chunk_sizes
 from lotus_dist.distributed.compat import set_gradient_divide_factor
 from lotus_dist.distributed.dcp_util import load_sharded, save_sharded, sharded_state
@@ -166,7 +167,8 @@ def engine_for(model, opt, rt, world: int, **hooks) -> StepEngine:
 
 def train(model, opt, plan, steps: range, rt, record: list | None = None) -> list:
     """Steps through the trainer's step engine; per step the switch counts and, in ``record``, the collectives
-    ``optimizer.step()`` alone issued with what they depend on (the budget tests)."""
+    ``optimizer.step()`` alone issued with what they depend on (the budget tests) and the bytes this rank sent in
+    them per kind, as ``lotus_dist.counters.COUNTERS`` counted them."""
     rank, world = rt.rank, rt.world_size
     names = {id(p): n for n, p in model.named_parameters()}
     per = GLOBAL_BATCH // world
@@ -179,8 +181,14 @@ def train(model, opt, plan, steps: range, rt, record: list | None = None) -> lis
         seen["steps_before"] = [opt.state.get(p, {}).get("step", 0) for p in projected(opt)]
         seen["ops"] = []
 
-    engine = engine_for(model, opt, rt, world, after_backward=after_backward,
-                        around_update=lambda: counting(seen["ops"]))
+    @contextmanager
+    def counted_update():
+        before = dict(COUNTERS.bytes_by_kind)
+        with counting(seen["ops"]):
+            yield
+        seen["bytes"] = {k: v - before.get(k, 0.0) for k, v in COUNTERS.bytes_by_kind.items() if v != before.get(k)}
+
+    engine = engine_for(model, opt, rt, world, after_backward=after_backward, around_update=counted_update)
     for step in steps:
         engine.step(iter([blocks(step)[rank * per:(rank + 1) * per]]))
         facts, before, steps_before, ops = seen["facts"], seen["before"], seen["steps_before"], seen["ops"]
@@ -194,7 +202,7 @@ def train(model, opt, plan, steps: range, rt, record: list | None = None) -> lis
             facts["switched_fallback"] = sum(1 for b, a, f in zip(before, after, fb) if a > b and f)
             steps_after = [opt.state[p].get("step", 0) for p in projected(opt)]
             facts["updated_fallback"] = sum(1 for b, a, f in zip(steps_before, steps_after, fb) if a > b and f)
-            record.append({"step": step, "ops": ops, **facts})
+            record.append({"step": step, "ops": ops, "bytes": seen["bytes"], **facts})
     return log
 
 
@@ -241,7 +249,6 @@ def batched_refresh_check(cases, rank: int, world: int) -> dict:
     """The three rsvd solves together in lockstep (one flat all-reduce per stage for all of them) against each
     alone; and exact svd solves of several matrices on their owners at once: each rank solves only its own."""
     import lotus_dist.distributed.matrix_comm as collectives
-    from lotus_dist.counters import COUNTERS
     from lotus_dist.optim.subspace import projector_steps, rsvd_steps, run_batched, svd_projector
 
     COUNTERS.reset()

@@ -207,3 +207,26 @@ def test_planned_moments_are_what_the_sharded_optimizer_allocates():
     assert any(line.startswith("  moments at state_dtype=int8") for line in lines)
     assert res["lotus"]["moments"] == res["lotus"]["moments_int8"] < res["lotus"]["moments_fp32"]
     assert res["lotus (ddp)"]["moments"] == res["lotus (ddp)"]["moments_int8"]
+
+
+def test_bf16_projectors_halve_the_planned_projectors_and_their_gathers():
+    """optim.projector_dtype=bf16: stored projectors at 2 bytes an element (tiny at r = 16: 4 layers x 7 matrices
+    x 128 x 16), the sharded ones' all-gathers too; in use, one fp32 copy at a time (plus the bf16 gather when
+    sharded); the owner backend's column, measured from the optimizer's own tensors, loses the same bytes."""
+    elements = 4 * 7 * 128 * 16
+    res = {}
+    for layout in ("replicate", "shard"):
+        for dtype in ("fp32", "bf16"):
+            res[layout, dtype], _ = run("model.name=tiny", "dist.world_size=4", "optim.rank=16",
+                                        f"optim.projectors={layout}", f"optim.projector_dtype={dtype}")
+    for m in ("galore", "lotus"):
+        assert res["replicate", "fp32"][m]["projectors"] == 4 * elements
+        assert res["replicate", "bf16"][m]["projectors"] == 2 * elements
+        assert res["shard", "bf16"][m]["projectors"] * 2 == res["shard", "fp32"][m]["projectors"]
+        assert res["shard", "bf16"][m]["projector_gather"] * 2 == res["shard", "fp32"][m]["projector_gather"] > 0
+        assert res["replicate", "bf16"][m]["projector_transient"] == 16 * 128 * 4  # the fp32 copy in use
+        assert res["shard", "bf16"][m]["projector_transient"] == 16 * 128 * (2 + 4)
+        for k in ("moments", "switch_state", "params", "grads"):
+            assert res["replicate", "bf16"][m][k] == res["replicate", "fp32"][m][k]
+    ddp_fp32, ddp_bf16 = res["replicate", "fp32"]["lotus (ddp)"], res["replicate", "bf16"]["lotus (ddp)"]
+    assert sum(ddp_fp32["state_per_rank"]) - sum(ddp_bf16["state_per_rank"]) == 2 * elements

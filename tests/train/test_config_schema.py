@@ -33,6 +33,7 @@ def test_the_keys_with_fixed_choices_are_literals():
     assert set(CHOICE_KEYS) == {
         "optim.proj_type", "optim.solver", "optim.switch", "optim.moments", "optim.residual", "optim.reference_dtype",
         "optim.state_dtype",
+        "optim.projector_dtype",
         "optim.projectors", "optim.refresh", "data.source", "data.split", "train.dtype", "train.on_nonfinite",
         "dist.mode", "dist.backend", "dist.reduce_dtype"}
 
