@@ -115,22 +115,28 @@ def bench_memory(sizes):
         )
     print("lotus = galore's formula + the displacement policy's d_init (long x r per matrix, in 'other'), stored in"
           " bf16 (optim.reference_dtype, the default); 'lotus fp32 ref' = the exact fp32 d_init.")
-    print("\n## optim.state_dtype: moments and totals (MiB) from the allocated tensors, and the total / galore's fp32 "
-          "formula")
-    print(f"{'model':>11} {'rank':>5} {'method':>7} {'state':>5} {'moments':>9} {'total':>9} {'/formula':>9}")
+    print("\n## stored formats (optim.state_dtype / reference_dtype / projector_dtype): MiB from the allocated tensors, "
+          "and the total / galore's fp32 formula")
+    print(f"{'model':>11} {'rank':>5} {'method':>7} {'state':>5} {'ref':>4} {'proj':>4} {'moments':>9} {'reference':>9} "
+          f"{'projectors':>10} {'total':>9} {'/formula':>9}")
+    formats = [("galore", s, "-", "fp32") for s in ("fp32", "bf16", "int8")] + [("galore", "int8", "-", "bf16")]
+    formats += [("lotus", s, "bf16", "fp32") for s in ("fp32", "bf16", "int8")]
+    formats += [("lotus", "int8", "int4", "fp32"), ("lotus", "int8", "int4", "bf16")]
     for size in sizes:
         with torch.device("meta"):
             model = Llama(llama_config(size))
         r, formula = RANKS[size], _formula(model, RANKS[size])
-        for name in ("galore", "lotus"):
-            for state in ("fp32", "bf16", "int8"):
-                opt = build_optimizer(model, OptimConfig(name=name, rank=r, state_dtype=state))
-                opt.init_state()
-                mem = memory_report(opt)
-                print(f"{size:>11} {r:>5} {name:>7} {state:>5} {mem['moments'] / 2**20:9.1f} "
-                      f"{mem['total'] / 2**20:9.1f} {mem['total'] / formula:9.3f}")
-    print("int8: codes (1 byte) + one fp32 scale per long-side index (low-rank) or row (plain); projectors and the "
-          "switch reference as configured (optim.projector_dtype / optim.reference_dtype)")
+        for name, state, ref, proj in formats:
+            extra = {} if ref == "-" else {"reference_dtype": ref}
+            opt = build_optimizer(model, OptimConfig(name=name, rank=r, state_dtype=state, projector_dtype=proj,
+                                                     **extra))
+            opt.init_state()
+            mem = memory_report(opt)
+            print(f"{size:>11} {r:>5} {name:>7} {state:>5} {ref:>4} {proj:>4} {mem['moments'] / 2**20:9.1f} "
+                  f"{mem.get('reference', 0) / 2**20:9.1f} {mem['projectors'] / 2**20:10.1f} "
+                  f"{mem['total'] / 2**20:9.1f} {mem['total'] / formula:9.3f}")
+    print("int8: codes (1 byte) + one fp32 scale per long-side index (low-rank) or row (plain); int4 reference: 4-bit "
+          "codes per long-side index with its exact top entry, scale and norm (optim/reference_codes.py)")
 
 
 def bench_step(steps, size="llama_60m"):
