@@ -222,3 +222,18 @@ def test_lotus_state_at_llama_60m_is_within_4_percent_of_galores_formula():
     exact = build_optimizer(model, OptimConfig(name="lotus", rank=128, reference_dtype="fp32"))
     exact.init_state()
     assert memory_report(exact)["total"] > 1.07 * formula  # what the fp32 reference costs
+
+
+@pytest.mark.parametrize("update_gap", [50, 200])
+def test_displacement_gamma_defaults_to_two_over_the_update_gap(update_gap):
+    """γ unset: 2 / optim.update_gap (Lotus's clock tied to GaLore's). The distance of two unit directions is at most
+    2 (antipodal), so even a gradient that turned around switches exactly once τ > T: never later than GaLore's T."""
+    policy = POLICIES["displacement"]
+    group = {"gamma": None, "update_gap": update_gap}
+    assert policy.gamma(group) == 2.0 / update_gap
+    antipodal = [1.0, -1.0, 1.0]  # [‖R‖², ⟨R, D⟩, ‖D‖²] of R = -D: distance 2
+    switched = [tau for tau in range(1, 3 * update_gap) if policy.decide({"tau": tau}, group, antipodal)]
+    assert switched[0] == update_gap + 1 and switched == list(range(update_gap + 1, 3 * update_gap))
+    explicit = {"gamma": 0.5, "update_gap": update_gap}  # an explicit γ is used as given: 2 / τ < 0.5 from τ = 5
+    assert policy.gamma(explicit) == 0.5 and policy.decide({"tau": 5}, explicit, antipodal)
+    assert not policy.decide({"tau": 4}, explicit, antipodal)
