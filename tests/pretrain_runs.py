@@ -32,6 +32,15 @@ def trajectory(run_dir: Path, first: int | None = None, last: int | None = None)
     return [{k: line[k] for k in TRAJECTORY_KEYS if k in line} for line in lines]
 
 
+def straight_and_resumed(root: Path, args: list[str], stop_at: int, last: int) -> tuple[list[dict], list[dict]]:
+    """The same run ``args`` to step ``last`` straight through (``root/straight``) and stopped after ``stop_at``
+    then resumed (``root/resumed``): their trajectories after the stop, to compare."""
+    assert run(args + [f"run.dir={root / 'straight'}"]) == 0
+    assert run(args + [f"run.dir={root / 'resumed'}", f"train.stop_at={stop_at}"]) == 0
+    assert run(args + [f"run.dir={root / 'resumed'}"]) == 0
+    return trajectory(root / "straight", stop_at + 1, last), trajectory(root / "resumed", stop_at + 1, last)
+
+
 def one_error_line(capsys) -> str:
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and err.startswith("error: "), err

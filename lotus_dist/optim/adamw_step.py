@@ -17,13 +17,9 @@ def _fused(p: torch.Tensor, group: dict) -> bool:
     """Whether ``p`` takes torch's fused AdamW kernel: a plain tensor on CPU/CUDA whose states are unquantized and
     share its dtype (the kernel takes one dtype: a bf16 parameter with fp32 states, or int8 / bf16 states of an
     fp32 one, take the op-by-op form, computed in fp32)."""
-    held = state_codes.stored_as(_state_name(group), tuple(p.shape), state_dtype(p.dtype))
+    held = state_codes.stored_as(state_codes.group_format(group), tuple(p.shape), state_dtype(p.dtype))
     return (_FUSED_ADAMW and type(_local(p)) in (torch.Tensor, torch.nn.Parameter)
             and p.device.type in ("cpu", "cuda") and held == p.dtype)
-
-
-def _state_name(group: dict) -> str:
-    return group.get("state_dtype", "fp32")  # a group loaded from a checkpoint written before the option: fp32
 
 
 class AdamWStep:
@@ -39,7 +35,7 @@ class AdamWStep:
             like = p.detach().sum(dim=tuple(range(1, p.dim())), keepdim=True) if scale else p
             return torch.zeros_like(like, dtype=dtype, memory_format=torch.preserve_format)
 
-        state_codes.allocate(st, _state_name(group), tuple(p.shape), zeros, state_dtype(p.dtype))
+        state_codes.allocate(st, state_codes.group_format(group), tuple(p.shape), zeros, state_dtype(p.dtype))
         return st
 
     def _adamw_group(self, group: dict, params: list[torch.Tensor], found_inf: torch.Tensor | None = None) -> None:

@@ -160,7 +160,7 @@ class LowRankAdamW(UnitStepping, BasisRefresh, FiraAndOnlinePCA, AdamWStep, Opti
                                device=device)
 
         full = lowrank_shape(tuple(p.shape), side, r)  # the global state's shape decides its format
-        state_codes.allocate(st, group.get("state_dtype", "fp32"), full, zeros, dtype)
+        state_codes.allocate(st, state_codes.group_format(group), full, zeros, dtype)
         # the projector follows the global matrix (p.shape is global for a DTensor); the Comm decides what part
         # of it this rank stores (all of it, or a 1/W slice)
         stored = self.comm_for(p).projector_storage(projector_shape(tuple(p.shape), side, r))

@@ -54,7 +54,7 @@ class ProjFactor(LowRankAdamW):
         st["n_bases"] = 0
         dtype = state_dtype(p.dtype)  # fp32 at least, as every optimizer state
         # exp_avg in optim.state_dtype (int8: one scale per row); the factored v_row / v_col stay in dtype
-        state_codes.allocate(st, group.get("state_dtype", "fp32"), (rows, r), lambda dt, scale: torch.zeros(
+        state_codes.allocate(st, state_codes.group_format(group), (rows, r), lambda dt, scale: torch.zeros(
             rows, 1 if scale else r, dtype=dt, device=p.device), dtype, keys=("exp_avg",))
         st["v_row"] = torch.zeros(rows, dtype=dtype, device=p.device)
         st["v_col"] = torch.zeros(cols, dtype=dtype, device=p.device)

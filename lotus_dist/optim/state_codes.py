@@ -38,6 +38,11 @@ CODE_DTYPE = {"exp_avg": torch.int8, "exp_avg_sq": torch.uint8}
 SCALE_BYTES = 4  # one fp32 scale per block
 
 
+def group_format(group: dict) -> str:
+    """A param group's ``optim.state_dtype``; fp32 for a group loaded from a checkpoint written before the option."""
+    return group.get("state_dtype", "fp32")
+
+
 def storage(name: str, shape: tuple[int, ...]) -> str:
     """The format a moment of global ``shape`` is stored in under ``optim.state_dtype=name``: "fp32" (the working
     dtype), "bf16" or "int8"."""
@@ -150,4 +155,4 @@ def decode(key: str, codes: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
 
 
 __all__ = ["MIN_ELEMENTS", "MOMENTS", "SCALE_KEYS", "STATE_DTYPES", "STORED_KEYS", "allocate", "decode", "encode",
-           "keeps_dtype", "load", "moment_bytes", "storage", "store", "stored_as"]
+           "group_format", "keeps_dtype", "load", "moment_bytes", "storage", "store", "stored_as"]

@@ -8,6 +8,7 @@ import pytest
 import torch
 from torch import nn
 
+from hf_adamw_reference import hf_adam_direction
 from lotus_dist.optim import METHODS, ApolloAdamW, LowRankAdamW, switch_report
 from lotus_dist.optim.subspace import compute_projector, derive_seed
 
@@ -49,18 +50,7 @@ class ApolloTorchReference:
                         st["P"] = self.draw(p, side, tuple(grad.shape), group["rank"])
                         st["draws"] += 1
                     grad = grad @ st["P"].t() if side == "right" else st["P"].t() @ grad
-                if "exp_avg" not in st:
-                    st["exp_avg"], st["exp_avg_sq"] = torch.zeros_like(grad), torch.zeros_like(grad)
-                m, v = st["exp_avg"], st["exp_avg_sq"]
-                beta1, beta2 = group["betas"]
-                st["step"] += 1
-                m.mul_(beta1).add_(grad, alpha=1.0 - beta1)
-                v.mul_(beta2).addcmul_(grad, grad, value=1.0 - beta2)
-                denom = v.sqrt().add_(group["eps"])
-                step_size = group["lr"]
-                if group["correct_bias"]:
-                    step_size = step_size * math.sqrt(1.0 - beta2 ** st["step"]) / (1.0 - beta1 ** st["step"])
-                norm_grad = m / denom
+                norm_grad, step_size = hf_adam_direction(st, grad, group)
                 if "rank" in group:
                     if group["scale_type"] == "channel":
                         phi = torch.norm(norm_grad, dim=norm_dim) / (torch.norm(grad, dim=norm_dim) + 1e-8)

@@ -11,6 +11,7 @@ import pytest
 import torch
 from torch import nn
 
+from hf_adamw_reference import hf_adam_direction
 from lotus_dist.optim import METHODS, GaLoreAdamW, LotusAdamW, LowRankAdamW, switch_report
 
 
@@ -56,18 +57,7 @@ class GaLoreTorchReference:
                         st["P"] = self.orthogonal(grad, group["rank"], side)
                         st["svds"] += 1
                     grad = grad @ st["P"].t() if side == "right" else st["P"].t() @ grad
-                if "exp_avg" not in st:
-                    st["exp_avg"], st["exp_avg_sq"] = torch.zeros_like(grad), torch.zeros_like(grad)
-                m, v = st["exp_avg"], st["exp_avg_sq"]
-                beta1, beta2 = group["betas"]
-                st["step"] += 1
-                m.mul_(beta1).add_(grad, alpha=1.0 - beta1)
-                v.mul_(beta2).addcmul_(grad, grad, value=1.0 - beta2)
-                denom = v.sqrt().add_(group["eps"])
-                step_size = group["lr"]
-                if group["correct_bias"]:
-                    step_size = step_size * math.sqrt(1.0 - beta2 ** st["step"]) / (1.0 - beta1 ** st["step"])
-                n = m / denom
+                n, step_size = hf_adam_direction(st, grad, group)
                 if "rank" in group:
                     n = (n @ st["P"] if side == "right" else st["P"] @ n) * group["scale"]
                 p.add_(n, alpha=-step_size)

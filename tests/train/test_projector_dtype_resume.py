@@ -9,7 +9,7 @@ import json
 import pytest
 
 from lotus_dist.train.metrics import read_metrics
-from pretrain_runs import run, trajectory  # tests/ is on sys.path (pyproject's pythonpath)
+from pretrain_runs import run, straight_and_resumed, trajectory  # tests/ is on sys.path (pyproject's pythonpath)
 
 pytestmark = pytest.mark.slow  # trains for a while: short runs resumed
 
@@ -21,10 +21,7 @@ PROJECTOR_ELEMENTS = 2 * (4 * 64 * 8 + 3 * 64 * 8)
 
 def test_a_bf16_projector_run_resumes_bit_for_bit(tmp_path, small_overrides):
     common = small_overrides + SWITCHING + ["train.steps=8", "optim.projector_dtype=bf16"]
-    assert run(common + [f"run.dir={tmp_path / 'straight'}"]) == 0
-    assert run(common + [f"run.dir={tmp_path / 'resumed'}", "train.stop_at=4"]) == 0
-    assert run(common + [f"run.dir={tmp_path / 'resumed'}"]) == 0
-    straight, resumed = trajectory(tmp_path / "straight", 5, 8), trajectory(tmp_path / "resumed", 5, 8)
+    straight, resumed = straight_and_resumed(tmp_path, common, 4, 8)
     assert len(straight) == 4 and straight == resumed
     assert straight[-1]["switches"] > trajectory(tmp_path / "straight", 4, 4)[0]["switches"], "no switch after resume"
 

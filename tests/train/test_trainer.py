@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from lotus_dist.train.metrics import read_metrics
-from pretrain_runs import REPO, run, trajectory  # tests/ is on sys.path (pyproject's pythonpath)
+from pretrain_runs import REPO, run, straight_and_resumed, trajectory  # tests/ is on sys.path (pyproject's pythonpath)
 
 pytestmark = pytest.mark.slow  # trains for a while: 40-step runs resumed bitwise, 60 steps
 
@@ -37,10 +37,7 @@ def test_int8_states_resume_bitwise(tmp_path, small_overrides):
 
     common = small_overrides + ["train.steps=30", "train.eval_every=10", "checkpoint.every=15", "optim.name=lotus",
                                 "optim.rank=32", "optim.verify_gap=5", "optim.gamma=0.1", "optim.state_dtype=int8"]
-    assert run(common + [f"run.dir={tmp_path / 'straight'}"]) == 0
-    assert run(common + [f"run.dir={tmp_path / 'resumed'}", "train.stop_at=15"]) == 0
-    assert run(common + [f"run.dir={tmp_path / 'resumed'}"]) == 0
-    straight, resumed = trajectory(tmp_path / "straight", 16, 30), trajectory(tmp_path / "resumed", 16, 30)
+    straight, resumed = straight_and_resumed(tmp_path, common, 15, 30)
     assert len(straight) == 15 and straight == resumed
     assert straight[-1]["switches"] > trajectory(tmp_path / "straight", 15, 15)[0]["switches"], "no switch after resume"
     meta = FileSystemReader(str(tmp_path / "resumed" / "checkpoints" / "step_00000015")).read_metadata()
