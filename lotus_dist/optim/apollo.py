@@ -20,14 +20,20 @@ def gaussian_columns(d: int, r: int, gen: torch.Generator, device) -> torch.Tens
     return torch.randn(d, r, generator=gen, device=device, dtype=torch.float32) / math.sqrt(r)
 
 
+def channel_scaling(N: torch.Tensor, R: torch.Tensor, side: str) -> torch.Tensor:
+    """‖N‖/(‖R‖ + 1e-8) per long-side channel, norms over the r dim (local under long-side sharding): APOLLO's
+    channel-wise φ, and Fira's φ of the residual (fira_online_pca.py)."""
+    dim = 0 if side == "left" else 1
+    return N.norm(dim=dim, keepdim=True) / (R.norm(dim=dim, keepdim=True) + EPS)
+
+
 def apollo_scaling(N: torch.Tensor, R: torch.Tensor, side: str, residual: str, comm) -> torch.Tensor:
     """φ, the factor of the raw gradient G: ‖N‖/(‖R‖ + 1e-8) per long-side channel (norms over the r dim,
     ``apollo_channel``; local under long-side sharding) or over the whole tensor (``apollo_tensor``). N and R cover
     this rank's piece of the long side, or all of it where the projected side is sharded (the fallback gathers
     them): only the former sums its partial norms across ranks."""
     if APOLLO_RESIDUALS[residual] == "channel":
-        dim = 0 if side == "left" else 1
-        return N.norm(dim=dim, keepdim=True) / (R.norm(dim=dim, keepdim=True) + EPS)
+        return channel_scaling(N, R, side)
     sq = torch.stack([N.square().sum(), R.square().sum()])
     if not comm.shards_projected_side:
         sq = comm.reduce(sq)
@@ -35,4 +41,4 @@ def apollo_scaling(N: torch.Tensor, R: torch.Tensor, side: str, residual: str, c
     return n / (r + EPS)
 
 
-__all__ = ["APOLLO_RESIDUALS", "apollo_scaling", "gaussian_columns"]
+__all__ = ["APOLLO_RESIDUALS", "apollo_scaling", "channel_scaling", "gaussian_columns"]

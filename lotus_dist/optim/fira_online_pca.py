@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import torch
 
+from .apollo import channel_scaling
 from .job import _Job
 from .subspace import Comm, online_pca_update_, project_back
 from .switching import POLICIES
@@ -47,9 +48,7 @@ class FiraAndOnlinePCA:
     @staticmethod
     def _fira_residual(st, G, R, N, P, side, comm: Comm) -> torch.Tensor:
         """Λ = φ ⊙ (G − project_back(R)), φ per long-side index = ‖N‖/‖R‖ over the r dim, growth-limited."""
-        dim = 0 if side == "left" else 1
-        phi = N.norm(dim=dim, keepdim=True) / (R.norm(dim=dim, keepdim=True) + 1e-8)
-        return limit_growth(st, (G - project_back(R, P, side)) * phi, comm)
+        return limit_growth(st, (G - project_back(R, P, side)) * channel_scaling(N, R, side), comm)
 
 
 def limit_growth(st: dict, U: torch.Tensor, comm: Comm) -> torch.Tensor:
