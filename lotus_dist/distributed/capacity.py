@@ -28,6 +28,7 @@ from lotus_dist.model.llama import Llama, count_parameters, llama_config, shape_
 from lotus_dist.optim.methods import method_rank, resolve_parts
 from lotus_dist.optim.reference_codes import reference_bytes
 from lotus_dist.optim.state_codes import STATE_DTYPES, moment_bytes
+from lotus_dist.optim.switching import STATS_WIDTH
 
 from . import step_time
 from .fsdp import apply_fsdp, mixed_precision
@@ -38,7 +39,6 @@ from .step_time import fsdp_bytes
 METHODS = ("adamw", "galore", "lotus", "apollo", "apollo_mini")
 LIMITER_SUMS = {"apollo_channel": 1, "apollo_tensor": 3}  # all-reduced scalars a step: ‖U‖² (and ‖N‖², ‖R‖²)
 STATE_BYTES = 4  # projectors are fp32, the moments optim.state_dtype's (docs/algorithms.md section 4)
-SWITCH_STATS = 2  # displacement policy: partial sums of |R|^2 and <R, d_init> per matrix
 
 
 @contextmanager
@@ -138,7 +138,7 @@ def _method_numbers(cfg, model: nn.Module, plan: Plan, method: str, gather_bytes
             step_extra += 2 * _ring(w) * r * n * STATE_BYTES
         proj = mp.projector_shape[0] * mp.projector_shape[1]
         if method == "lotus":
-            switch += 2 * _ring(w) * SWITCH_STATS * STATE_BYTES
+            switch += 2 * _ring(w) * STATS_WIDTH * STATE_BYTES  # the policy's row of fp32 sums
             # Algorithm 1 compares each low-rank gradient with the one at the last switch (d_init), kept like a
             # moment (sharded the same way), in optim.reference_dtype's form.
             switch_state += reference_bytes(long_local, r, parts["reference_dtype"])

@@ -230,3 +230,14 @@ def test_bf16_projectors_halve_the_planned_projectors_and_their_gathers():
             assert res["replicate", "bf16"][m][k] == res["replicate", "fp32"][m][k]
     ddp_fp32, ddp_bf16 = res["replicate", "fp32"]["lotus (ddp)"], res["replicate", "bf16"]["lotus (ddp)"]
     assert sum(ddp_fp32["state_per_rank"]) - sum(ddp_bf16["state_per_rank"]) == 2 * elements
+
+
+def test_planned_switch_statistics_are_the_policys_rows():
+    """Per check step each projected matrix adds one row of the switch policy's fp32 partial sums (STATS_WIDTH of
+    them) to the one batched all-reduce: the planned bytes are that row's ring all-reduce per matrix."""
+    from lotus_dist.distributed.step_time import ring
+    from lotus_dist.optim.switching import STATS_WIDTH
+
+    res, _ = run("model.name=tiny", "dist.world_size=4", "optim.rank=16")
+    matrices = 7 * llama_config("tiny").n_layers
+    assert res["lotus"]["switch_check"] == matrices * 2 * ring(4) * STATS_WIDTH * 4
