@@ -35,7 +35,8 @@ from lotus_dist.train.metrics import read_metrics  # noqa: E402
 # name -> overrides. The ablation rows of the Lotus paper: svd+fixed is GaLore, rsvd+displacement is Lotus.
 RUNS = {
     "adamw": ["optim.name=adamw"],
-    "adamw lr=0.01": ["optim.name=adamw", "optim.lr=0.01"],
+    # AdamW's lr sweep (the preset's adamw_lr is its default row above)
+    **{f"adamw lr={lr:g}": ["optim.name=adamw", f"optim.lr={lr:g}"] for lr in (0.001, 0.002, 0.003, 0.006, 0.01)},
     "galore (svd+fixed)": ["optim.name=galore"],
     "rsvd+fixed": ["optim.name=lotus", "optim.switch=fixed"],
     "lotus (rsvd+displacement)": ["optim.name=lotus"],
@@ -46,6 +47,12 @@ RUNS = {
     "osd": ["optim.name=osd"],
     "fira": ["optim.name=fira"],
     "projfactor": ["optim.name=projfactor"],
+    "apollo": ["optim.name=apollo"],
+    "apollo_mini": ["optim.name=apollo_mini"],
+    # Combinations of the four parts (issue 28): Lotus's adaptive rsvd subspace with Fira's residual, and inside
+    # APOLLO (its channel-wise scaled raw gradient and alpha = 1) in place of the Gaussian projection on a clock.
+    "lotus+fira": ["optim.name=lotus", "optim.residual=fira"],
+    "lotus+apollo": ["optim.name=apollo", "optim.solver=rsvd", "optim.switch=displacement"],
 }
 
 PRESETS = {

@@ -4,6 +4,7 @@ from pathlib import Path
 
 import pytest
 
+from lotus_dist.optim.methods import resolve_parts
 from lotus_dist.train.config import ConfigError, load_config
 
 REPO = Path(__file__).resolve().parents[2]
@@ -14,7 +15,17 @@ def test_recipes_load_with_galore_schedule():
     for name, n in steps.items():
         cfg = load_config(REPO / "configs" / f"{name}.yaml")
         assert (cfg.model.name, cfg.train.steps, cfg.train.seq_len, cfg.train.batch_size) == (name, n, 256, 512)
-        assert (cfg.optim.lr, cfg.optim.scale, cfg.train.warmup_ratio, cfg.train.min_lr_ratio) == (0.01, 0.25, 0.1, 0.1)
+        scale = resolve_parts(cfg.optim)["scale"]
+        assert (cfg.optim.lr, scale, cfg.train.warmup_ratio, cfg.train.min_lr_ratio) == (0.01, 0.25, 0.1, 0.1)
+
+
+def test_recipes_leave_alpha_to_the_method():
+    # A recipe that wrote GaLore's alpha 0.25 would silently run APOLLO at 0.25 instead of 1 (Mini: 128).
+    for path in sorted((REPO / "configs").glob("*.yaml")):
+        cfg = load_config(path)
+        for name, alpha in (("lotus", 0.25), ("apollo", 1.0), ("apollo_mini", 128.0)):
+            cfg.optim.name = name
+            assert resolve_parts(cfg.optim)["scale"] == alpha, (path.name, name)
 
 
 def test_overrides_are_typed():
