@@ -15,6 +15,8 @@ collectives are not issued through the counted path).
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.distributed as dist
 from torch import nn
@@ -117,6 +119,26 @@ class FsdpTraffic:
                                 ("replica", "replica_projected"), optim=False)
 
 
+def replica_step_bytes(plan, reduce_bytes: int = 4, state_bytes: int = 4) -> dict[str, dict[str, float]]:
+    """Planned bytes one rank sends across replicas on an ordinary step (ring all-reduce, 2 (R-1)/R of the tensor),
+    for ``full`` and ``lowrank``: ``projected`` (the gradient shard, or R: this rank's long-side rows x r, in the
+    state dtype) and ``plain`` (every other parameter's shard, all-reduced by FSDP2 in both). Refresh steps add
+    the switching matrices' gradient shards under lowrank (not counted here)."""
+    ring = 2 * (plan.replicate - 1) / plan.replicate
+    w = plan.shard_size
+    full = plain = lowrank = 0.0
+    for mp in plan.matrices.values():
+        m, n = mp.shape
+        full += (-(-m // w) * n if mp.shard_dim == 0 else m * (n // w)) * reduce_bytes
+        long = mp.shape[mp.state_dim]
+        lowrank += -(-long // w) * mp.rank * state_bytes  # a fallback's slice too: its state is sharded by columns
+    for shape in plan.unprojected.values():
+        rows = shape[0] if shape else 1
+        plain += -(-rows // w) * (math.prod(shape) // max(rows, 1)) * reduce_bytes
+    return {"full": {"projected": ring * full, "plain": ring * plain},
+            "lowrank": {"projected": ring * lowrank, "plain": ring * plain}}
+
+
 def projected_modules(block: nn.Module, projected: set[str], prefix: str) -> list[nn.Module]:
     """The modules of ``block`` (its FQN ``prefix``) whose own parameters are all projected matrices."""
     out = []
@@ -128,4 +150,5 @@ def projected_modules(block: nn.Module, projected: set[str], prefix: str) -> lis
 
 
 __all__ = ["FsdpTraffic", "REPLICA_SYNCS", "ReplicaSync", "full_gradient_reason", "projected_modules",
+           "replica_step_bytes",
            "resolve_replica_sync"]

@@ -422,13 +422,10 @@ def validate(cfg: Config) -> None:
                           f"({t.seq_len}) to make one validation sequence; or set train.eval_every=0")
     _at_least("dist.replicate", cfg.dist.replicate, 1)
     _at_least("dist.world_size", cfg.dist.world_size, 1)
-    if cfg.dist.replica_sync == "lowrank":
-        if t.grad_clip_norm != "consumed":
-            raise ConfigError("dist.replica_sync=lowrank never forms the full gradient across replicas: set "
-                              f"train.grad_clip_norm=consumed (got train.grad_clip_norm={t.grad_clip_norm})")
-        if cfg.optim.per_layer:
-            raise ConfigError("dist.replica_sync=lowrank does not support optim.per_layer=true yet: set "
-                              "dist.replica_sync=full")
+    # dist.replica_sync=lowrank with train.grad_clip_norm=full: refused where lowrank applies (train/step.py)
+    if cfg.dist.replica_sync == "lowrank" and cfg.optim.per_layer:
+        raise ConfigError("dist.replica_sync=lowrank does not support optim.per_layer=true yet: set "
+                          "dist.replica_sync=full")
     if t.grad_clip_norm == "consumed" and cfg.dist.mode in ("ddp", "deepspeed"):
         raise ConfigError(f"train.grad_clip_norm=consumed is not supported under dist.mode={cfg.dist.mode} yet "
                           "(single and fsdp): set train.grad_clip_norm=full")

@@ -84,7 +84,8 @@ class StepEngine:
 
             self.consumed = optimizer.consumed = ConsumedStep(grad_clip, getattr(optimizer, "replicas", NO_REPLICAS))
         elif getattr(optimizer, "replicas", None) is not None:
-            raise UserError("dist.replica_sync=lowrank needs train.grad_clip_norm=consumed")
+            raise UserError("dist.replica_sync=lowrank never forms the full gradient across replicas: set "
+                            f"train.grad_clip_norm=consumed (got train.grad_clip_norm={clip_norm})")
         self.in_backward = None
         if per_layer:
             from lotus_dist.optim import OptimizerInBackward
