@@ -77,22 +77,36 @@ def apply_fsdp(
     reshard_after_forward: bool = True,
     log_fn: Callable[[str], None] | None = None,
     details: str | None = None,
+    projected_mesh: DeviceMesh | None = None,
 ) -> nn.Module:
     """Shard ``model`` (a ``Llama``: blocks in ``model.layers``) in place with FSDP2 and return it.
 
     Each block is its own FSDP unit (one all-gather / reduce-scatter per block), the root unit holds the
     embeddings, final norm and lm_head. The root is not resharded after forward: backward starts with lm_head,
     so resharding it would only buy an immediate re-gather. A 2-D mesh gives HSDP.
+
+    ``projected_mesh`` (HSDP's shard sub-mesh, ``dist.replica_sync=lowrank``): each block's projected Linear
+    weights form one more unit, on that mesh alone, so FSDP2 does not all-reduce them across replicas
+    (distributed/replica_sync.py); the block's other parameters stay on ``mesh``.
     """
     _check_mesh(mesh, plan)
     plan.bind(model)  # before fully_shard replaces the parameters by DTensors
     mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=reduce_dtype)
     common = dict(mesh=mesh, shard_placement_fn=plan.shard_placement_fn, mp_policy=mp)
-    for block in model.layers:
+    units = []
+    for i, block in enumerate(model.layers):
+        if projected_mesh is not None:
+            from .replica_sync import projected_modules
+
+            linears = projected_modules(block, set(plan.matrices), f"layers.{i}")
+            if linears:
+                out = fully_shard(linears, reshard_after_forward=reshard_after_forward,
+                                  **{**common, "mesh": projected_mesh})
+                units += out if isinstance(out, list) else [out]
         fully_shard(block, reshard_after_forward=reshard_after_forward, **common)
     fully_shard(model, reshard_after_forward=False, **common)
     # gloo's AVG reduce-scatter sums in several torch releases (pytorch/pytorch#162338): average by hand there.
-    sum_reductions_on_gloo([*model.layers, model], mesh)
+    sum_reductions_on_gloo([*model.layers, model, *units], mesh)
     emit = log_fn or log.info
     for line in plan.summary(details):  # ``details``: the file naming each fallback matrix, if one was written
         emit(line)

@@ -39,7 +39,7 @@ from lotus_dist.optim.methods import resolve_parts
 from lotus_dist.optim.reference_codes import REFERENCE_KEYS
 from lotus_dist.optim.state_codes import SCALE_KEYS
 
-from .matrix_comm import PROJECTOR_LAYOUTS, MatrixComm, StatsComm
+from .matrix_comm import GROUP_DIMS, PROJECTOR_LAYOUTS, MatrixComm, StatsComm
 from .sharding_plan import Plan, choose_projectors, projector_peak_bytes
 
 # Low-rank state tensors shaped like R (the long side kept: a reference's codes and per-index scales, int8 moments'
@@ -124,9 +124,9 @@ def build_sharded_optimizer(model: nn.Module, optim_cfg, plan: Plan, mesh: Devic
         raise UserError("optim.name=projfactor is not supported under dist.mode=fsdp yet (use dist.mode=single)")
     group = mesh.get_group(mesh.ndim - 1)  # the shard group; under HSDP each replica group works alone
     opt.stats_comm = StatsComm(group)
+    GROUP_DIMS[id(group)] = ("shard",)
     names = {id(p): n for n, p in model.named_parameters()}
     layouts: dict[int, _Layout] = {}
-    replicated = tuple(Replicate() for _ in range(mesh.ndim))
     for g in opt.param_groups:
         if g.get("rank") is None:
             continue
@@ -143,6 +143,8 @@ def build_sharded_optimizer(model: nn.Module, optim_cfg, plan: Plan, mesh: Devic
             _check_supported(g, mp.fallback, name)
             comm = MatrixComm(group, mp.shape, side, r, mp.shard_dim, mp.fallback, mp.owner, projectors)
             opt.set_comm(p, comm)
+            # the parameter's own mesh: 1-D (shard) for a projected weight under dist.replica_sync=lowrank
+            replicated = tuple(Replicate() for _ in range(p.device_mesh.ndim))
             proj_pl = replicated if projectors == "replicate" else replicated[:-1] + (Shard(0),)
             layouts[id(p)] = _Layout(
                 mesh=p.device_mesh,

@@ -34,9 +34,13 @@ from lotus_dist.optim.subspace import Comm, Request, linalg_steps, orth_columns_
 PROJECTOR_LAYOUTS = ("replicate", "shard")
 
 
+GROUP_DIMS: dict[int, tuple[str, ...]] = {}  # id(process group) -> the COUNTERS.bytes_by_dim keys it counts in
+
+
 def counted(kind: str, whole_bytes: int, group) -> None:
-    """Count one collective of ``kind`` on a whole tensor of ``whole_bytes`` over ``group``."""
-    COUNTERS.collective(kind, whole_bytes, dist.get_world_size(group))
+    """Count one collective of ``kind`` on a whole tensor of ``whole_bytes`` over ``group`` (and in its mesh dim,
+    where the group is one, ``GROUP_DIMS``)."""
+    COUNTERS.collective(kind, whole_bytes, dist.get_world_size(group), GROUP_DIMS.get(id(group), ()))
 
 
 def chunk_sizes(n: int, world: int) -> list[int]:
@@ -345,4 +349,4 @@ def _owner_svd_all(group, requests: list[Request]) -> list[torch.Tensor]:
     return out
 
 
-__all__ = ["MatrixComm", "StatsComm", "all_gather_rows", "chunk_sizes", "reduce_scatter_rows"]
+__all__ = ["GROUP_DIMS", "counted", "MatrixComm", "StatsComm", "all_gather_rows", "chunk_sizes", "reduce_scatter_rows"]

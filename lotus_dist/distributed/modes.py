@@ -44,6 +44,8 @@ class ParallelContext:
     weights_dtype: torch.dtype | None = None  # ddp/deepspeed: bf16 weights on every rank, fp32 masters on owners
     grad_accum: int = 1  # ddp/deepspeed: micro-batches per step (the start-up memory check counts their buffers)
     deepspeed_config: dict | None = None  # deepspeed: the checked DeepSpeed JSON the engine starts from
+    replica_sync: str = "full"  # fsdp: dist.replica_sync as resolved (replica_sync.resolve_replica_sync)
+    traffic: object = None  # fsdp: FSDP2's gradient reductions, counted per micro-batch (replica_sync.FsdpTraffic)
 
 
 class SingleProcess:
@@ -165,6 +167,7 @@ class FullyShardedDataParallel(Collective):
 
     def parallelize(self, model, cfg):
         from lotus_dist.distributed.fsdp import apply_fsdp, local_part, mixed_precision
+        from lotus_dist.distributed.replica_sync import FsdpTraffic, resolve_replica_sync
         from lotus_dist.distributed.sharding_plan import method_geometry, plan_for_model
         from lotus_dist.optim.methods import method_rank
 
@@ -174,12 +177,17 @@ class FullyShardedDataParallel(Collective):
                               replicate=cfg.dist.replicate)
         param_dtype, reduce_dtype = mixed_precision(cfg.train.dtype, self.device, cfg.dist.reduce_dtype)
         details = write_fallbacks(plan, cfg.run.dir) if self.rank == 0 else None
+        sync = resolve_replica_sync(cfg.dist.replica_sync, cfg.dist.replicate, cfg.optim, self.log)
         model = apply_fsdp(model, mesh, plan, param_dtype=param_dtype, reduce_dtype=reduce_dtype, log_fn=self.log,
-                           details=details)
+                           details=details, projected_mesh=mesh["shard"] if sync == "lowrank" else None)
         model = self.materialize(model, cfg, local_part)  # sharded first: no rank ever holds the whole model
-        return model, ParallelContext(plan=plan, reduce_last=cfg.dist.reduce_last_micro_batch)
+        traffic = FsdpTraffic(model, plan, reduce_dtype.itemsize if reduce_dtype is not None else None)
+        return model, ParallelContext(plan=plan, reduce_last=cfg.dist.reduce_last_micro_batch, replica_sync=sync,
+                                      traffic=traffic)
 
     def no_sync(self, model, optimizer, ctx: ParallelContext, last: bool):
+        if ctx.traffic is not None:  # what FSDP2 reduces after this micro-batch's backward
+            ctx.traffic.count(all_reduce=last or not ctx.reduce_last)
         if ctx.reduce_last:
             from lotus_dist.distributed.fsdp import set_gradient_sync
 
@@ -203,7 +211,13 @@ class FullyShardedDataParallel(Collective):
         if optim_cfg.name != "adamw":  # adamw keeps no projectors
             self.log(f"optim.projectors={optim_cfg.projectors}: {projectors} ({why})")
         optim_cfg = dataclasses.replace(optim_cfg, projectors=projectors)
-        return build_sharded_optimizer(model, optim_cfg, ctx.plan, mesh_of(model))
+        optimizer = build_sharded_optimizer(model, optim_cfg, ctx.plan, mesh_of(model))
+        if ctx.replica_sync == "lowrank":  # the replica mean of R (the consumed step runs it)
+            from lotus_dist.distributed.replica_sync import ReplicaSync
+
+            mesh = mesh_of(model)
+            optimizer.replicas = ReplicaSync(mesh.get_group(0), mesh.size(0))
+        return optimizer
 
 
 class OwnerDataParallel(Collective):

@@ -86,6 +86,7 @@ class LowRankAdamW(UnitStepping, BasisRefresh, FiraAndOnlinePCA, AdamWStep, Opti
         self._groups: dict[int, dict] | None = None
         self._timer = Timer()
         self.refresh_batch_bytes = REFRESH_BATCH_BYTES
+        self.consumed = None  # a ConsumedStep (optim/consumed_step.py): train.grad_clip_norm=consumed runs the step
         super().__init__(params, dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay))
 
     @staticmethod
@@ -245,6 +246,9 @@ class LowRankAdamW(UnitStepping, BasisRefresh, FiraAndOnlinePCA, AdamWStep, Opti
     def step(self, closure=None):
         loss = closure_loss(closure)
         plain, jobs = self._collect(None)
+        if self.consumed is not None:  # clip by the consumed norm, replicas exchanging R (optim/consumed_step.py)
+            self.consumed.run(self, plain, jobs)
+            return loss
         for group, params in plain:
             self._adamw_group(group, params)
         if jobs:

@@ -35,6 +35,8 @@ OnNonfinite = Literal["stop", "skip"]
 DistMode = Literal[("auto", *MODES)]  # type: ignore[valid-type]
 DistBackend = Literal["auto", "nccl", "gloo"]
 ReduceDtype = Literal[tuple(REDUCE_DTYPES)]  # type: ignore[valid-type]
+ReplicaSync = Literal["full", "lowrank"]
+GradClipNorm = Literal["full", "consumed"]
 
 
 class ConfigError(UserError, ValueError):
@@ -142,6 +144,9 @@ class TrainConfig:
     micro_batch_size: int = 8  # per rank, per forward/backward
     seq_len: int = 128
     grad_clip: float = 1.0  # global-norm clipping; 0 = off
+    # the norm train.grad_clip clips by: full, of every gradient; consumed, of what the optimizer consumes (R =
+    # project(G) of each projected matrix, in the basis it updates with, and the plain gradients): docs/distributed.md
+    grad_clip_norm: GradClipNorm = "full"
     activation_checkpointing: bool = False  # recompute each block's forward in backward: less memory, ~1/3 more compute
     grad_clip_unit: float = 0.0  # optim.per_layer only: clip each block's (FSDP unit's) gradient norm; 0 = off
     warmup_ratio: float = 0.1
@@ -170,6 +175,10 @@ class DistConfig:
     # dist.reduce_dtype); HSDP reduce-scatters inside the shard group every micro-batch and defers only the
     # all-reduce across replicas (the inter-node bytes). Not with optim.per_layer (its hooks need every reduce).
     reduce_last_micro_batch: bool = False
+    # HSDP: what replicas exchange for a projected matrix. full: FSDP2 all-reduces its gradient shard; lowrank: the
+    # optimizer all-reduces R = project(G) instead (the solver's input on refresh steps), needs
+    # train.grad_clip_norm=consumed; methods that read G every step use full (docs/distributed.md)
+    replica_sync: ReplicaSync = "full"
 
 
 @dataclass
@@ -413,6 +422,16 @@ def validate(cfg: Config) -> None:
                           f"({t.seq_len}) to make one validation sequence; or set train.eval_every=0")
     _at_least("dist.replicate", cfg.dist.replicate, 1)
     _at_least("dist.world_size", cfg.dist.world_size, 1)
+    # dist.replica_sync=lowrank with train.grad_clip_norm=full: refused where lowrank applies (train/step.py)
+    if cfg.dist.replica_sync == "lowrank" and cfg.optim.per_layer:
+        raise ConfigError("dist.replica_sync=lowrank does not support optim.per_layer=true yet: set "
+                          "dist.replica_sync=full")
+    if t.grad_clip_norm == "consumed" and cfg.dist.mode in ("ddp", "deepspeed"):
+        raise ConfigError(f"train.grad_clip_norm=consumed is not supported under dist.mode={cfg.dist.mode} yet "
+                          "(single and fsdp): set train.grad_clip_norm=full")
+    if t.grad_clip_norm == "consumed" and cfg.optim.per_layer:
+        raise ConfigError("train.grad_clip_norm=consumed is the global rule of whole-model steps: with "
+                          "optim.per_layer=true use train.grad_clip_unit")
     if cfg.dist.reduce_last_micro_batch and cfg.optim.per_layer:
         raise ConfigError("dist.reduce_last_micro_batch=true defers the gradient reduction that optim.per_layer=true "
                           "updates from (its hooks run on every micro-batch's reduce-scatter): set one of them false")

@@ -19,6 +19,7 @@ from typing import Callable, ContextManager, Iterator
 import torch
 
 from lotus_dist.distributed.modes import ParallelContext
+from lotus_dist.counters import to_host
 from lotus_dist.errors import UserError
 from lotus_dist.precision import computes_in_bf16
 from lotus_dist.train.consensus import StepConsensus, clip_, grad_sq_partial, replicas_of
@@ -60,20 +61,31 @@ class StepEngine:
     ``device``, ``world_size``); ``ctx``: what its ``parallelize`` decided (the single process's by default). ``after_backward()`` runs once the step's gradients exist, before they are read
     (fault injection, a test's look at what a rank holds); ``before_unit_update(unit)`` before each per-layer
     block update; ``around_update()`` is a context entered around ``optimizer.step()`` (what the update alone
-    costs: its collectives, its peak memory). ``loss_fn(model, batch)`` is divided by ``grad_accum`` here."""
+    costs: its collectives, its peak memory). ``loss_fn(model, batch)`` is divided by ``grad_accum`` here.
+    ``clip_norm`` (train.grad_clip_norm): ``consumed`` hands clipping to the low-rank optimizer's consumed step
+    (optim/consumed_step.py; its replica mean where the optimizer has one, dist.replica_sync=lowrank); the step's
+    norm is then that one, read after the update (one more host sync)."""
 
     def __init__(self, model, optimizer, mode, ctx: ParallelContext = ParallelContext(), *, grad_accum: int = 1, grad_clip: float = 0.0,
                  grad_clip_unit: float = 0.0, on_nonfinite: str = "stop", per_layer: bool = False,
                  autocast: Callable = contextlib.nullcontext, loss_fn: Callable = default_loss,
                  after_backward: Callable[[], None] | None = None,
                  before_unit_update: Callable | None = None,
-                 around_update: Callable[[], ContextManager] = contextlib.nullcontext):
+                 around_update: Callable[[], ContextManager] = contextlib.nullcontext, clip_norm: str = "full"):
         self.model, self.optimizer, self.mode, self.ctx = model, optimizer, mode, ctx
         self.device = mode.device
         self.grad_accum, self.grad_clip, self.autocast, self.loss_fn = grad_accum, grad_clip, autocast, loss_fn
         self.after_backward = after_backward or (lambda: None)
         self.around_update = around_update
         self.consensus = StepConsensus(mode)
+        self.consumed = None
+        if clip_norm == "consumed" and hasattr(optimizer, "consumed"):  # without it (AdamW): consumed is full
+            from lotus_dist.optim.consumed_step import NO_REPLICAS, ConsumedStep
+
+            self.consumed = optimizer.consumed = ConsumedStep(grad_clip, getattr(optimizer, "replicas", NO_REPLICAS))
+        elif getattr(optimizer, "replicas", None) is not None:
+            raise UserError("dist.replica_sync=lowrank never forms the full gradient across replicas: set "
+                            f"train.grad_clip_norm=consumed (got train.grad_clip_norm={clip_norm})")
         self.in_backward = None
         if per_layer:
             from lotus_dist.optim import OptimizerInBackward
@@ -96,7 +108,7 @@ class StepEngine:
         # the device from the reduced norm; then the step's one host sync.
         grads = self.mode.gradients(self.model, self.optimizer)
         summed = self.consensus.reduce([loss_sum, grad_sq_partial(grads, self.device)], stop=stop, writing=writing)
-        if self.grad_clip > 0:
+        if self.grad_clip > 0 and self.consumed is None:
             clip_(grads, summed[1].sqrt(), self.grad_clip)
         loss_total, norm_sq = self.consensus.read(summed)
         loss, norm = loss_total / self.mode.world_size, math.sqrt(norm_sq) if norm_sq >= 0 else norm_sq
@@ -106,6 +118,8 @@ class StepEngine:
         with self.around_update():
             self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
+        if self.consumed is not None and self.consumed.norm is not None:
+            norm = to_host(self.consumed.norm)
         return StepResult(loss, norm)
 
     def forward_backward(self, batches: Iterator[torch.Tensor]) -> torch.Tensor:

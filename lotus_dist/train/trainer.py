@@ -126,7 +126,7 @@ class Trainer:
             grad_clip_unit=t.grad_clip_unit, on_nonfinite=t.on_nonfinite, per_layer=cfg.optim.per_layer,
             autocast=self.autocast,
             after_backward=lambda: maybe_poison_gradients(self.model.parameters(), mode.rank, self.step + 1),
-            before_unit_update=self._fault_in_unit)
+            before_unit_update=self._fault_in_unit, clip_norm=t.grad_clip_norm)
 
         self.stream = build_train_stream(cfg.data, self.tokenizer, seq_len=t.seq_len, micro_batch_size=t.micro_batch_size,
                                          rank=mode.rank, world_size=mode.world_size, seed=cfg.seed,

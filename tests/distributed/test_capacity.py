@@ -241,3 +241,25 @@ def test_planned_switch_statistics_are_the_policys_rows():
     res, _ = run("model.name=tiny", "dist.world_size=4", "optim.rank=16")
     matrices = 7 * llama_config("tiny").n_layers
     assert res["lotus"]["switch_check"] == matrices * 2 * ring(4) * STATS_WIDTH * 4
+
+
+def test_replica_sync_bytes_at_7b_on_8_nodes_of_8():
+    """dist.replica_sync=lowrank's planned replica bytes per ordinary step: R (long side / 8 x r) instead of each
+    gradient shard; a hand count for one matrix and the 7B x (8 x 8) share of the projected matrices."""
+    from lotus_dist.distributed.replica_sync import replica_step_bytes
+    from lotus_dist.distributed.sharding_plan import plan_for_model
+
+    with torch.device("meta"):
+        model = Llama(llama_config(name="llama_7b"))
+    plan = plan_for_model(model, 64, 1024, replicate=8)
+    b = replica_step_bytes(plan)
+    assert b["lowrank"]["plain"] == b["full"]["plain"]
+    assert b["lowrank"]["projected"] <= 0.35 * b["full"]["projected"]
+    one = plan.matrices["layers.0.mlp.down_proj.weight"] if "layers.0.mlp.down_proj.weight" in plan.matrices else \
+        next(iter(plan.matrices.values()))
+    m, n = one.shape
+    long = one.shape[one.state_dim]
+    ring = 2 * 7 / 8
+    solo = replica_step_bytes(type(plan)(world_size=64, replicate=8, matrices={one.name: one}, unprojected={}))
+    assert solo["full"]["projected"] == ring * (m * n // 8) * 4
+    assert solo["lowrank"]["projected"] == ring * (-(-long // 8)) * one.rank * 4
