@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import time
 
-from lotus_dist.counters import COUNTERS
+import torch
+
+from lotus_dist.counters import COUNTERS, to_host
 from lotus_dist.train.faults import maybe_crash, maybe_poison_weights
 from lotus_dist.train.step import NonFiniteError
 
@@ -79,6 +81,8 @@ class StepMetrics:
         record["solver_fallbacks"] = solver_fallback_report(trainer.optimizer)
         record["refresh_s"] = float(getattr(trainer.optimizer, "refresh_seconds", 0.0))
         record["train_s"] = trainer.train_seconds
+        if isinstance(record.get("grad_norm"), torch.Tensor):  # train.grad_clip_norm=consumed: read here, counted
+            record["grad_norm"] = to_host(record["grad_norm"])
         record.update(COUNTERS.snapshot())  # what this step cost: collectives, bytes, host syncs
         trainer.logger.log({"step": trainer.step, **record})
         self.clock, self.clock_tokens = time.perf_counter(), trainer.tokens

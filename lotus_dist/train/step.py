@@ -19,7 +19,6 @@ from typing import Callable, ContextManager, Iterator
 import torch
 
 from lotus_dist.distributed.modes import ParallelContext
-from lotus_dist.counters import to_host
 from lotus_dist.errors import UserError
 from lotus_dist.precision import computes_in_bf16
 from lotus_dist.train.consensus import StepConsensus, clip_, grad_sq_partial, replicas_of
@@ -49,7 +48,9 @@ def default_loss(model, batch: torch.Tensor) -> torch.Tensor:
 @dataclass
 class StepResult:
     loss: float  # the mean over the ranks of each rank's summed micro-batch losses
-    grad_norm: float | None  # global norm before clipping; None: per-layer steps that accumulated only R
+    # global norm before clipping; None: per-layer steps that accumulated only R; a device scalar under
+    # train.grad_clip_norm=consumed (the optimizer's own norm, read only on logged steps)
+    grad_norm: float | torch.Tensor | None
     nonfinite: bool = False  # a non-finite loss or gradient: see ``intact``
     intact: bool = True  # nothing of a non-finite step was applied (False: per-layer, other blocks updated)
     nonfinite_units: int = 0  # per-layer: blocks left alone for non-finite gradients
@@ -64,7 +65,7 @@ class StepEngine:
     costs: its collectives, its peak memory). ``loss_fn(model, batch)`` is divided by ``grad_accum`` here.
     ``clip_norm`` (train.grad_clip_norm): ``consumed`` hands clipping to the low-rank optimizer's consumed step
     (optim/consumed_step.py; its replica mean where the optimizer has one, dist.replica_sync=lowrank); the step's
-    norm is then that one, read after the update (one more host sync)."""
+    norm is then that one, a device scalar the metrics read on logged steps (no second host sync per step)."""
 
     def __init__(self, model, optimizer, mode, ctx: ParallelContext = ParallelContext(), *, grad_accum: int = 1, grad_clip: float = 0.0,
                  grad_clip_unit: float = 0.0, on_nonfinite: str = "stop", per_layer: bool = False,
@@ -119,7 +120,7 @@ class StepEngine:
             self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         if self.consumed is not None and self.consumed.norm is not None:
-            norm = to_host(self.consumed.norm)
+            norm = self.consumed.norm  # on the device: read when the step is logged, not a second sync per step
         return StepResult(loss, norm)
 
     def forward_backward(self, batches: Iterator[torch.Tensor]) -> torch.Tensor:

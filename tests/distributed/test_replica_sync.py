@@ -42,9 +42,10 @@ def runs(request, tmp_path_factory):
     launch(0, [*args, f"run.dir={tmp / 'single'}"])
     out = launch(4, [*args, *HSDP, f"run.dir={tmp / 'hsdp'}"], entry=DIGEST_SCRIPT,
                  env={"DIGEST_OUT": str(tmp / "digest")}).stdout
-    launch(4, [*args, *HSDP, f"run.dir={tmp / 'resumed'}", f"train.stop_at={STOP}"])
-    launch(4, [*args, *HSDP, f"run.dir={tmp / 'resumed'}"], entry=DIGEST_SCRIPT,
-           env={"DIGEST_OUT": str(tmp / "digest_resumed")})
+    if method == "lotus":  # the resume path (DCP, the optimizer's state dict) is one for both methods: once
+        launch(4, [*args, *HSDP, f"run.dir={tmp / 'resumed'}", f"train.stop_at={STOP}"])
+        launch(4, [*args, *HSDP, f"run.dir={tmp / 'resumed'}"], entry=DIGEST_SCRIPT,
+               env={"DIGEST_OUT": str(tmp / "digest_resumed")})
     return tmp, method, out
 
 
@@ -62,12 +63,14 @@ def test_lowrank_follows_single_process(runs):
 
 
 def test_replicas_stay_bit_identical_and_resume_bit_for_bit(runs):
-    tmp, _, _ = runs
-    straight, resumed = _digests(tmp / "digest"), _digests(tmp / "digest_resumed")
+    tmp, method, _ = runs
+    straight = _digests(tmp / "digest")
     # mesh (replicate, shard) = [[0, 1], [2, 3]]: ranks 0 and 2 hold shard 0, ranks 1 and 3 shard 1
     assert straight[0] == straight[2] and straight[1] == straight[3]
     assert straight[0] != straight[1]
-    assert resumed == straight
+    if method != "lotus":
+        return
+    assert _digests(tmp / "digest_resumed") == straight
     keys = ("loss", "grad_norm", "switches", "replica_comm_bytes")
     after = [{k: l[k] for k in keys} for l in read_metrics(tmp / "hsdp") if l["step"] > STOP]
     assert [{k: l[k] for k in keys} for l in read_metrics(tmp / "resumed") if l["step"] > STOP] == after
