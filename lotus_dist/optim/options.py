@@ -101,7 +101,7 @@ def check_options(opts: dict, prefix: str = "") -> None:
                 raise ValueError(f"{prefix}{key}: {v!r} is not one of {', '.join(option.choices)}")
         elif option.type is bool:
             if not isinstance(v, bool):
-                raise ValueError(f"{prefix}{key}: expected true or false, got {v!r}")
+                raise ValueError(f"{prefix}{key}: expected true/false, got {v!r}")
         elif option.type is int:
             if not isinstance(v, int) or isinstance(v, bool) or v < (1 if option.bound == "positive" else 0):
                 raise ValueError(f"{prefix}{key}: expected a {option.bound} integer, got {v!r}")
