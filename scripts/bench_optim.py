@@ -15,6 +15,10 @@
 4. codes (--only codes): optim.state_dtype's dequantize-update-requantize of M and V against fp32 and bf16 (time
    and error of the update), and torchao's 8-bit optimizer state when torchao is importable (not a dependency).
 
+5. fused (--only fused): optim.fused's stacked step against the per-matrix one, steady steps on the projected matrices
+   of llama_60m (all 8 blocks) and of llama_1b (--fused-layers of its 24 blocks: the whole model's weights and
+   gradients in fp32 would not fit a small machine; the groups are the same 7 shapes, each with fewer matrices).
+
     python scripts/bench_optim.py --quick            # small shapes, 2 sizes, few steps
     python scripts/bench_optim.py --shapes 512x1376,2048x5461
 """
@@ -34,7 +38,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from lotus_dist.model.llama import NAMED_SIZES, Llama, llama_config  # noqa: E402
 from lotus_dist.optim import build_optimizer, memory_report  # noqa: E402
 from lotus_dist.optim import subspace as ss  # noqa: E402
-from lotus_dist.optim.methods import is_projected  # noqa: E402
+from lotus_dist.optim import LowRankAdamW  # noqa: E402
+from lotus_dist.optim.methods import METHODS, is_projected  # noqa: E402
 from lotus_dist.train.config import OptimConfig  # noqa: E402
 
 RANKS = {"llama_60m": 128, "llama_130m": 256, "llama_350m": 256, "llama_1b": 512, "llama_7b": 1024}
@@ -184,6 +189,46 @@ def bench_step(steps, size="llama_60m"):
           f"interval 50 -> {(lo[0] + lo[1] / 50) / (g[0] + g[1] / 200):.2f}")
 
 
+def bench_fused(steps: int, layers_1b: int, methods=("lotus", "fira", "apollo")):
+    """Steady-step time of the projected matrices (no switch, no check), fused vs per-matrix, interleaved round-robin
+    so both share the same machine load; the plain parameters (embeddings, norms) are left out: they take torch's
+    fused AdamW either way."""
+    print(f"\n## optim.fused: steady low-rank step, fused vs per-matrix (random fp32 gradients, CPU, "
+          f"{torch.get_num_threads()} thread(s), median of {steps})")
+    print(f"{'shapes':>22} {'method':>8} {'matrices':>8} {'groups':>6} {'per-matrix ms':>13} {'fused ms':>9} "
+          f"{'fused/per-matrix':>16}")
+    for size, layers in (("llama_60m", None), ("llama_1b", layers_1b)):
+        cfg = llama_config(size)
+        if layers is not None:
+            cfg = type(cfg)(**{**cfg.__dict__, "n_layers": layers})
+        with torch.device("meta"):
+            shapes = [tuple(p.shape) for n, p in Llama(cfg).named_parameters() if is_projected(n, p)]
+        label = f"{size} x{cfg.n_layers} blocks"
+        for method in methods:
+            torch.manual_seed(0)
+            weights = [torch.randn(s) * 0.02 for s in shapes]
+            grads = [torch.randn(s) for s in shapes]
+            opts = {}
+            for fused in (False, True):
+                ps = [torch.nn.Parameter(w.clone()) for w in weights]
+                for p, g in zip(ps, grads):
+                    p.grad = g  # shared, read-only
+                parts = {**METHODS[method], "update_gap": 10**6, "verify_gap": 10**6}
+                opts[fused] = LowRankAdamW([{"params": ps, "rank": RANKS[size], **parts, "fused": fused}])
+                opts[fused].step()  # first bases (not timed)
+                opts[fused].step()  # Fira / APOLLO: the limiter is set
+            times = {False: [], True: []}
+            for _ in range(steps):
+                for fused in (False, True):
+                    t0 = time.perf_counter()
+                    opts[fused].step()
+                    times[fused].append(time.perf_counter() - t0)
+            a, b = statistics.median(times[False]), statistics.median(times[True])
+            print(f"{label:>22} {method:>8} {len(shapes):>8} {len(set(shapes)):>6} {a * 1e3:13.1f} {b * 1e3:9.1f} "
+                  f"{b / a:16.2f}")
+            del opts
+
+
 def bench_codes(reps: int, shape=(4096, 128), steps: int = 100):
     """optim.state_dtype: one dequantize-update-requantize of Adam's M and V (R-shaped, one block per long-side
     index) against the in-place fp32 update and bf16; the update's error after ``steps`` EMA steps against fp32;
@@ -261,7 +306,9 @@ def main(argv=None):
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--sizes", default=None, help="comma-separated model sizes for the memory table")
-    ap.add_argument("--only", default="basis,memory,step", help="which parts to run (and codes: the int8 moments)")
+    ap.add_argument("--only", default="basis,memory,step,fused",
+                    help="which parts to run (and codes: the int8 moments)")
+    ap.add_argument("--fused-layers", type=int, default=2, help="llama_1b blocks in the fused benchmark")
     ap.add_argument("--threads", type=int, default=1, help="intra-op threads (default 1: stable on a shared CPU)")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -278,6 +325,8 @@ def main(argv=None):
         bench_memory(sizes)
     if "step" in parts:
         bench_step(5 if args.quick else args.steps)
+    if "fused" in parts:
+        bench_fused(3 if args.quick else args.steps, args.fused_layers)
     if "codes" in parts:
         bench_codes(5 if args.quick else 20)
 

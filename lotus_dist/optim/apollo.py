@@ -23,7 +23,7 @@ def gaussian_columns(d: int, r: int, gen: torch.Generator, device) -> torch.Tens
 def channel_scaling(N: torch.Tensor, R: torch.Tensor, side: str) -> torch.Tensor:
     """‖N‖/(‖R‖ + 1e-8) per long-side channel, norms over the r dim (local under long-side sharding): APOLLO's
     channel-wise φ, and Fira's φ of the residual (fira_online_pca.py)."""
-    dim = 0 if side == "left" else 1
+    dim = -2 if side == "left" else -1  # from the end: a stack of matrices too (optim/fused_step.py)
     return N.norm(dim=dim, keepdim=True) / (R.norm(dim=dim, keepdim=True) + EPS)
 
 
@@ -31,14 +31,15 @@ def apollo_scaling(N: torch.Tensor, R: torch.Tensor, side: str, residual: str, c
     """φ, the factor of the raw gradient G: ‖N‖/(‖R‖ + 1e-8) per long-side channel (norms over the r dim,
     ``apollo_channel``; local under long-side sharding) or over the whole tensor (``apollo_tensor``). N and R cover
     this rank's piece of the long side, or all of it where the projected side is sharded (the fallback gathers
-    them): only the former sums its partial norms across ranks."""
+    them): only the former sums its partial norms across ranks. N and R may be stacks (k x ...: optim/fused_step.py):
+    then φ is one per matrix."""
     if APOLLO_RESIDUALS[residual] == "channel":
         return channel_scaling(N, R, side)
-    sq = torch.stack([N.square().sum(), R.square().sum()])
+    sq = torch.stack([N.square().sum(dim=(-2, -1)), R.square().sum(dim=(-2, -1))])
     if not comm.shards_projected_side:
         sq = comm.reduce(sq)
     n, r = sq.sqrt().unbind()
-    return n / (r + EPS)
+    return (n / (r + EPS))[..., None, None]
 
 
 __all__ = ["APOLLO_RESIDUALS", "apollo_scaling", "channel_scaling", "gaussian_columns"]

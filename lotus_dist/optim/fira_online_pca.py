@@ -51,16 +51,21 @@ class FiraAndOnlinePCA:
         return limit_growth(st, (G - project_back(R, P, side)) * channel_scaling(N, R, side), comm)
 
 
-def limit_growth(st: dict, U: torch.Tensor, comm: Comm) -> torch.Tensor:
+def limit_growth(st: dict | list[dict], U: torch.Tensor, comm: Comm) -> torch.Tensor:
     """Fira's norm-growth limiter (also APOLLO's): U scaled down so that ‖U‖ grows by at most ζ = 1.01 a step over
     the last limited norm (``fira_norm``, kept across refreshes; the first step sets it); ‖U‖ summed across ranks,
-    in fp32 at least (an fp64 U in fp64: fp32 partial sums would differ from one process's sum by ~1e-7)."""
-    norm = comm.reduce(U.to(torch.promote_types(U.dtype, torch.float32)).square().sum()).sqrt()
-    if st["fira_ready"]:
-        limiter = torch.clamp(norm / (st["fira_norm"] + 1e-8), min=FIRA_LIMIT) / FIRA_LIMIT
-        U = U / limiter.to(U.dtype)
-        st["fira_norm"].copy_(norm / limiter)
-    else:
-        st["fira_norm"].copy_(norm)
-        st["fira_ready"] = 1
+    in fp32 at least (an fp64 U in fp64: fp32 partial sums would differ from one process's sum by ~1e-7).
+    ``st`` a list of k states: U is their stack (k x m x n, optim/fused_step.py), each limited by its own norm."""
+    many = isinstance(st, list)
+    states = st if many else [st]
+    norm = comm.reduce(U.to(torch.promote_types(U.dtype, torch.float32)).square().sum(dim=(-2, -1))).sqrt()
+    if states[0]["fira_ready"]:  # alike in a stack (fused_step.py groups by it)
+        last = torch.stack([s["fira_norm"] for s in states]) if many else st["fira_norm"]
+        limiter = torch.clamp(norm / (last + 1e-8), min=FIRA_LIMIT) / FIRA_LIMIT
+        U = U / (limiter[:, None, None] if many else limiter).to(U.dtype)
+        norm = norm / limiter
+    for s in states:
+        s["fira_ready"] = 1
+    norms = [s["fira_norm"] for s in states]
+    torch._foreach_copy_(norms, list(norm.reshape(-1).to(norms[0].dtype).unbind(0)))
     return U

@@ -33,6 +33,7 @@ from . import state_codes
 from .adamw_step import AdamWStep
 from .apollo import APOLLO_RESIDUALS, apollo_scaling
 from .fira_online_pca import FiraAndOnlinePCA, limit_growth
+from .fused_step import FusedSteps
 from .job import _Job
 from .options import LOWRANK_DEFAULTS, check_options
 from .refresh import REFRESH_BATCH_BYTES, BasisRefresh
@@ -48,12 +49,12 @@ from .subspace import (
     run_batched,
     side_for,
 )
-from .switching import CHECK, POLICIES, STATS_WIDTH, SWITCH
+from .switching import CHECK, POLICIES, STATS_WIDTH, STAY, SWITCH
 from .tensors import (FP32_KEYS, OWN_DTYPE_KEYS, _local, _sq_norm, closure_loss, projector_dtype, state_dtype)
 from .unit_step import UnitStepping
 
 
-class LowRankAdamW(UnitStepping, BasisRefresh, FiraAndOnlinePCA, AdamWStep, Optimizer):
+class LowRankAdamW(UnitStepping, BasisRefresh, FiraAndOnlinePCA, FusedSteps, AdamWStep, Optimizer):
     """AdamW whose ``rank`` groups keep their moments in a low-rank gradient subspace.
 
     ``lowrank_defaults`` override ``LOWRANK_DEFAULTS`` (the Lotus method) for groups that have a ``rank``.
@@ -304,6 +305,7 @@ class LowRankAdamW(UnitStepping, BasisRefresh, FiraAndOnlinePCA, AdamWStep, Opti
         """
         rows: list[torch.Tensor] = []
         grouped: list[_Job] = []
+        fused: list[_Job] = []  # optim.fused: settled matrices projected and updated together, below
         for job in jobs:
             st, G = job.state, _local(job.p.grad)
             if st["n_bases"] == 0:
@@ -315,6 +317,11 @@ class LowRankAdamW(UnitStepping, BasisRefresh, FiraAndOnlinePCA, AdamWStep, Opti
             job.action = POLICIES[job.group["switch"]].peek(st, job.group)
             online = job.group["solver"] == "online_pca"  # its switch is an update of P: it needs R and P now
             if job.action == SWITCH and not online:
+                continue
+            if settle and job.action == STAY and not projected and self._fused_key(job) is not None:
+                self._decide(job, None)
+                job.done = True
+                fused.append(job)
                 continue
             comm = self.comm_for(job.p)
             job.P = self._use_projector(job.p, st)
@@ -329,6 +336,7 @@ class LowRankAdamW(UnitStepping, BasisRefresh, FiraAndOnlinePCA, AdamWStep, Opti
             self._update_all(settled)
             for job in settled:
                 job.P = job.R = None
+        self._update_fused(fused)
         return rows
 
     def _settle_or_check(self, job: _Job, projected, settle: bool, rows: list, defer: bool = False) -> bool:
@@ -388,9 +396,14 @@ class LowRankAdamW(UnitStepping, BasisRefresh, FiraAndOnlinePCA, AdamWStep, Opti
         the same arithmetic as the unmasked step where it is True.
 
         A matrix whose update is whole on this rank goes through at once; the fallback matrices' updates (their N
-        is a column slice, all-gathered for the back-projection) go out in one all-gather for all of them."""
+        is a column slice, all-gathered for the back-projection) go out in one all-gather for all of them; with
+        optim.fused the others step a stack at a time (fused_step.py)."""
+        fused = {id(job): job for job in jobs if self._fused_key(job) is not None}
+        self._update_fused(list(fused.values()), ok)
         grouped = []
         for job in jobs:
+            if id(job) in fused:
+                continue
             N = self._adam_step(job, ok)
             if self.comm_for(job.p).shards_projected_side:
                 grouped.append((job, N))

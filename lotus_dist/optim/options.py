@@ -39,7 +39,7 @@ REQUIRED = object()  # the "default" of an option every low-rank group must give
 
 @dataclass(frozen=True)
 class Option:
-    type: Any  # a Literal of the allowed values, int or float
+    type: Any  # a Literal of the allowed values, int, float or bool
     default: Any  # the Lotus method's value (REQUIRED: none); a number option with a default accepts None
     doc: str
     bound: str = "positive"  # numbers: positive (ints >= 1, floats > 0 and finite) or non-negative (ints >= 0)
@@ -78,6 +78,9 @@ OPTIONS: dict[str, Option] = {
                                              "fp32, bf16, or int8 block-wise codes (optim/state_codes.py)"),
     "projector_dtype": Option(ProjectorDtype, "fp32", "the stored projector (bf16: half the bytes, rounded once "
                                                       "when a basis is stored; solvers and products run in fp32)"),
+    "fused": Option(bool, False, "step the projected matrices of one shape, side, dtype and state format together "
+                                 "(stacked: kernels per step grow with those groups, not with matrices; "
+                                 "optim/fused_step.py)"),
     "seed": Option(int, 0, "seed of every random basis (with the matrix index and the switch count)",
                    bound="non-negative"),
 }
@@ -96,6 +99,9 @@ def check_options(opts: dict, prefix: str = "") -> None:
         if option.choices is not None:
             if v not in option.choices:
                 raise ValueError(f"{prefix}{key}: {v!r} is not one of {', '.join(option.choices)}")
+        elif option.type is bool:
+            if not isinstance(v, bool):
+                raise ValueError(f"{prefix}{key}: expected true/false, got {v!r}")
         elif option.type is int:
             if not isinstance(v, int) or isinstance(v, bool) or v < (1 if option.bound == "positive" else 0):
                 raise ValueError(f"{prefix}{key}: expected a {option.bound} integer, got {v!r}")

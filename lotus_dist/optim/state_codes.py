@@ -106,7 +106,7 @@ def store(st: dict, values: list[torch.Tensor], local: Callable = lambda t: t, k
             held.copy_(new if keep is None else torch.where(keep, held, new))
             continue
         scale = local(st[key + SCALE_SUFFIX])
-        codes, s = _rounded(key, X, scale.shape)
+        codes, s = _rounded(key, X, block_dims(scale.shape))
         if keep is not None:
             codes, s = torch.where(keep, held, codes), torch.where(keep, scale, s)
         held.copy_(codes)
@@ -120,6 +120,36 @@ def _decode(st: dict, key: str, work_dtype: torch.dtype, local: Callable) -> tor
     return held if held.dtype == work_dtype else held.to(work_dtype)
 
 
+def load_stacked(states: list[dict], work_dtype: torch.dtype,
+                 keys: tuple[str, ...] = MOMENTS) -> list[torch.Tensor]:
+    """``load`` of k states alike (same shape and format) at once: each moment as a k x ... stack in the working
+    dtype (a copy: give it back with ``store_stacked``), decoded as ``load`` decodes each (optim/fused_step.py)."""
+    out = []
+    for key in keys:
+        held = torch.stack([st[key] for st in states])
+        if key + SCALE_SUFFIX in states[0]:
+            held = decode(key, held, torch.stack([st[key + SCALE_SUFFIX] for st in states]))
+        out.append(held.to(work_dtype))
+    return out
+
+
+def store_stacked(states: list[dict], values: list[torch.Tensor], keep: torch.Tensor | None = None,
+                  keys: tuple[str, ...] = MOMENTS) -> None:
+    """``store`` of ``load_stacked``'s stacks into each state, with the same codes and scales ``store`` writes."""
+    for key, X in zip(keys, values):
+        held = [st[key] for st in states]
+        if key + SCALE_SUFFIX not in states[0]:
+            parts = [(X.to(held[0].dtype), held)]
+        else:
+            scales = [st[key + SCALE_SUFFIX] for st in states]
+            codes, s = _rounded(key, X, tuple(d + 1 for d in block_dims(scales[0].shape)))
+            parts = [(codes.to(held[0].dtype), held), (s, scales)]
+        for new, targets in parts:
+            if keep is not None:
+                new = torch.where(keep, torch.stack(targets), new)
+            torch._foreach_copy_(targets, list(new.unbind(0)))
+
+
 def block_dims(scale_shape: torch.Size | tuple[int, ...]) -> tuple[int, ...]:
     """The dimensions a block spans: where the scale has size 1."""
     return tuple(d for d, n in enumerate(scale_shape) if n == 1)
@@ -127,15 +157,15 @@ def block_dims(scale_shape: torch.Size | tuple[int, ...]) -> tuple[int, ...]:
 
 def encode(key: str, X: torch.Tensor, scale_shape) -> tuple[torch.Tensor, torch.Tensor]:
     """(codes, fp32 scales) of moment ``key`` with value X (V for ``exp_avg_sq``: its square root is coded)."""
-    q, scale = _rounded(key, X, scale_shape)
+    q, scale = _rounded(key, X, block_dims(scale_shape))
     return q.to(CODE_DTYPE[key]), scale
 
 
-def _rounded(key: str, X: torch.Tensor, scale_shape) -> tuple[torch.Tensor, torch.Tensor]:
-    """The codes as fp32 integers (``copy_`` into the code tensor converts them exactly) and the scales."""
+def _rounded(key: str, X: torch.Tensor, dims: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor]:
+    """The codes as fp32 integers (``copy_`` into the code tensor converts them exactly) and the scales of blocks
+    spanning ``dims``."""
     top = CODE_MAX[key]
     X = X.float()
-    dims = block_dims(scale_shape)
     if key == "exp_avg_sq":
         X = X.sqrt()  # V >= 0: an EMA of squares, and the rotations' V takes an abs
         amax = X.amax(dim=dims, keepdim=True) if dims else X.clone()
@@ -155,4 +185,4 @@ def decode(key: str, codes: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
 
 
 __all__ = ["MIN_ELEMENTS", "MOMENTS", "SCALE_KEYS", "STATE_DTYPES", "STORED_KEYS", "allocate", "decode", "encode",
-           "group_format", "keeps_dtype", "load", "moment_bytes", "storage", "store", "stored_as"]
+           "group_format", "keeps_dtype", "load", "load_stacked", "moment_bytes", "storage", "store", "store_stacked", "stored_as"]

@@ -263,7 +263,7 @@ def project(G: torch.Tensor, P: torch.Tensor, side: str) -> torch.Tensor:
     """R = Aᵀ G (left) or G Bᵀ (right), in the wider dtype (a bf16 gradient against an fp32 projector: fp32)."""
     dtype = torch.promote_types(G.dtype, P.dtype)
     G, P = G.to(dtype), P.to(dtype)
-    return P.T @ G if side == "left" else G @ P.T
+    return P.mT @ G if side == "left" else G @ P.mT  # mT: a stack of matrices too (optim/fused_step.py)
 
 
 def project_back(N: torch.Tensor, P: torch.Tensor, side: str) -> torch.Tensor:
@@ -278,10 +278,8 @@ def add_project_back_(W: torch.Tensor, N: torch.Tensor, P: torch.Tensor, side: s
     weight, fp32 states) takes the update computed in fp32, rounded once."""
     if W.dtype != torch.promote_types(N.dtype, P.dtype):
         W.add_(project_back(N, P, side), alpha=alpha)
-    elif side == "left":
-        W.addmm_(P, N, alpha=alpha)
-    else:
-        W.addmm_(N, P, alpha=alpha)
+    else:  # a stack (optim/fused_step.py): one batched GEMM
+        (W.baddbmm_ if W.dim() == 3 else W.addmm_)(*((P, N) if side == "left" else (N, P)), alpha=alpha)
 
 
 # ----------------------------------------------------------------------------------------------- randomness

@@ -95,6 +95,7 @@ class OptimConfig:
     reference_dtype: Optional[ReferenceDtype] = _part("reference_dtype")
     state_dtype: Optional[StateDtype] = _part("state_dtype")  # every group's Adam moments, plain ones too
     projector_dtype: Optional[ProjectorDtype] = _part("projector_dtype")
+    fused: Optional[bool] = _part("fused")
     seed: int = _part("seed", 0)
     # Update each block (FSDP unit) inside backward and free its gradients at once (single, fsdp): no full-model
     # gradient; with train.grad_accum > 1 projected matrices accumulate R (long x r), not G. Clip with

@@ -47,6 +47,7 @@ ON_RESUME: dict[str, tuple[str, str]] = {
     "state_dtype": (REFUSED, "the stored moments are another format (fp32, bf16 or int8 codes and scales)"),
     "projector_dtype": (APPLIED, "the stored projectors are cast on load (to bf16: rounded once, as a refresh "
                                  "stores them; to fp32: exact)"),
+    "fused": (APPLIED, "how the step is batched (optim/fused_step.py); the state stays per matrix"),
 }
 NOT_SETTINGS = ("params", "lr")  # the parameters; lr is the schedule's, re-set before every step
 
