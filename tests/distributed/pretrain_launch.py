@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from dist_spawn import free_port
@@ -54,3 +55,14 @@ def start(nproc: int, args: list[str], *, env: dict | None = None) -> subprocess
     """Start without waiting, in its own session so a signal can reach the whole job as a scheduler's would."""
     return subprocess.Popen(command(nproc, args), cwd=REPO, env=env_for(env), stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, start_new_session=True)
+
+
+def concurrently(*jobs, at_once: int = 2) -> list:
+    """Run independent jobs (zero-argument callables: a launch, or launches one after another in one run
+    directory) side by side, ``at_once`` at a time; their results in order, or the first job's error. A launch
+    leaves a 2-core machine's cores idle for much of its time (one process importing torch, ranks waiting in
+    collectives, a plain process on one core): two at a time fill them. Jobs must not share a run directory (a
+    data.cache_dir they may share: its build is atomic)."""
+    with ThreadPoolExecutor(max_workers=at_once) as pool:
+        futures = [pool.submit(job) for job in jobs]
+        return [f.result() for f in futures]

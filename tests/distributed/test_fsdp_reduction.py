@@ -10,13 +10,15 @@ over these 8 steps moves the loss by at most 1e-2 relative.
 
 from __future__ import annotations
 
+import functools
+
 import pytest
 import torch
 
 from lotus_dist.distributed.capacity import dry_run
 from lotus_dist.train.config import ConfigError, load_config, merge_overrides
 from lotus_dist.train.metrics import read_metrics
-from pretrain_launch import REPO, SMALL, launch
+from pretrain_launch import REPO, SMALL, concurrently, launch
 
 STEPS = 8
 RUNS = {
@@ -34,10 +36,11 @@ def runs(tmp_path_factory):
     root = tmp_path_factory.mktemp("reduction")
     args = [*SMALL, f"train.steps={STEPS}", "train.eval_every=0", "checkpoint.every=0", "optim.verify_gap=3",
             "optim.gamma=0.5", f"data.cache_dir={root / 'cache'}"]
+    procs = concurrently(*(functools.partial(launch, nproc, [*args, *extra, f"run.dir={root / name}"])
+                           for name, (nproc, extra) in RUNS.items()))
     out = {}
-    for name, (nproc, extra) in RUNS.items():
-        stdout = launch(nproc, [*args, *extra, f"run.dir={root / name}"]).stdout
-        out[name] = {"stdout": stdout, "metrics": read_metrics(root / name)}
+    for name, proc in zip(RUNS, procs):
+        out[name] = {"stdout": proc.stdout, "metrics": read_metrics(root / name)}
         assert [l["step"] for l in out[name]["metrics"]] == list(range(1, STEPS + 1)), name
     return out
 

@@ -22,6 +22,7 @@ from lotus_dist.optim import METHODS, build_optimizer, memory_report
 import owner_runs as R  # tests/distributed is on sys.path (pyproject's pythonpath)
 import owner_workers as W
 from owner_runs import PARAM_TOL, check_run
+from pretrain_launch import concurrently
 
 pytestmark = pytest.mark.slow  # 2-3 gloo ranks and torchrun runs
 
@@ -251,12 +252,15 @@ def test_bf16_weights_keep_fp32_masters_on_their_owners():
     from lotus_dist.train.config import load_config, merge_overrides
 
     bf16 = ["dist.mode=ddp", "train.dtype=bf16", "checkpoint.every=3"]
-    straight = R.pretrain(2, "ddp_bf16", *bf16)
-    single = R.pretrain(0, "single_bf16", "train.dtype=bf16")
+
+    def cut_and_resumed():
+        return R.pretrain(2, "ddp_bf16_resumed", *bf16, "train.stop_at=3"), R.pretrain(2, "ddp_bf16_resumed", *bf16)
+
+    straight, single, (cut, resumed) = concurrently(
+        lambda: R.pretrain(2, "ddp_bf16", *bf16), lambda: R.pretrain(0, "single_bf16", "train.dtype=bf16"),
+        cut_and_resumed)
     for a, b in zip(straight, single):
         assert abs(a["loss"] - b["loss"]) <= 2e-3 * abs(b["loss"]), (a, b)
-    cut = R.pretrain(2, "ddp_bf16_resumed", *bf16, "train.stop_at=3")
-    resumed = R.pretrain(2, "ddp_bf16_resumed", *bf16)
     assert len(cut) == 3 and [l["loss"] for l in resumed] == [l["loss"] for l in straight]
     cfg = load_config(R.REPO / "configs/tiny.yaml", merge_overrides(R.PRETRAIN_ARGS, ["train.dtype=bf16"]))
     planned = _ddp_numbers(cfg, R.model_config(cfg), 2)

@@ -11,7 +11,7 @@ import torch
 
 from lotus_dist.errors import UserError
 from lotus_dist.train.metrics import read_metrics
-from pretrain_launch import SMALL, launch
+from pretrain_launch import SMALL, concurrently, launch
 
 pytestmark = pytest.mark.slow  # torchrun runs
 
@@ -21,18 +21,18 @@ ARGS = [*SMALL, "train.steps=10", "train.eval_every=0", "checkpoint.every=0", "o
 
 def test_fsdp_per_layer_follows_the_single_whole_model_run(tmp_path):
     args = [*ARGS, f"data.cache_dir={tmp_path / 'cache'}"]
-    launch(0, [*args, "train.micro_batch_size=8", f"run.dir={tmp_path / 'single'}"])
-    # one micro-batch of 4 per rank: no accumulation; blocks recomputed in backward (FSDP2 re-gathers them)
-    launch(2, [*args, "optim.per_layer=true", "train.micro_batch_size=4", "train.activation_checkpointing=true",
-               f"run.dir={tmp_path / 'fsdp'}"])
     # two micro-batches of 2 per rank (R accumulated on steady steps), stopped at step 5 and resumed
     accum = [*args, "optim.per_layer=true", "train.micro_batch_size=2", f"run.dir={tmp_path / 'accum'}"]
-    launch(2, [*accum, "train.stop_at=5"])
-    launch(2, accum)
-    # HSDP (2 replicas x 2 shards) with sharded projectors: the hooks fire after the replica all-reduce, and the
-    # projector all-gathers run inside them in the same order on every rank
-    launch(4, [*args, "optim.per_layer=true", "train.micro_batch_size=2", "dist.replicate=2", "optim.projectors=shard",
-               f"run.dir={tmp_path / 'hsdp'}"])
+    concurrently(
+        lambda: launch(0, [*args, "train.micro_batch_size=8", f"run.dir={tmp_path / 'single'}"]),
+        # one micro-batch of 4 per rank: no accumulation; blocks recomputed in backward (FSDP2 re-gathers them)
+        lambda: launch(2, [*args, "optim.per_layer=true", "train.micro_batch_size=4",
+                           "train.activation_checkpointing=true", f"run.dir={tmp_path / 'fsdp'}"]),
+        lambda: [launch(2, [*accum, "train.stop_at=5"]), launch(2, accum)],  # one after the other
+        # HSDP (2 replicas x 2 shards) with sharded projectors: the hooks fire after the replica all-reduce, and the
+        # projector all-gathers run inside them in the same order on every rank
+        lambda: launch(4, [*args, "optim.per_layer=true", "train.micro_batch_size=2", "dist.replicate=2",
+                           "optim.projectors=shard", f"run.dir={tmp_path / 'hsdp'}"]))
     single = read_metrics(tmp_path / "single")
     for run in ("fsdp", "accum", "hsdp"):
         got = {l["step"]: l for l in read_metrics(tmp_path / run)}

@@ -7,7 +7,7 @@ this short run (the optimizer-level equivalence at 1e-5 and tighter is in test_f
 import pytest
 
 from lotus_dist.train.metrics import read_metrics
-from pretrain_launch import SMALL, launch
+from pretrain_launch import SMALL, concurrently, launch
 
 pytestmark = pytest.mark.slow  # torchrun runs
 
@@ -21,8 +21,9 @@ pytestmark = pytest.mark.slow  # torchrun runs
 def test_fsdp_metrics_follow_single_process(tmp_path, method, fsdp_only, single_only):
     args = [*SMALL, "train.steps=12", "train.eval_every=6", "checkpoint.every=0", f"optim.name={method}",
             "optim.gamma=0.5", "optim.verify_gap=3", "optim.update_gap=5", f"data.cache_dir={tmp_path / 'cache'}"]
-    launch(0, [*args, *single_only, f"run.dir={tmp_path / 'single'}"])
-    out = launch(2, [*args, *fsdp_only, f"run.dir={tmp_path / 'fsdp'}"]).stdout
+    _, proc = concurrently(lambda: launch(0, [*args, *single_only, f"run.dir={tmp_path / 'single'}"]),
+                           lambda: launch(2, [*args, *fsdp_only, f"run.dir={tmp_path / 'fsdp'}"]))
+    out = proc.stdout
     # the solver swap is said once, by rank 0, and only when it happens
     assert out.count("exact SVD on each matrix's owner rank instead of the distributed rsvd") == \
         (1 if "optim.refresh=owner" in fsdp_only else 0)

@@ -11,7 +11,7 @@ import pytest
 
 from lotus_dist.model.llama import llama_config
 from lotus_dist.train.metrics import read_metrics
-from pretrain_launch import SMALL, launch
+from pretrain_launch import SMALL, concurrently, launch
 from script_loader import load_script
 
 pytestmark = pytest.mark.slow  # torchrun on 3 ranks
@@ -31,8 +31,8 @@ def test_three_uneven_ranks_with_a_split_refresh_follow_one_process(tmp_path, me
     args = [*SMALL, "train.steps=6", "train.batch_size=6", "train.micro_batch_size=2", "train.eval_every=0",
             "checkpoint.every=0", f"optim.name={method}", f"optim.refresh_batch_mb={cap_mb}", "optim.gamma=0.5",
             "optim.verify_gap=2", "optim.update_gap=3", f"data.cache_dir={tmp_path / 'cache'}"]
-    launch(0, [*args, f"run.dir={tmp_path / 'single'}"])
-    launch(3, [*args, f"run.dir={tmp_path / 'fsdp'}"])
+    concurrently(lambda: launch(0, [*args, f"run.dir={tmp_path / 'single'}"]),
+                 lambda: launch(3, [*args, f"run.dir={tmp_path / 'fsdp'}"]))
     single, fsdp = read_metrics(tmp_path / "single"), read_metrics(tmp_path / "fsdp")
     assert [m["step"] for m in fsdp] == [m["step"] for m in single] == list(range(1, 7))
     for a, b in zip(single, fsdp):

@@ -4,6 +4,7 @@ on SIGTERM and SIGINT, and input errors reported identically by every rank."""
 
 from __future__ import annotations
 
+import functools
 import os
 import signal
 import time
@@ -13,7 +14,7 @@ import pytest
 
 from lotus_dist.train.faults import flip_bit
 from lotus_dist.train.metrics import read_metrics
-from pretrain_launch import SMALL, launch, start
+from pretrain_launch import SMALL, concurrently, launch, start
 from pretrain_runs import trajectory
 from process_watch import ProgressWatch, communicate, kill_session
 
@@ -102,15 +103,21 @@ def test_metrics_have_no_duplicate_steps_after_a_sigkill_at_any_step(tmp_path):
     """A plain process killed right after each step in turn (before, at and after its first checkpoint), then
     started again: the metrics are those of the run that never stopped, each step once."""
     args = [*SMALL, "train.steps=6", "train.eval_every=3", "checkpoint.every=4", f"data.cache_dir={tmp_path / 'c'}"]
-    launch(0, args + [f"run.dir={tmp_path / 'straight'}"])
-    straight = trajectory(tmp_path / "straight")
-    for step in range(1, 7):
+
+    def killed_then_restarted(step: int) -> list[dict]:
         run_dir = tmp_path / f"killed_{step}"
         killed = launch(0, args + [f"run.dir={run_dir}"], env={"LOTUS_FAULT": f"after_step:rank=0:step={step}"},
                         check=False)
-        assert killed.returncode == -signal.SIGKILL
+        assert killed.returncode == -signal.SIGKILL, step
         launch(0, args + [f"run.dir={run_dir}"])
-        assert trajectory(run_dir) == straight, step
+        return trajectory(run_dir)
+
+    # Plain processes on one core each: the straight run and the six kill-and-restart pairs two at a time.
+    _, *restarted = concurrently(lambda: launch(0, args + [f"run.dir={tmp_path / 'straight'}"]),
+                                 *(functools.partial(killed_then_restarted, step) for step in range(1, 7)))
+    straight = trajectory(tmp_path / "straight")
+    for step, got in enumerate(restarted, start=1):
+        assert got == straight, step
 
 
 def _wait_for_step(run_dir: Path, step: int, proc) -> None:

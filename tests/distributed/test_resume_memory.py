@@ -14,7 +14,7 @@ import pytest
 from lotus_dist.distributed.capacity import dry_run
 from lotus_dist.train.config import load_config, merge_overrides
 from lotus_dist.train.metrics import read_events
-from pretrain_launch import REPO, SMALL, launch
+from pretrain_launch import REPO, SMALL, concurrently, launch
 
 pytestmark = pytest.mark.slow  # torchrun runs
 
@@ -55,9 +55,12 @@ def check_resume(startup, straight, resumed, model_bytes):
 @pytest.mark.parametrize("mode", ["fsdp", "ddp"])
 def test_resume_start_up_peak_within_the_bound_and_the_next_step_peaks_as_uninterrupted(tmp_path, mode):
     extra = [f"dist.mode={mode}"]
-    _, straight = run(tmp_path, "straight", 2, extra)
-    run(tmp_path, "part", 2, [*extra, "train.stop_at=2"])
-    _, resumed = run(tmp_path, "part", 2, extra)
+
+    def stopped_then_resumed():
+        run(tmp_path, "part", 2, [*extra, "train.stop_at=2"])
+        return run(tmp_path, "part", 2, extra)
+
+    (_, straight), (_, resumed) = concurrently(lambda: run(tmp_path, "straight", 2, extra), stopped_then_resumed)
     fresh, startup = read_events(tmp_path / "part", "startup")
     assert fresh["step"] == 0 and "load_s" not in fresh
     check_resume(startup, straight, resumed, startup["model_bytes"])
@@ -73,9 +76,12 @@ def test_resume_start_up_peak_within_the_bound_and_the_next_step_peaks_as_uninte
 def test_resume_at_another_world_size_within_the_bound_with_one_fallback_line(tmp_path):
     """Saved by 2 ranks, resumed by 3: DCP reshards into the live 3-rank shards. 688 columns do not split over 3
     ranks: the four down_proj matrices are fallbacks, said in one line, listed in the run directory."""
-    _, straight = run(tmp_path, "straight3", 3, [])
-    run(tmp_path, "part2", 2, ["train.stop_at=2"])
-    proc, resumed = run(tmp_path, "part3", 3, [], copy_from="part2")
+
+    def saved_by_2_resumed_by_3():
+        run(tmp_path, "part2", 2, ["train.stop_at=2"])
+        return run(tmp_path, "part3", 3, [], copy_from="part2")
+
+    (_, straight), (proc, resumed) = concurrently(lambda: run(tmp_path, "straight3", 3, []), saved_by_2_resumed_by_3)
     _, startup = read_events(tmp_path / "part3", "startup")
     assert startup["world_size"] == 3
     check_resume(startup, straight, resumed, startup["model_bytes"])
