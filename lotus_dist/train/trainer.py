@@ -352,9 +352,7 @@ class Trainer:
 
     def evaluate(self) -> dict:
         with self.compiling("eval", self.step):
-            return self._evaluate()
-
-    def _evaluate(self) -> dict:
-        return evaluate(self.model, self.val_blocks, micro_batch_size=self.cfg.train.micro_batch_size, device=self.device,
-                        autocast=self.autocast, rank=self.mode.rank, world_size=self.mode.world_size,
-                        all_reduce=self.mode.all_reduce_sum if self.mode.world_size > 1 else None)
+            return evaluate(self.model, self.val_blocks, micro_batch_size=self.cfg.train.micro_batch_size,
+                            device=self.device, autocast=self.autocast, rank=self.mode.rank,
+                            world_size=self.mode.world_size,
+                            all_reduce=self.mode.all_reduce_sum if self.mode.world_size > 1 else None)
