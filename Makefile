@@ -49,6 +49,8 @@ bench: install
 	$(PY) scripts/bench_optim.py $(ARGS)
 	@echo ">>> end-to-end training step: adamw vs galore vs lotus on llama_60m"
 	$(PY) scripts/bench_train.py
+	@echo ">>> torch.compile per block (train.compile): lotus eager vs compiled tokens/s on tiny and llama_60m"
+	$(PY) scripts/bench_train.py --compile tiny,llama_60m
 	@echo ">>> peak memory of one training step: adamw vs galore vs lotus vs lotus+per_layer on llama_60m"
 	$(PY) scripts/bench_memory.py
 	@echo ">>> fit at scale: start-up peak per rank (llama_60m, 1/2/4 gloo ranks) and optimizer state vs the planner"

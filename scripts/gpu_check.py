@@ -19,8 +19,9 @@ Sections:
    dist.mode=fsdp`` (NCCL on a GPU; FSDP2 with bf16 mixed precision; DCP checkpoints at steps 10 and 20) and a
    resume from step 10 whose losses must equal the uninterrupted run's.
 3. speed — basis refresh svd vs rsvd at LLaMA-1B/7B MLP shapes (time, ratio, energy captured); the training step
-   of adamw, galore and lotus at llama_350m and llama_1b (steady, amortised over the switch interval, tokens/s,
-   MFU) and the optimizer step alone.
+   of adamw, galore and lotus, and lotus with its blocks compiled (train.compile), at llama_350m and llama_1b
+   (steady, amortised over the switch interval, tokens/s, MFU, compiled / eager tokens/s) and the optimizer step
+   alone.
 4. memory — peak allocated of one steady training step at llama_1b for adamw, galore, lotus, lotus + per-layer
    updates, and + activation checkpointing; and (peak - weights) against galore.
 

@@ -223,6 +223,19 @@ def init_parameters(model: Llama, seed: int,
         del full
 
 
+def compile_blocks(model: Llama) -> None:
+    """``train.compile``: each block's forward compiled by ``torch.compile`` (torchtitan's unit), in place.
+
+    The forward, not the module: the state-dict keys stay those of the eager model (no ``_orig_mod.``), so
+    checkpoints resume across the switch both ways, and the hooks on the block (FSDP2's all-gather and
+    reshard, activation checkpointing's ``checkpoint(layer, ...)`` around it) run outside the compiled graph,
+    as with torchtitan's wrapper. Call it before ``fully_shard``. The blocks share one code object, so they
+    share one graph per shape and grad mode (one compile for the training step, one for evaluation).
+    """
+    for block in model.layers:
+        block.forward = torch.compile(block.forward, fullgraph=True)
+
+
 def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
@@ -234,5 +247,5 @@ def flops_per_token(cfg: LlamaConfig, seq_len: int) -> float:
     return 6 * n + 12 * cfg.n_layers * cfg.dim * seq_len
 
 
-__all__ = ["LlamaConfig", "NAMED_SIZES", "llama_config", "Llama", "RMSNorm", "count_parameters", "flops_per_token",
-           "init_parameters", "parameter_seed"]
+__all__ = ["LlamaConfig", "NAMED_SIZES", "llama_config", "Llama", "RMSNorm", "compile_blocks", "count_parameters",
+           "flops_per_token", "init_parameters", "parameter_seed"]

@@ -160,6 +160,13 @@ class TrainConfig:
     max_skipped: int = 10
     max_skipped_fraction: float = 0.01
     stop_at: Optional[int] = None  # save and exit after this step (a job's time slice); the schedule follows steps
+    # torch.compile each transformer block's forward (after activation checkpointing, before fully_shard; every
+    # dist.mode, optim.per_layer too). Checkpoints resume across the switch; graphs compiled after the first
+    # step and first evaluation are counted in metrics.jsonl's `recompiles` (0 in a healthy run)
+    compile: bool = False
+    # dense bf16 peak TFLOP/s per device for metrics.jsonl's `mfu`; null: the datasheet value of a known CUDA
+    # device (train/throughput.py), and no `mfu` on a CPU or an unknown device
+    peak_tflops: Optional[float] = None
 
 
 @dataclass
@@ -411,6 +418,8 @@ def validate(cfg: Config) -> None:
     _at_least("train.eval_every", t.eval_every, 0, " (0 = never)")
     _at_least("train.stop_at", t.stop_at, 1, " (null = run to train.steps)")
     _at_least("train.max_skipped", t.max_skipped, 1)
+    if t.peak_tflops is not None and not t.peak_tflops > 0:
+        raise ConfigError(f"config key 'train.peak_tflops' must be positive (or null), got {t.peak_tflops}")
     if not 0 <= t.max_skipped_fraction <= 1:
         raise ConfigError(f"config key 'train.max_skipped_fraction' must be in [0, 1], got {t.max_skipped_fraction}")
     _validate_optim(cfg.optim)

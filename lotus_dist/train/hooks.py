@@ -16,6 +16,7 @@ import torch
 from lotus_dist.counters import COUNTERS, to_host
 from lotus_dist.train.faults import maybe_crash, maybe_poison_weights
 from lotus_dist.train.step import NonFiniteError
+from lotus_dist.train.throughput import mfu
 
 
 def due(step: int, every: int) -> bool:
@@ -65,7 +66,7 @@ class StepMetrics:
     throughput since the last line, optimizer state and switches, and what the step cost (lotus_dist.counters)."""
 
     def __init__(self, trainer):
-        self.clock, self.clock_tokens = time.perf_counter(), trainer.tokens
+        self.clock, self.clock_tokens, self.clock_train_s = time.perf_counter(), trainer.tokens, trainer.train_seconds
 
     def after_step(self, trainer, record: dict) -> None:
         from lotus_dist.optim import gathered_switch_report, memory_report, solver_fallback_report
@@ -83,9 +84,15 @@ class StepMetrics:
         record["train_s"] = trainer.train_seconds
         if isinstance(record.get("grad_norm"), torch.Tensor):  # train.grad_clip_norm=consumed: read here, counted
             record["grad_norm"] = to_host(record["grad_norm"])
+        record["model_flops_per_token"] = trainer.flops_per_token
+        if trainer.peak_flops is not None:  # over the steps' own time since the last line (not evaluation, saving)
+            record["mfu"] = mfu(trainer.flops_per_token, trainer.tokens - self.clock_tokens,
+                                trainer.train_seconds - self.clock_train_s, trainer.mode.world_size, trainer.peak_flops)
+        if trainer.compile_watch is not None:
+            record["recompiles"] = trainer.compile_watch.recompiles
         record.update(COUNTERS.snapshot())  # what this step cost: collectives, bytes, host syncs
         trainer.logger.log({"step": trainer.step, **record})
-        self.clock, self.clock_tokens = time.perf_counter(), trainer.tokens
+        self.clock, self.clock_tokens, self.clock_train_s = time.perf_counter(), trainer.tokens, trainer.train_seconds
 
 
 class SkipLimit:

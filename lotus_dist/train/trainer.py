@@ -8,14 +8,16 @@ and benchmarks call too) and the run's policy for a non-finite step.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import time
 
 import torch
 
 from lotus_dist.errors import UserError
-from lotus_dist.model.llama import Llama, llama_config
+from lotus_dist.model.llama import Llama, compile_blocks, flops_per_token, llama_config
 from lotus_dist.counters import COUNTERS
+from lotus_dist.train.compile_watch import CompileWatch
 from lotus_dist.train.checkpoint import Checkpointer, NonFiniteStateError, check_compatible, check_tokenizer
 from lotus_dist.train import resume_changes
 from lotus_dist.train.config import Config, check_init_from, shape_overrides, to_dict
@@ -28,6 +30,7 @@ from lotus_dist.train.schedule import lr_multiplier
 from lotus_dist.train.signals import StopSignals
 from lotus_dist.train.hooks import Evaluation, default_hooks
 from lotus_dist.train.step import NonFiniteError, StepEngine, resolve_autocast
+from lotus_dist.train.throughput import peak_flops
 
 
 def model_fingerprint(cfg: Config, vocab_size: int) -> dict:
@@ -115,6 +118,13 @@ class Trainer:
             self.model = Llama(model_cfg)
         self.model_bytes = sum(p.numel() * p.element_size() for p in self.model.parameters())
         self.model.activation_checkpointing = t.activation_checkpointing
+        # after activation checkpointing is set, before parallelize shards (torchtitan's order)
+        self.compile_watch = None
+        if t.compile:
+            compile_blocks(self.model)
+            self.compile_watch = CompileWatch(say=mode.log)
+        self.flops_per_token = flops_per_token(model_cfg, t.seq_len)  # the model's FLOPs of one trained token
+        self.peak_flops = peak_flops(self.device, t.peak_tflops)  # per device; None: no mfu logged
         if self.is_main:
             self.note_rank_clipping()
         self.model, self.ctx = mode.parallelize(self.model, cfg)
@@ -299,7 +309,8 @@ class Trainer:
         started = time.perf_counter()
         COUNTERS.reset()
         try:
-            record = self.train_step()
+            with self.compiling("step", self.step + 1):
+                record = self.train_step()
         except NonFiniteError as error:
             self.stop_after_nonfinite(error)
         self.train_seconds += time.perf_counter() - started
@@ -333,7 +344,15 @@ class Trainer:
         self.checkpointer.wait()
         raise NonFiniteError(f"{error}; saved step {self.step} as {self.checkpointer.latest()}")
 
+    def compiling(self, phase: str, step: int):
+        """train.compile: count the graphs built in this ``phase`` (of ``step``) after its first one (recompiles)."""
+        if self.compile_watch is None:
+            return contextlib.nullcontext()
+        return self.compile_watch.phase(phase, step)
+
     def evaluate(self) -> dict:
-        return evaluate(self.model, self.val_blocks, micro_batch_size=self.cfg.train.micro_batch_size, device=self.device,
-                        autocast=self.autocast, rank=self.mode.rank, world_size=self.mode.world_size,
-                        all_reduce=self.mode.all_reduce_sum if self.mode.world_size > 1 else None)
+        with self.compiling("eval", self.step):
+            return evaluate(self.model, self.val_blocks, micro_batch_size=self.cfg.train.micro_batch_size,
+                            device=self.device, autocast=self.autocast, rank=self.mode.rank,
+                            world_size=self.mode.world_size,
+                            all_reduce=self.mode.all_reduce_sum if self.mode.world_size > 1 else None)

@@ -1,10 +1,7 @@
-"""MFU of the speed section: the model FLOPs of one token and the GPU's peak. (If lotus_dist grows a shared
-FLOP formula for the planner, ``model_flops_per_token`` is the one function to replace with it.)"""
+"""MFU of the speed section: the model FLOPs of one token and the GPU's peak, both lotus_dist's (the trainer's
+``mfu`` in metrics.jsonl reads the same formula and table)."""
 
 from __future__ import annotations
-
-# Dense bf16 tensor-core peaks (vendor datasheets, no sparsity); other GPUs use the measured matmul yardstick.
-PEAK_BF16 = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10G": 70e12}
 
 
 def model_flops_per_token(model, seq: int) -> float:
@@ -16,9 +13,12 @@ def model_flops_per_token(model, seq: int) -> float:
 
 
 def peak_flops(ctx: dict) -> tuple[float, str]:
-    name = ctx.get("gpu_name", "")
-    for key, peak in PEAK_BF16.items():
-        if key in name:
-            return peak, f"{key} bf16 dense peak {peak / 1e12:.0f} TFLOP/s"
+    """The GPU's datasheet dense bf16 peak (lotus_dist/train/throughput.py's table), else the measured matmul
+    yardstick of the environment section."""
+    from lotus_dist.train.throughput import datasheet_tflops
+
+    known = datasheet_tflops(ctx.get("gpu_name", ""))
+    if known is not None:
+        return known[1] * 1e12, f"{known[0]} bf16 dense peak {known[1]:.0f} TFLOP/s"
     measured = ctx.get("yardstick_tflops", 1.0) * 1e12
     return measured, f"the measured matmul yardstick, {measured / 1e12:.3g} TFLOP/s"

@@ -34,8 +34,8 @@ def plan_for(dry_run: bool) -> Plan:
             pretrain=["model.dim=64", "model.n_layers=2", "model.n_heads=4", "model.ffn_dim=172", "train.seq_len=32",
                       "train.batch_size=8", "train.micro_batch_size=4", "data.val_tokens=1024", "optim.rank=8"],
             resume_tolerance=0.0,
-            needs=dict(env=2, pytest=10, pretrain=10, refresh=1, step=2, memory=1),
-            limits=dict(env=60, pytest=300, pretrain=300, refresh=60, step=120, memory=60))
+            needs=dict(env=2, pytest=10, pretrain=10, refresh=1, step=2, memory=1, compile=20),
+            limits=dict(env=60, pytest=300, pretrain=300, refresh=60, step=120, memory=60, compile=240))
     return Plan(
         device=torch.device("cuda"), yardstick=(8192, torch.bfloat16),
         refresh_shapes=[(2048, 5461, 512), (4096, 11008, 1024)],
@@ -45,8 +45,9 @@ def plan_for(dry_run: bool) -> Plan:
         resume_tolerance=1e-3,
         # needs: CUDA context, NCCL start-up and a model built on the device come first (guesses, not measured:
         # nothing has run on a GPU yet; a wrong guess costs a skip or a timeout, never the budget)
-        needs=dict(env=10, pytest=30, pretrain=45, refresh=5, step=15, memory=15),
-        limits=dict(env=60, pytest=240, pretrain=240, refresh=120, step=180, memory=120))
+        # compile: the blocks' graph (training and its backward) once per model shape, inductor's cache cold
+        needs=dict(env=10, pytest=30, pretrain=45, refresh=5, step=15, memory=15, compile=60),
+        limits=dict(env=60, pytest=240, pretrain=240, refresh=120, step=180, memory=120, compile=180))
 
 
 def sync(device: torch.device) -> None:

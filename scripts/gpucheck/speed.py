@@ -1,7 +1,8 @@
-"""Section 3: basis refresh svd vs rsvd at LLaMA MLP shapes, and the training step of adamw / galore / lotus
-(steady, first step, amortised, optimizer step alone, tokens/s, MFU). Every shape and every method is an item of
-its own, estimated from what this run has timed so far and bounded by the budget (galore's first step at llama_1b
-solves one svd per projected matrix, 168 in a row)."""
+"""Section 3: basis refresh svd vs rsvd at LLaMA MLP shapes, and the training step of adamw / galore / lotus, and
+lotus with its blocks compiled (train.compile: steady, first step, amortised, optimizer step alone, tokens/s, MFU;
+compiled vs eager tokens/s). Every shape and every method is an item of its own, estimated from what this run has
+timed so far and bounded by the budget (galore's first step at llama_1b solves one svd per projected matrix, 168
+in a row)."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ import torch
 from bench_optim import gradient_surrogate
 from bench_train import make_batch, timed_step
 from lotus_dist.distributed.modes import single_process
-from lotus_dist.model.llama import Llama, llama_config
+from lotus_dist.model.llama import Llama, compile_blocks, llama_config
 from lotus_dist.optim import build_optimizer
 from lotus_dist.optim import subspace as ss
 from lotus_dist.train.config import OptimConfig, TrainConfig
@@ -24,8 +25,10 @@ from .mfu import model_flops_per_token, peak_flops
 from .plan import autocast_for, sync
 from .report import fmt_s
 
-STEP_METHODS = {"adamw": dict(name="adamw", lr=1e-3), "galore": dict(name="galore"), "lotus": dict(name="lotus")}
-SOLVER_OF = {"galore": "svd", "lotus": "rsvd"}  # the solver of each method's first step (every basis at once)
+STEP_METHODS = {"adamw": dict(name="adamw", lr=1e-3), "galore": dict(name="galore"), "lotus": dict(name="lotus"),
+                "lotus+compile": dict(name="lotus")}
+COMPILED = {"lotus+compile": "lotus"}  # compiled row -> the eager row it is compared with
+SOLVER_OF = {"galore": "svd", "lotus": "rsvd", "lotus+compile": "rsvd"}  # each method's first step (every basis)
 
 
 def timed(fn, device: torch.device, reps: int) -> float:
@@ -102,10 +105,12 @@ def refresh_speed(run: Check) -> None:
     report.table(["shape", "r", "svd", "rsvd", "svd / rsvd", "energy svd", "energy rsvd"], rows)
 
 
-def start_method(plan, cfg, opts: dict, rank: int, batch, autocast) -> dict:
+def start_method(plan, cfg, opts: dict, rank: int, batch, autocast, compiled: bool = False) -> dict:
     torch.manual_seed(0)
     with plan.device:
         model = Llama(cfg)  # built on the device: no full-size copy through the host
+    if compiled:
+        compile_blocks(model)  # the first step below compiles (with every basis): its time is not a refresh's
     # huge gaps: the timed steps are steady; the first step computes every basis (the refresh)
     opt = build_optimizer(model, OptimConfig(rank=rank, **opts, update_gap=10**9, verify_gap=10**9))
     engine = StepEngine(model, opt, single_process(plan.device), grad_clip=TrainConfig().grad_clip, autocast=autocast)
@@ -135,8 +140,11 @@ def step_speed(run: Check) -> None:
         runs = {}
         for method, opts in STEP_METHODS.items():
             solves = first_step_solves(cfg, ctx, SOLVER_OF[method]) if method in SOLVER_OF else 0.0
-            done, state = run.attempt(f"training step of {method} at {name}", plan.needs["step"] + solves,
-                                      plan.limits["step"], lambda: start_method(plan, cfg, opts, rank, batch, autocast))
+            compiles = method in COMPILED
+            done, state = run.attempt(f"training step of {method} at {name}",
+                                      plan.needs["step"] + solves + compiles * plan.needs["compile"],
+                                      plan.limits["step"] + compiles * plan.limits["compile"],
+                                      lambda: start_method(plan, cfg, opts, rank, batch, autocast, method in COMPILED))
             if done:
                 runs[method] = state
             elif plan.device.type == "cuda":
@@ -162,9 +170,10 @@ def step_table(report, name: str, rank: int, rows_: int, seq: int, runs: dict, r
     table = []
     for method, state in runs.items():
         steady = statistics.median(state["steady"])
-        intervals = () if method == "adamw" else ((200,) if method == "galore" else (50, 200))
+        # adamw's first step only allocates; a compiled one compiles too (not a refresh's time)
+        intervals = () if method in ("adamw", *COMPILED) else ((200,) if method == "galore" else (50, 200))
         amortised = ", ".join(f"{fmt_s(steady + (state['refresh'] - steady) / t)} (T={t})" for t in intervals)
-        first = "-" if method == "adamw" else fmt_s(state["refresh"])  # adamw's first step only allocates
+        first = "-" if method == "adamw" else fmt_s(state["refresh"]) + (" (compiles)" if method in COMPILED else "")
         table.append([method, fmt_s(steady), f"{steady / base:.2f}" if base else "-", first, amortised or "-",
                       fmt_s(state["opt_step"]), f"{tokens / steady:,.0f}", f"{fpt * tokens / steady / peak:.1%}"])
     report.add(f"**{name}** ({sum(p.numel() for p in any_model.parameters()) / 1e6:.1f}M parameters), micro-batch "
@@ -173,6 +182,11 @@ def step_table(report, name: str, rank: int, rows_: int, seq: int, runs: dict, r
     report.add()
     report.table(["method", "steady step", "vs adamw", "first step (every basis)", "amortised", "optimizer step",
                   "tokens/s", "MFU"], table)
+    for method, eager in COMPILED.items():
+        if method in runs and eager in runs:
+            ratio = statistics.median(runs[eager]["steady"]) / statistics.median(runs[method]["steady"])
+            report.add()
+            report.add(f"compiled / eager tokens/s ({method} / {eager}, train.compile=true): {ratio:.2f}x")
 
 
 def section_speed(run: Check) -> None:

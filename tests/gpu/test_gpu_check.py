@@ -121,8 +121,9 @@ def test_dry_run_passes_every_section_with_only_the_declared_needs(tmp_path):
     assert "PASS: ran on cpu with gloo" in text and "bitwise: yes" in text
     # one speed table per model, one memory table per shape, each with a row per method
     assert text.count("| method | steady step |") == 2 and text.count("| method | peak |") == 2
-    for method in ("adamw", "galore", "lotus", "lotus+per_layer", "lotus+per_layer+ac"):
+    for method in ("adamw", "galore", "lotus", "lotus+compile", "lotus+per_layer", "lotus+per_layer+ac"):
         assert f"| {method} |" in text
+    assert text.count("compiled / eager tokens/s (lotus+compile / lotus, train.compile=true): ") == 2
     elapsed, budget = map(int, re.search(r"\((\d+) s in all, budget (\d+) s\)", text).groups())
     assert budget == 900 and elapsed <= budget
 
@@ -153,6 +154,25 @@ def test_needs_are_per_section_and_a_fake_module_is_named(tmp_path, monkeypatch,
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "lacks lotus-no-such-package; install with: pip install lotus-no-such-package" in err[0]
     assert not report.exists()
+
+
+def test_the_speed_section_reads_lotus_dist_s_peak_table_and_flop_formula():
+    """MFU's two factors are the trainer's: the datasheet peak by device name (a variant before its family), else
+    the measured yardstick; the FLOPs of one token by the model's formula."""
+    mfu = part("mfu")
+    from lotus_dist.model.llama import Llama, flops_per_token, llama_config
+
+    assert mfu.peak_flops({"gpu_name": "NVIDIA H100 PCIe"})[0] == 756e12
+    assert mfu.peak_flops({"gpu_name": "NVIDIA H100 80GB HBM3"})[0] == 989e12
+    assert mfu.peak_flops({"gpu_name": "NVIDIA H200"})[0] == 989e12
+    assert mfu.peak_flops({"gpu_name": "NVIDIA A100-SXM4-80GB"})[0] == 312e12
+    assert mfu.peak_flops({"gpu_name": "NVIDIA B200"})[0] == 2250e12
+    assert mfu.peak_flops({"gpu_name": "NVIDIA GeForce RTX 4090"})[0] == 165e12
+    assert mfu.peak_flops({"gpu_name": "Some GPU", "yardstick_tflops": 12.5})[0] == 12.5e12
+    cfg = llama_config("tiny", dim=64, n_layers=2, n_heads=4, ffn_dim=172, vocab_size=512)
+    with __import__("torch").device("meta"):
+        model = Llama(cfg)
+    assert mfu.model_flops_per_token(model, 32) == flops_per_token(cfg, 32)
 
 
 # ---- the budget ---------------------------------------------------------------------------------------------------
