@@ -52,6 +52,10 @@ RUNS = {
     # APOLLO's sensitivity to lr at a short horizon (its published lr is the recipe's 0.01)
     **{f"{m} lr={lr:g}": [f"optim.name={m}", f"optim.lr={lr:g}"] for m in ("apollo", "apollo_mini")
        for lr in (0.001, 0.003, 0.02)},
+    # A control for the AdamW row: GaLore at full rank (r = the model's dim 128 of the cpu presets: the basis is a
+    # rotation, nothing is dropped) keeps the low-rank recipe's split step sizes (lr on the plain parameters,
+    # alpha * lr on the matrices), which a single-lr AdamW cannot have.
+    "galore r=full": ["optim.name=galore", "optim.rank=128"],
     # Combinations of the four parts (issue 28): Lotus's adaptive rsvd subspace with Fira's residual, and inside
     # APOLLO (its channel-wise scaled raw gradient and alpha = 1) in place of the Gaussian projection on a clock.
     "lotus+fira": ["optim.name=lotus", "optim.residual=fira"],
