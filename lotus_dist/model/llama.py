@@ -223,7 +223,7 @@ def init_parameters(model: Llama, seed: int,
         del full
 
 
-def compile_blocks(model: Llama) -> None:
+def compile_blocks(model: Llama, backend: str = "inductor") -> None:
     """``train.compile``: each block's forward compiled by ``torch.compile`` (torchtitan's unit), in place.
 
     The forward, not the module: the state-dict keys stay those of the eager model (no ``_orig_mod.``), so
@@ -233,7 +233,7 @@ def compile_blocks(model: Llama) -> None:
     share one graph per shape and grad mode (one compile for the training step, one for evaluation).
     """
     for block in model.layers:
-        block.forward = torch.compile(block.forward, fullgraph=True)
+        block.forward = torch.compile(block.forward, fullgraph=True, backend=backend)
 
 
 def count_parameters(model: nn.Module) -> int:

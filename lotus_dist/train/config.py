@@ -37,6 +37,7 @@ DistBackend = Literal["auto", "nccl", "gloo"]
 ReduceDtype = Literal[tuple(REDUCE_DTYPES)]  # type: ignore[valid-type]
 ReplicaSync = Literal["full", "lowrank"]
 GradClipNorm = Literal["full", "consumed"]
+CompileBackend = Literal["inductor", "aot_eager"]
 
 
 @dataclass
@@ -160,6 +161,9 @@ class TrainConfig:
     # dist.mode, optim.per_layer too). Checkpoints resume across the switch; graphs compiled after the first
     # step and first evaluation are counted in metrics.jsonl's `recompiles` (0 in a healthy run)
     compile: bool = False
+    # torch.compile's backend for train.compile: inductor (fused kernels, the GPU's choice); aot_eager traces the
+    # same graphs (forward and backward) without generating code, which a CPU check compiles in seconds
+    compile_backend: CompileBackend = "inductor"
     # dense bf16 peak TFLOP/s per device for metrics.jsonl's `mfu`; null: the datasheet value of a known CUDA
     # device (train/throughput.py), and no `mfu` on a CPU or an unknown device
     peak_tflops: Optional[float] = None

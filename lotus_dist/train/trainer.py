@@ -121,7 +121,7 @@ class Trainer:
         # after activation checkpointing is set, before parallelize shards (torchtitan's order)
         self.compile_watch = None
         if t.compile:
-            compile_blocks(self.model)
+            compile_blocks(self.model, t.compile_backend)
             self.compile_watch = CompileWatch(say=mode.log)
         self.flops_per_token = flops_per_token(model_cfg, t.seq_len)  # the model's FLOPs of one trained token
         self.peak_flops = peak_flops(self.device, t.peak_tflops)  # per device; None: no mfu logged

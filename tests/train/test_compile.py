@@ -2,7 +2,10 @@
 no recompile after warm-up, the blocks' gradient hooks still firing block by block; and the MFU fields.
 
 One set of tiny runs (module fixture) serves every assertion: the same shapes everywhere, so torch.compile builds
-two graphs (training, evaluation) and inductor's cache serves every later run.
+two graphs (training, evaluation) once. The suite compiles with train.compile_backend=aot_eager: the graphs dynamo
+captures and AOT autograd splits are the ones inductor receives (guards, recompiles, hooks, state-dict keys are
+decided there), without inductor's code generation, which costs minutes on a cold CPU cache. Inductor's own
+arithmetic is checked by the issue's command (docs/results.md: 1.5e-7 relative over 30 steps) and by gpu_check.
 """
 
 import shutil
@@ -31,7 +34,7 @@ def lines(run_dir):
 def runs(tmp_path_factory):
     root = tmp_path_factory.mktemp("compile")
     args = COMMON + [f"data.cache_dir={root / 'cache'}"]
-    eager, compiled = args + ["train.compile=false"], args + ["train.compile=true"]
+    eager, compiled = args + ["train.compile=false"], args + ["train.compile=true", "train.compile_backend=aot_eager"]
     assert run(eager + [f"run.dir={root / 'eager'}"]) == 0
     assert run(compiled + [f"run.dir={root / 'compiled'}", f"train.peak_tflops={PEAK_TFLOPS}"]) == 0
     # each straight run's copy cut back to its step-3 checkpoint, resumed the other way
@@ -85,7 +88,7 @@ def test_a_checkpoint_loads_bit_for_bit_into_a_compiled_and_an_eager_model(runs)
     def loaded(run_name, compiled):
         model = Llama(llama_config("tiny", dim=64, n_layers=2, n_heads=4, ffn_dim=172, vocab_size=8000))
         if compiled:
-            compile_blocks(model)
+            compile_blocks(model, "aot_eager")
         optimizer = mode.build_optimizer(model, cfg.optim, None)
         path = runs / run_name / "checkpoints" / f"step_{STOP:08d}"
         Checkpointer(runs / run_name, keep=2, mode=mode).load(path, model, optimizer)
@@ -142,7 +145,7 @@ def test_per_block_gradient_hooks_still_fire_block_by_block():
         torch.manual_seed(0)
         model = Llama(llama_config("tiny", dim=64, n_layers=2, n_heads=4, ffn_dim=172, vocab_size=8000))
         if compiled:
-            compile_blocks(model)
+            compile_blocks(model, "aot_eager")
         for i, block in enumerate(model.layers):
             block.register_forward_pre_hook(lambda m, args, i=i: (Mark.apply(args[0], i), *args[1:]))
             for p in block.parameters():

@@ -35,7 +35,8 @@ def test_the_keys_with_fixed_choices_are_literals():
         "optim.state_dtype",
         "optim.projector_dtype",
         "optim.projectors", "optim.refresh", "data.source", "data.split", "train.dtype", "train.on_nonfinite",
-        "dist.mode", "dist.backend", "dist.reduce_dtype", "dist.replica_sync", "train.grad_clip_norm"}
+        "dist.mode", "dist.backend", "dist.reduce_dtype", "dist.replica_sync", "train.grad_clip_norm",
+        "train.compile_backend"}
 
 
 @pytest.mark.parametrize("key", sorted(CHOICE_KEYS))
