@@ -1,6 +1,7 @@
 """Section 3: basis refresh svd vs rsvd at LLaMA MLP shapes, and the training step of adamw / galore / lotus, and
 lotus with its blocks compiled (train.compile: steady, first step, amortised, optimizer step alone, tokens/s, MFU;
-compiled vs eager tokens/s). Every shape and every method is an item of its own, estimated from what this run has
+compiled vs eager tokens/s) and lotus with the fused low-rank step (optim.fused: its optimizer step vs the
+per-matrix one). Every shape and every method is an item of its own, estimated from what this run has
 timed so far and bounded by the budget (galore's first step at llama_1b solves one svd per projected matrix, 168
 in a row)."""
 
@@ -26,9 +27,10 @@ from .plan import autocast_for, sync
 from .report import fmt_s
 
 STEP_METHODS = {"adamw": dict(name="adamw", lr=1e-3), "galore": dict(name="galore"), "lotus": dict(name="lotus"),
-                "lotus+compile": dict(name="lotus")}
+                "lotus+compile": dict(name="lotus"), "lotus+fused": dict(name="lotus", fused=True)}
 COMPILED = {"lotus+compile": "lotus"}  # compiled row -> the eager row it is compared with
-SOLVER_OF = {"galore": "svd", "lotus": "rsvd", "lotus+compile": "rsvd"}  # each method's first step (every basis)
+FUSED = {"lotus+fused": "lotus"}  # optim.fused row -> the per-matrix row its optimizer step is compared with
+SOLVER_OF = {"galore": "svd", "lotus": "rsvd", "lotus+compile": "rsvd", "lotus+fused": "rsvd"}  # first step's solver
 
 
 def timed(fn, device: torch.device, reps: int) -> float:
@@ -110,7 +112,9 @@ def start_method(plan, cfg, opts: dict, rank: int, batch, autocast, compiled: bo
     with plan.device:
         model = Llama(cfg)  # built on the device: no full-size copy through the host
     if compiled:
-        compile_blocks(model)  # the first step below compiles (with every basis): its time is not a refresh's
+        # the first step below compiles (with every basis): its time is not a refresh's. The CPU dry run traces the
+        # same graphs without inductor's C++ build (setuptools, not among a GPU box's needs)
+        compile_blocks(model, "inductor" if plan.device.type == "cuda" else "aot_eager")
     # huge gaps: the timed steps are steady; the first step computes every basis (the refresh)
     opt = build_optimizer(model, OptimConfig(rank=rank, **opts, update_gap=10**9, verify_gap=10**9))
     engine = StepEngine(model, opt, single_process(plan.device), grad_clip=TrainConfig().grad_clip, autocast=autocast)
@@ -187,6 +191,11 @@ def step_table(report, name: str, rank: int, rows_: int, seq: int, runs: dict, r
             ratio = statistics.median(runs[eager]["steady"]) / statistics.median(runs[method]["steady"])
             report.add()
             report.add(f"compiled / eager tokens/s ({method} / {eager}, train.compile=true): {ratio:.2f}x")
+    for method, per_matrix in FUSED.items():
+        if method in runs and per_matrix in runs:
+            ratio = runs[method]["opt_step"] / runs[per_matrix]["opt_step"]
+            report.add()
+            report.add(f"fused / per-matrix optimizer step ({method} / {per_matrix}, optim.fused=true): {ratio:.2f}x")
 
 
 def section_speed(run: Check) -> None:

@@ -121,9 +121,10 @@ def test_dry_run_passes_every_section_with_only_the_declared_needs(tmp_path):
     assert "PASS: ran on cpu with gloo" in text and "bitwise: yes" in text
     # one speed table per model, one memory table per shape, each with a row per method
     assert text.count("| method | steady step |") == 2 and text.count("| method | peak |") == 2
-    for method in ("adamw", "galore", "lotus", "lotus+compile", "lotus+per_layer", "lotus+per_layer+ac"):
+    for method in ("adamw", "galore", "lotus", "lotus+compile", "lotus+fused", "lotus+per_layer", "lotus+per_layer+ac"):
         assert f"| {method} |" in text
     assert text.count("compiled / eager tokens/s (lotus+compile / lotus, train.compile=true): ") == 2
+    assert text.count("fused / per-matrix optimizer step (lotus+fused / lotus, optim.fused=true): ") == 2
     elapsed, budget = map(int, re.search(r"\((\d+) s in all, budget (\d+) s\)", text).groups())
     assert budget == 900 and elapsed <= budget
 
