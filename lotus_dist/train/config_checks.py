@@ -4,14 +4,9 @@ and types the keys first); every message is one line that names the key and its 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from lotus_dist.errors import UserError
 from lotus_dist.model.llama import shape_overrides
-
-if TYPE_CHECKING:
-    from lotus_dist.train.config import Config, ModelConfig, OptimConfig
-
 
 class ConfigError(UserError, ValueError):
     """A bad config file, key or value. The message is one line and names the culprit."""
@@ -22,7 +17,7 @@ def _at_least(key: str, value, low, what: str = "") -> None:
         raise ConfigError(f"config key '{key}' must be >= {low}{what}, got {value}")
 
 
-def validate(cfg: Config) -> None:
+def validate(cfg) -> None:  # a train.config.Config (not imported: config.py imports this module)
     """Range and cross-field checks that a key's type cannot express; every message names the key and value."""
     t = cfg.train
     for key in ("steps", "batch_size", "micro_batch_size", "seq_len"):
@@ -94,7 +89,7 @@ def validate(cfg: Config) -> None:
         raise ConfigError("config key 'run.dir' is empty")
 
 
-def _validate_optim(o: OptimConfig) -> None:
+def _validate_optim(o) -> None:  # its OptimConfig
     from lotus_dist.optim.methods import resolve_parts
 
     if o.lr < 0:
@@ -113,7 +108,7 @@ def _validate_optim(o: OptimConfig) -> None:
         raise ConfigError(f"config key '{key}': {problem}") from None
 
 
-def _validate_model(m: ModelConfig) -> None:
+def _validate_model(m) -> None:  # its ModelConfig
     from lotus_dist.model.llama import llama_config
 
     for key in ("vocab_size", "dim", "n_layers", "n_heads", "ffn_dim", "max_seq_len"):
@@ -128,7 +123,7 @@ def _validate_model(m: ModelConfig) -> None:
         raise ConfigError(str(e)) from None
 
 
-def check_init_from(m: ModelConfig) -> None:
+def check_init_from(m) -> None:  # a ModelConfig
     """``model.init_from`` names a Hugging Face folder. Checked when a run starts fresh, not at config load: a
     resume never reads the folder, so a moved or deleted one must not block it."""
     if m.init_from is not None:
