@@ -2,15 +2,14 @@
 step (bit for bit; within 1e-6 relative where Fira's / APOLLO's limiter sums a stack's norms in another order), with
 the same per-parameter state, and the kernels of a step grow with the number of groups, not of matrices."""
 
-import threading
-
 import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from thread_ranks import Exchange, ShardComm, run_ranks
+
 from lotus_dist.optim import LowRankAdamW, fused_step
 from lotus_dist.optim.methods import METHODS
-from lotus_dist.optim.subspace import Comm
 
 # R of each is >= state_codes.MIN_ELEMENTS at rank 16, so bf16 / int8 moments really are stored so
 SHAPES = [(32, 256)] * 4 + [(256, 32)] * 2 + [(48, 256)]
@@ -92,66 +91,33 @@ def test_a_per_matrix_checkpoint_resumes_fused_and_equals_the_per_matrix_run():
     _close(ref, ps, exact=True)
 
 
-class _Exchange:
-    def __init__(self, world):
-        self.world, self.slots, self.barrier = world, [None] * world, threading.Barrier(world)
-
-    def allreduce(self, rank, t):
-        self.slots[rank] = t
-        self.barrier.wait()
-        total = self.slots[0]
-        for other in self.slots[1:]:
-            total = total + other
-        self.barrier.wait()
-        return total
-
-
-class _RowShards(Comm):
-    """One 'rank' (a thread) of a long-side-sharded matrix: sums go through the exchange. One batch key per rank,
-    as the FSDP MatrixComm's shard group, so the fused step batches the limiter's sums."""
+class _RowShards(ShardComm):
+    """One batch key per rank, as the FSDP MatrixComm's shard group, so the fused step batches the limiter's sums."""
 
     def __init__(self, ex, rank, long_len):
-        self.ex, self.rank, self.long_len = ex, rank, long_len
+        super().__init__(ex, rank, long_len)
         self.batch_key = (id(ex), rank)
-
-    def reduce(self, t):
-        return self.ex.allreduce(self.rank, t)
-
-    reduce_stats = reduce
-
-    def sketch(self, gen, rows, cols, device):
-        full = torch.randn(self.long_len, cols, generator=gen, device=device)
-        return torch.tensor_split(full, self.ex.world)[self.rank]
 
 
 def _sharded_run(method, fused, steps=8, world=2):
     torch.manual_seed(0)
     init = [torch.randn(s) for s in SHAPES]
     dims = [1 if m < n else 0 for m, n in SHAPES]  # the long side: never the projected one
-    ex, out, errors = _Exchange(world), {}, []
+    ex, out = Exchange(world), {}
 
     def rank_main(rank):
-        try:
-            ps = [torch.nn.Parameter(torch.tensor_split(w, world, dim=d)[rank].clone()) for w, d in zip(init, dims)]
-            opt = LowRankAdamW([{"params": ps, "rank": 16, **_parts(method, fused=fused)}], weight_decay=0.1)
-            opt.stats_comm = _RowShards(ex, rank, 0)
-            for p, s, d in zip(ps, SHAPES, dims):
-                opt.set_comm(p, _RowShards(ex, rank, s[d]))
-            for t in range(steps):
-                for p, g, d in zip(ps, _grads(t, torch.float32), dims):
-                    p.grad = torch.tensor_split(g, world, dim=d)[rank].clone()
-                opt.step()
-            out[rank] = ps
-        except Exception as e:  # surface thread failures in the test
-            errors.append(e)
-            ex.barrier.abort()
+        ps = [torch.nn.Parameter(torch.tensor_split(w, world, dim=d)[rank].clone()) for w, d in zip(init, dims)]
+        opt = LowRankAdamW([{"params": ps, "rank": 16, **_parts(method, fused=fused)}], weight_decay=0.1)
+        opt.stats_comm = _RowShards(ex, rank, 0)
+        for p, s, d in zip(ps, SHAPES, dims):
+            opt.set_comm(p, _RowShards(ex, rank, s[d]))
+        for t in range(steps):
+            for p, g, d in zip(ps, _grads(t, torch.float32), dims):
+                p.grad = torch.tensor_split(g, world, dim=d)[rank].clone()
+            opt.step()
+        out[rank] = ps
 
-    threads = [threading.Thread(target=rank_main, args=(r,)) for r in range(world)]
-    for th in threads:
-        th.start()
-    for th in threads:
-        th.join()
-    assert not errors, errors
+    run_ranks(ex, rank_main)
     return [torch.cat([out[r][i].detach() for r in range(world)], dim=d) for i, d in enumerate(dims)]
 
 

@@ -1,45 +1,14 @@
 """The distribution hooks: two 'ranks' (threads) each hold a long-side shard of every projected matrix, talk only
 through Comm (reduce / reduce_stats / sketch), and must follow the unsharded optimizer's trajectory."""
 
-import threading
-
 import pytest
 import torch
 
 from lotus_dist.optim import LowRankAdamW
-from lotus_dist.optim.subspace import Comm
+from thread_ranks import Exchange, ShardComm, run_ranks
 
 SHAPES = [(48, 20), (20, 48)]  # right projector: rows sharded; left projector: columns sharded
 LONG_DIM = [0, 1]
-
-
-class _Exchange:
-    def __init__(self, world):
-        self.world, self.slots, self.barrier = world, [None] * world, threading.Barrier(world)
-
-    def allreduce(self, rank, t):
-        self.slots[rank] = t
-        self.barrier.wait()
-        total = self.slots[0]
-        for other in self.slots[1:]:
-            total = total + other  # same order on every rank: identical results
-        self.barrier.wait()
-        return total
-
-
-class _ShardComm(Comm):
-    def __init__(self, ex, rank, long_len):
-        self.ex, self.rank, self.long_len = ex, rank, long_len
-
-    def reduce(self, t):
-        return self.ex.allreduce(self.rank, t)
-
-    def reduce_stats(self, t):
-        return self.ex.allreduce(self.rank, t)
-
-    def sketch(self, gen, rows, cols, device):
-        full = torch.randn(self.long_len, cols, generator=gen, device=device)
-        return torch.tensor_split(full, self.ex.world)[self.rank]
 
 
 def _grads(t):
@@ -70,33 +39,24 @@ def test_long_side_sharded_run_matches_unsharded(kind):
             p.grad = g
         ref.step()
 
-    ex = _Exchange(world)
-    out, errors = {}, []
+    ex = Exchange(world)
+    out = {}
 
     def rank_main(rank):
-        try:
-            shards = [
-                torch.nn.Parameter(torch.tensor_split(w, world, dim=d)[rank].clone()) for w, d in zip(init, LONG_DIM)
-            ]
-            opt = LowRankAdamW([{"params": shards, "rank": 4, **GROUPS[kind]}], weight_decay=0.01)
-            opt.stats_comm = _ShardComm(ex, rank, 0)
-            for p, s, d in zip(shards, SHAPES, LONG_DIM):
-                opt.set_comm(p, _ShardComm(ex, rank, s[d]))
-            for t in range(steps):
-                for p, g, d in zip(shards, _grads(t), LONG_DIM):
-                    p.grad = torch.tensor_split(g, world, dim=d)[rank].clone()
-                opt.step()
-            out[rank] = (shards, opt)
-        except Exception as e:  # surface thread failures in the test
-            errors.append(e)
-            ex.barrier.abort()
+        shards = [
+            torch.nn.Parameter(torch.tensor_split(w, world, dim=d)[rank].clone()) for w, d in zip(init, LONG_DIM)
+        ]
+        opt = LowRankAdamW([{"params": shards, "rank": 4, **GROUPS[kind]}], weight_decay=0.01)
+        opt.stats_comm = ShardComm(ex, rank, 0)
+        for p, s, d in zip(shards, SHAPES, LONG_DIM):
+            opt.set_comm(p, ShardComm(ex, rank, s[d]))
+        for t in range(steps):
+            for p, g, d in zip(shards, _grads(t), LONG_DIM):
+                p.grad = torch.tensor_split(g, world, dim=d)[rank].clone()
+            opt.step()
+        out[rank] = (shards, opt)
 
-    threads = [threading.Thread(target=rank_main, args=(r,)) for r in range(world)]
-    for th in threads:
-        th.start()
-    for th in threads:
-        th.join()
-    assert not errors, errors
+    run_ranks(ex, rank_main)
     for i, d in enumerate(LONG_DIM):
         joined = torch.cat([out[r][0][i].detach() for r in range(world)], dim=d)
         assert torch.allclose(joined, full[i].detach(), atol=1e-5), (kind, i)
