@@ -37,6 +37,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from lotus_dist.model.llama import NAMED_SIZES, Llama, llama_config  # noqa: E402
 from lotus_dist.optim import build_optimizer, memory_report  # noqa: E402
+from lotus_dist.optim import basis_solvers as bs  # noqa: E402
+from lotus_dist.optim import solver_rounds as sr  # noqa: E402
 from lotus_dist.optim import subspace as ss  # noqa: E402
 from lotus_dist.optim import LowRankAdamW  # noqa: E402
 from lotus_dist.optim.methods import METHODS, is_projected  # noqa: E402
@@ -71,12 +73,12 @@ def bench_basis(shapes, reps, r=128, p=8, q=2):
         t_svd, t_rsvd = [], []
         for _ in range(n_svd):
             t0 = time.perf_counter()
-            P_svd = ss.svd_projector(G, side, r)
+            P_svd = sr.svd_projector(G, side, r)
             t_svd.append(time.perf_counter() - t0)
         for i in range(reps):
             gen = torch.Generator().manual_seed(i)
             t0 = time.perf_counter()
-            P_rsvd = ss.compute_projector("rsvd", G, side, r, gen=gen, oversample=p, power_iters=q)
+            P_rsvd = bs.compute_projector("rsvd", G, side, r, gen=gen, oversample=p, power_iters=q)
             t_rsvd.append(time.perf_counter() - t0)
         a, b = statistics.median(t_svd), statistics.median(t_rsvd)
         print(

@@ -34,7 +34,8 @@ def worker(args) -> None:
     from lotus_dist.counters import COUNTERS
     from lotus_dist.distributed.matrix_comm import MatrixComm, chunk_sizes
     from lotus_dist.distributed.sharding_plan import lpt_assign, projector_side, solver_cost
-    from lotus_dist.optim.subspace import projector_steps, run_batched
+    from lotus_dist.optim.basis_solvers import projector_steps
+    from lotus_dist.optim.solver_rounds import run_batched
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo")

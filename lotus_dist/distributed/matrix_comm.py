@@ -12,7 +12,7 @@ under HSDP every replica group holds the same gradient shards and works on its o
   (the bytes of one all-reduce, 1/W of the memory). rsvd orthonormalises the row-sharded sketch by CholeskyQR2
   (two k x k all-reduces) before all-gathering the new basis;
 - the exact ``svd`` solver gathers G on the plan's owner rank, which solves and broadcasts the projector;
-- a refresh step solves every switching matrix together (``subspace.run_batched``): each solver stage's sums are
+- a refresh step solves every switching matrix together (``solver_rounds.run_batched``): each solver stage's sums are
   one flat all-reduce for all of them, the owner solves are one gather per owner, every owner solving its own
   matrices at the same time, then one broadcast per owner of its new bases (``execute``);
 - ``projectors="shard"``: each rank stores a 1/W row slice of the projector, all-gathered before use.
@@ -28,7 +28,8 @@ import torch
 import torch.distributed as dist
 
 from lotus_dist.counters import COUNTERS, nbytes, to_host
-from lotus_dist.optim.subspace import Comm, Request, linalg_steps, orth_columns_steps, svd_projectors
+from lotus_dist.optim.solver_rounds import Request, linalg_steps, orth_columns_steps, svd_projectors
+from lotus_dist.optim.subspace import Comm
 
 # optim.projectors once decided (``auto`` is resolved by sharding_plan.choose_projectors): whole on every rank, or row slices
 PROJECTOR_LAYOUTS = ("replicate", "shard")

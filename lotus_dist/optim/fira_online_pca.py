@@ -7,7 +7,8 @@ import torch
 
 from .apollo import channel_scaling
 from .job import _Job
-from .subspace import Comm, online_pca_update_, project_back
+from .basis_solvers import online_pca_update_
+from .subspace import Comm, project_back
 from .switching import POLICIES
 
 FIRA_LIMIT = 1.01  # ζ, Fira's norm-growth limiter

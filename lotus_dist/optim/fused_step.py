@@ -27,7 +27,8 @@ from . import state_codes
 from .apollo import APOLLO_RESIDUALS, apollo_scaling, channel_scaling
 from .fira_online_pca import limit_growth
 from .job import _Job
-from .subspace import add_project_back_, project, project_back, run_batched
+from .solver_rounds import run_batched
+from .subspace import add_project_back_, project, project_back
 from .switching import POLICIES, Policy
 from .tensors import _local, state_dtype
 

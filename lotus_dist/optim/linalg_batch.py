@@ -2,7 +2,7 @@
 
 On CUDA each ``torch.linalg`` decomposition checks its result on the host (a synchronisation), so a refresh that
 solved its matrices one at a time would sync once per matrix and stage. The solvers therefore yield their QRs,
-eigendecompositions, SVDs and Cholesky factorisations as requests (``subspace.linalg_steps``); ``run_batched``
+eigendecompositions, SVDs and Cholesky factorisations as requests (``solver_rounds.linalg_steps``); ``run_batched``
 hands a round's requests of one kind to ``run_stacked``, which stacks the same-shaped ones into one batched call:
 one call per stage and distinct shape, whatever the number of matrices (docs/algorithms.md section 4).
 """

@@ -37,6 +37,7 @@ from .fused_step import FusedSteps
 from .job import _Job
 from .options import LOWRANK_DEFAULTS, check_options
 from .refresh import REFRESH_BATCH_BYTES, BasisRefresh
+from .solver_rounds import run_batched
 from .subspace import (
     IDENTITY,
     Comm,
@@ -46,7 +47,6 @@ from .subspace import (
     project,
     projected_dim,
     projector_shape,
-    run_batched,
     side_for,
 )
 from .switching import CHECK, POLICIES, STATS_WIDTH, STAY, SWITCH

@@ -10,7 +10,9 @@ from lotus_dist.counters import to_host
 from . import state_codes
 from .job import _Job
 from .refresh_batches import cut_batches, workspace_bytes
-from .subspace import columns, compute_projector, derive_seed, projector_steps, run_batched
+from .basis_solvers import compute_projector, projector_steps
+from .solver_rounds import run_batched
+from .subspace import columns, derive_seed
 from .switching import POLICIES
 from .tensors import _local, state_dtype
 

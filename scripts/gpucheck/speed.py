@@ -17,6 +17,8 @@ from bench_train import make_batch, timed_step
 from lotus_dist.distributed.modes import single_process
 from lotus_dist.model.llama import Llama, compile_blocks, llama_config
 from lotus_dist.optim import build_optimizer
+from lotus_dist.optim import basis_solvers as bs
+from lotus_dist.optim import solver_rounds as sr
 from lotus_dist.optim import subspace as ss
 from lotus_dist.train.config import OptimConfig, TrainConfig
 from lotus_dist.train.step import StepEngine
@@ -75,10 +77,10 @@ def measure_refresh(plan, m: int, n: int, r: int) -> dict:
     G = gradient_surrogate(m, n).to(plan.device, torch.bfloat16)  # a bf16 gradient, as autocast makes
     side = ss.side_for((m, n), "std")
     gen = torch.Generator(device=plan.device)
-    svd_s = timed(lambda: ss.svd_projector(G, side, r), plan.device, 2)
-    rsvd_s = timed(lambda: ss.rsvd_columns(ss.oriented(G, side), r, 8, 2, gen.manual_seed(0)), plan.device, 3)
-    P_svd = ss.svd_projector(G, side, r)
-    P_rsvd = ss.to_projector(ss.rsvd_columns(ss.oriented(G, side), r, 8, 2, gen.manual_seed(0)), side)
+    svd_s = timed(lambda: sr.svd_projector(G, side, r), plan.device, 2)
+    rsvd_s = timed(lambda: bs.rsvd_columns(ss.oriented(G, side), r, 8, 2, gen.manual_seed(0)), plan.device, 3)
+    P_svd = sr.svd_projector(G, side, r)
+    P_rsvd = ss.to_projector(bs.rsvd_columns(ss.oriented(G, side), r, 8, 2, gen.manual_seed(0)), side)
     return dict(svd=svd_s, rsvd=rsvd_s, e_svd=energy(G, P_svd, side), e_rsvd=energy(G, P_rsvd, side))
 
 

@@ -30,7 +30,7 @@ from lotus_dist.distributed.fsdp_optimizer import build_sharded_optimizer
 from lotus_dist.model.llama import Llama, llama_config
 from lotus_dist.optim import build_optimizer
 from lotus_dist.optim.methods import method_rank
-from lotus_dist.optim.subspace import rsvd_columns
+from lotus_dist.optim.basis_solvers import rsvd_columns
 from lotus_dist.train.config import OptimConfig
 from lotus_dist.train.step import StepEngine
 
@@ -249,7 +249,8 @@ def batched_refresh_check(cases, rank: int, world: int) -> dict:
     """The three rsvd solves together in lockstep (one flat all-reduce per stage for all of them) against each
     alone; and exact svd solves of several matrices on their owners at once: each rank solves only its own."""
     import lotus_dist.distributed.matrix_comm as collectives
-    from lotus_dist.optim.subspace import projector_steps, rsvd_steps, run_batched, svd_projector
+    from lotus_dist.optim.basis_solvers import projector_steps, rsvd_steps
+    from lotus_dist.optim.solver_rounds import run_batched, svd_projector
 
     COUNTERS.reset()
     together = run_batched([rsvd_steps(Gs, RANK_R, 8, 2, torch.Generator().manual_seed(5), comm)

@@ -104,7 +104,7 @@ def _count(ops, name):
 
 
 def _rsvd_rounds(normal: int, fallback: int, q: int) -> int:
-    """All-reduces of a batched rsvd refresh (subspace.run_batched): the solvers advance in lockstep and each round's
+    """All-reduces of a batched rsvd refresh (solver_rounds.run_batched): the solvers advance in lockstep and each round's
     sums are one flat all-reduce per dtype (one dtype here: the parameters, so the solvers, are fp64). A normal
     matrix sums in q + 2 rounds (the sketch, q power steps, the Gram); a fallback runs CholeskyQR2 (two sums, each
     followed by a definiteness check on the host) around the sums over its sharded rows, then gathers its basis."""

@@ -17,6 +17,8 @@ import torch
 
 from lotus_dist.model.llama import Llama, llama_config
 from lotus_dist.optim import LowRankAdamW, switch_report
+from lotus_dist.optim import basis_solvers as bs
+from lotus_dist.optim import solver_rounds as sr
 from lotus_dist.optim import subspace as ss
 from lotus_dist.optim.methods import METHODS
 
@@ -118,12 +120,12 @@ def test_bases_on_device(device, grad_dtype, side):
     G = (U * 0.85 ** torch.arange(48, dtype=torch.float64)) @ V.T
     G_dev = G.to(device, grad_dtype)
     G64 = G_dev.to("cpu", torch.float64)  # the values the device holds (bf16-rounded where bf16)
-    reference = ss.svd_projector(G64, side, r)
+    reference = sr.svd_projector(G64, side, r)
     with cpu_sketches():
         gen = torch.Generator(device=device).manual_seed(11)
         Gs = ss.oriented(G_dev, side)
-        bases = {"svd": ss.svd_projector(G_dev, side, r),
-                 "rsvd": ss.to_projector(ss.rsvd_columns(Gs, r, 8, 2, gen), side)}
+        bases = {"svd": sr.svd_projector(G_dev, side, r),
+                 "rsvd": ss.to_projector(bs.rsvd_columns(Gs, r, 8, 2, gen), side)}
 
     def energy(P):
         return float(ss.project(G64, P.to("cpu", torch.float64), side).norm() ** 2 / G64.norm() ** 2)

@@ -10,7 +10,8 @@ from torch import nn
 
 from hf_adamw_reference import hf_adam_direction
 from lotus_dist.optim import METHODS, ApolloAdamW, LowRankAdamW, switch_report
-from lotus_dist.optim.subspace import compute_projector, derive_seed
+from lotus_dist.optim.basis_solvers import compute_projector
+from lotus_dist.optim.subspace import derive_seed
 
 
 class ApolloTorchReference:

@@ -9,7 +9,9 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from lotus_dist.optim import LowRankAdamW
+from lotus_dist.optim import basis_solvers as bs
 from lotus_dist.optim import linalg_batch as lb
+from lotus_dist.optim import solver_rounds as sr
 from lotus_dist.optim import subspace as ss
 
 DECOMPOSITIONS = {"linalg_qr": "qr", "_linalg_eigh": "eigh", "_linalg_svd": "svd", "linalg_cholesky_ex": "cholesky"}
@@ -74,18 +76,18 @@ def test_batched_solvers_equal_each_alone_bit_for_bit():
     """run_batched over several same-shaped matrices per solver against each solver alone (a lone matrix is
     decomposed as in earlier releases, unstacked)."""
     mats = [_grad(s, 10 + i) for i, s in enumerate(SHAPES)]
-    prevs = [ss.compute_projector("random", G, ss.side_for(tuple(G.shape), "std"), 6,
+    prevs = [bs.compute_projector("random", G, ss.side_for(tuple(G.shape), "std"), 6,
                                   gen=torch.Generator().manual_seed(50 + i)) for i, G in enumerate(mats)]
     # linalg calls of the whole batch: rsvd 3 QR stages x 2 values of d + 1 eigh; svd one per matrix shape; random
     # and grasswalk (its first basis is random's; later ones an svd of the d x r tangent) one per d
     for solver, calls in {"rsvd": 7, "svd": 3, "random": 2, "grasswalk": 2, "online_pca": 3}.items():
         def steps(i, G):
-            return ss.projector_steps(solver, G, ss.side_for(tuple(G.shape), "std"), 6, prev=prevs[i],
+            return bs.projector_steps(solver, G, ss.side_for(tuple(G.shape), "std"), 6, prev=prevs[i],
                                       gen=torch.Generator().manual_seed(i))
-        together = ss.run_batched([steps(i, G) for i, G in enumerate(mats)])
-        alone = [ss.run_batched([steps(i, G)])[0] for i, G in enumerate(mats)]
+        together = sr.run_batched([steps(i, G) for i, G in enumerate(mats)])
+        alone = [sr.run_batched([steps(i, G)])[0] for i, G in enumerate(mats)]
         with CountLinalg() as mode:
-            ss.run_batched([steps(i, G) for i, G in enumerate(mats)])
+            sr.run_batched([steps(i, G) for i, G in enumerate(mats)])
         assert sum(mode.calls.values()) == calls, (solver, mode.calls)  # not one per matrix (8)
         assert all(torch.equal(a, b) for a, b in zip(alone, together)), solver
 
@@ -99,8 +101,8 @@ def test_a_failing_matrix_fails_alone():
     for o, G in zip((out[0], out[2]), (good[0], good[2])):
         assert all(torch.equal(a, b) for a, b in zip(o, torch.linalg.svd(G, full_matrices=False)))
     # inside a solver the error is raised where the call is, and run_batched hands it back for that matrix only
-    res = ss.run_batched([ss.projector_steps("svd", G, "left", 4, gen=torch.Generator()) for G in (good[0], bad)])
-    assert isinstance(res[1], torch.linalg.LinAlgError) and torch.equal(res[0], ss.svd_projector(good[0], "left", 4))
+    res = sr.run_batched([bs.projector_steps("svd", G, "left", 4, gen=torch.Generator()) for G in (good[0], bad)])
+    assert isinstance(res[1], torch.linalg.LinAlgError) and torch.equal(res[0], sr.svd_projector(good[0], "left", 4))
 
 
 def test_precision_rule_by_device(monkeypatch):

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from lotus_dist.optim import LowRankAdamW, memory_report, switch_report
+from lotus_dist.optim import solver_rounds as sr
 from lotus_dist.optim import subspace as ss
 from lotus_dist.optim.subspace import Comm
 
@@ -314,7 +315,7 @@ def test_online_pca_projector_takes_one_adamw_step_per_step(shape):
     w.grad = G1
     opt.step()
     P1 = opt.state[w]["projector"].clone()
-    assert torch.equal(P1, ss.svd_projector(G1, side, 3))  # first basis: svd, no online step yet
+    assert torch.equal(P1, sr.svd_projector(G1, side, 3))  # first basis: svd, no online step yet
     # reference: torch AdamW (lr = lr_t / lr_0 / T, wd 0.01) on L(P) = ‖P Pᵀ g − g‖² (left) / ‖g Pᵀ P − g‖² (right)
     P = torch.nn.Parameter(P1.clone())
     ref = torch.optim.AdamW([P], lr=1.0 / T, betas=BETAS, eps=EPS, weight_decay=0.01)

@@ -5,6 +5,8 @@ import threading
 import pytest
 import torch
 
+from lotus_dist.optim import basis_solvers as bs
+from lotus_dist.optim import solver_rounds as sr
 from lotus_dist.optim import subspace as ss
 
 
@@ -28,7 +30,7 @@ def test_side_rule():
 def test_svd_solver_equals_torch_svd_top_r(shape, decaying_matrix):
     G = decaying_matrix(*shape, seed=1)
     side = ss.side_for(shape, "std")
-    P = ss.svd_projector(G, side, 6)
+    P = sr.svd_projector(G, side, 6)
     U, _, Vh = torch.linalg.svd(G, full_matrices=False)
     expected = U[:, :6] if side == "left" else Vh[:6]
     assert torch.equal(P, expected)
@@ -51,21 +53,21 @@ def test_rsvd_captures_top_subspace(shape, decaying_matrix, principal_sines):
     side = ss.side_for(shape, "std")
     Gs = ss.oriented(G, side)
     gen = torch.Generator().manual_seed(0)
-    S = ss.rsvd_columns(Gs, r, oversample=8, power_iters=2, gen=gen)
+    S = bs.rsvd_columns(Gs, r, oversample=8, power_iters=2, gen=gen)
     assert torch.allclose(S.T @ S, torch.eye(r), atol=1e-5)
     U = torch.linalg.svd(Gs.double(), full_matrices=False).U[:, :r].float()
     # Bound: residual within 1% of the optimal rank-r residual (Eckart-Young), largest principal angle < 0.02 rad.
     assert _residual(Gs, S) <= 1.01 * _residual(Gs, U)
     assert principal_sines(S, U).max() < 0.02
     # the stored projector of the same draw projects the same subspace
-    P = ss.compute_projector("rsvd", G, side, r, gen=torch.Generator().manual_seed(0))
+    P = bs.compute_projector("rsvd", G, side, r, gen=torch.Generator().manual_seed(0))
     assert torch.allclose(ss.columns(P, side), S)
 
 
 def test_rsvd_deterministic_per_seed(decaying_matrix):
     G = decaying_matrix(50, 70, seed=3)
-    a = ss.rsvd_columns(G, 5, 8, 2, torch.Generator().manual_seed(7))
-    b = ss.rsvd_columns(G, 5, 8, 2, torch.Generator().manual_seed(7))
+    a = bs.rsvd_columns(G, 5, 8, 2, torch.Generator().manual_seed(7))
+    b = bs.rsvd_columns(G, 5, 8, 2, torch.Generator().manual_seed(7))
     assert torch.equal(a, b)
     assert ss.derive_seed(0, 1, 2) != ss.derive_seed(0, 2, 1) != ss.derive_seed(1, 1, 2)
 
@@ -92,14 +94,14 @@ class _ThreadShards(ss.Comm):
 def test_rsvd_sketch_form_is_shardable(decaying_matrix):
     """The sketch form run on 2 long-side shards with a summing reduce gives the unsharded basis."""
     G = decaying_matrix(40, 130, seed=4)  # left projector, long side = columns
-    full = ss.rsvd_columns(G, 6, 8, 2, torch.Generator().manual_seed(5))
+    full = bs.rsvd_columns(G, 6, 8, 2, torch.Generator().manual_seed(5))
     world, shared, barrier = 2, {}, threading.Barrier(2)
     shards = torch.tensor_split(G, world, dim=1)
     out = {}
 
     def run(rank):
         comm = _ThreadShards(rank, world, shared, barrier, G.shape[1])
-        out[rank] = ss.rsvd_columns(shards[rank], 6, 8, 2, torch.Generator().manual_seed(5), comm)
+        out[rank] = bs.rsvd_columns(shards[rank], 6, 8, 2, torch.Generator().manual_seed(5), comm)
 
     threads = [threading.Thread(target=run, args=(i,)) for i in range(world)]
     for t in threads:
@@ -111,17 +113,17 @@ def test_rsvd_sketch_form_is_shardable(decaying_matrix):
 
 
 def test_random_basis_orthonormal():
-    S = ss.random_columns(30, 7, torch.Generator().manual_seed(0), "cpu")
+    S = bs.random_columns(30, 7, torch.Generator().manual_seed(0), "cpu")
     assert S.shape == (30, 7)
     assert torch.allclose(S.T @ S, torch.eye(7), atol=1e-5)
 
 
 @pytest.mark.parametrize("eta", [0.05, 0.3])
 def test_grasswalk_orthonormal_and_geodesic_step(eta, principal_sines):
-    S = ss.random_columns(40, 6, torch.Generator().manual_seed(1), "cpu")
+    S = bs.random_columns(40, 6, torch.Generator().manual_seed(1), "cpu")
     gen = torch.Generator().manual_seed(2)
     for _ in range(5):
-        new = ss.grasswalk_columns(S, eta, gen)
+        new = bs.grasswalk_columns(S, eta, gen)
         assert torch.allclose(new.T @ new, torch.eye(6), atol=1e-5)
         # principal angles between the bases are eta * sigma(H) with ‖H‖_F = 1: their 2-norm is eta
         angles = torch.asin(principal_sines(S, new).clamp(max=1.0))
@@ -136,7 +138,7 @@ def test_online_pca_grad_matches_autograd():
     gn = G / G.norm()
     loss = (S @ (S.T @ gn) - gn).square().sum()
     (expected,) = torch.autograd.grad(loss, S)
-    got = ss.online_pca_grad(S.detach().float(), G.float())
+    got = bs.online_pca_grad(S.detach().float(), G.float())
     assert torch.allclose(got.double(), expected, rtol=1e-4, atol=1e-5)
 
 
@@ -145,8 +147,8 @@ def test_batched_solvers_equal_each_solver_alone(decaying_matrix):
     bases each solver gives alone: same seeds, same draws, same arithmetic."""
     mats = [decaying_matrix(40, 130, seed=1), decaying_matrix(130, 40, seed=2), decaying_matrix(64, 64, seed=3)]
     kinds = [("rsvd", "left"), ("rsvd", "right"), ("svd", "right")]
-    alone = [ss.compute_projector(solver, G, side, 6, gen=torch.Generator().manual_seed(i))
+    alone = [bs.compute_projector(solver, G, side, 6, gen=torch.Generator().manual_seed(i))
              for i, (G, (solver, side)) in enumerate(zip(mats, kinds))]
-    together = ss.run_batched([ss.projector_steps(solver, G, side, 6, gen=torch.Generator().manual_seed(i))
+    together = sr.run_batched([bs.projector_steps(solver, G, side, 6, gen=torch.Generator().manual_seed(i))
                                for i, (G, (solver, side)) in enumerate(zip(mats, kinds))])
     assert all(torch.equal(a, b) for a, b in zip(alone, together))

@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from lotus_dist.optim import LowRankAdamW
+from lotus_dist.optim import basis_solvers as bs
 from lotus_dist.optim import subspace as ss
 from lotus_dist.optim.switching import POLICIES, exact_path_efficiency
 
@@ -108,7 +109,7 @@ def test_path_efficiency_estimator_error(shape):
     side = ss.side_for(shape, "std")
     d = ss.projected_dim(shape, side)
     gen = torch.Generator().manual_seed(3)
-    S = ss.random_columns(d, 8, gen, "cpu")
+    S = bs.random_columns(d, 8, gen, "cpu")
     P = ss.to_projector(S, side)
     drift = torch.randn(shape, generator=gen)
     inside = ss.project_back(ss.project(drift, P, side), P, side)
