@@ -126,9 +126,10 @@ def bench_memory(sizes):
           "and the total / galore's fp32 formula")
     print(f"{'model':>11} {'rank':>5} {'method':>7} {'state':>5} {'ref':>4} {'proj':>4} {'moments':>9} {'reference':>9} "
           f"{'projectors':>10} {'total':>9} {'/formula':>9}")
-    formats = [("galore", s, "-", "fp32") for s in ("fp32", "bf16", "int8")] + [("galore", "int8", "-", "bf16")]
+    formats = [("galore", s, "-", "fp32") for s in ("fp32", "bf16", "int8")]
+    formats += [("galore", "int8", "-", p) for p in ("bf16", "int8")]
     formats += [("lotus", s, "bf16", "fp32") for s in ("fp32", "bf16", "int8")]
-    formats += [("lotus", "int8", "int4", "fp32"), ("lotus", "int8", "int4", "bf16")]
+    formats += [("lotus", "int8", "int4", p) for p in ("fp32", "bf16", "int8")]
     for size in sizes:
         with torch.device("meta"):
             model = Llama(llama_config(size))
@@ -143,7 +144,8 @@ def bench_memory(sizes):
                   f"{mem.get('reference', 0) / 2**20:9.1f} {mem['projectors'] / 2**20:10.1f} "
                   f"{mem['total'] / 2**20:9.1f} {mem['total'] / formula:9.3f}")
     print("int8: codes (1 byte) + one fp32 scale per long-side index (low-rank) or row (plain); int4 reference: 4-bit "
-          "codes per long-side index with its exact top entry, scale and norm (optim/reference_codes.py)")
+          "codes per long-side index with its exact top entry, scale and norm (optim/reference_codes.py); int8 "
+          "projectors: codes + one fp32 scale per stored row (optim/projector_codes.py)")
 
 
 def bench_step(steps, size="llama_60m"):

@@ -32,8 +32,8 @@ from lotus_dist.optim.switching import STATS_WIDTH
 
 from . import step_time
 from .fsdp import apply_fsdp, mixed_precision
-from .sharding_plan import (PROJECTOR_DTYPE_BYTES, DistConfigError, Plan, choose_projectors, default_projected,
-                            method_geometry, plan_for_model, projector_peak_bytes)
+from .sharding_plan import (PROJECTOR_DTYPE_BYTES, PROJECTOR_ROW_BYTES, DistConfigError, Plan, choose_projectors,
+                            default_projected, method_geometry, plan_for_model, projector_peak_bytes)
 from .step_time import fsdp_bytes
 
 METHODS = ("adamw", "galore", "lotus", "apollo", "apollo_mini")
@@ -81,9 +81,11 @@ def _sharded(cfg, mcfg, mesh, world: int, replicate: int, method: str) -> tuple[
     return model, plan
 
 
-def _projector_bytes(cfg, method: str) -> int:
-    """Bytes per stored projector element of ``method`` (optim.projector_dtype)."""
-    return PROJECTOR_DTYPE_BYTES[_parts(cfg, method).get("projector_dtype", "fp32")]
+def _projector_bytes(cfg, method: str) -> dict[str, int]:
+    """Bytes per stored projector element and per stored row (int8's scales) of ``method``
+    (optim.projector_dtype): ``projector_peak_bytes``' keywords."""
+    name = _parts(cfg, method).get("projector_dtype", "fp32")
+    return {"stored_bytes": PROJECTOR_DTYPE_BYTES[name], "row_bytes": PROJECTOR_ROW_BYTES.get(name, 0)}
 
 
 def _projectors(cfg, plan: Plan, method: str, per_layer: bool) -> str:
@@ -157,10 +159,10 @@ def _method_numbers(cfg, model: nn.Module, plan: Plan, method: str, gather_bytes
     if owner_refresh:
         refresh += max(owner_in)
     # plan.projector_peak_bytes: stored (rank 0's row slices when sharded) and the one gathered at a time
-    stored_bytes = _projector_bytes(cfg, method)
-    peak = projector_peak_bytes(plan, projectors, stored_bytes=stored_bytes)
+    stored_format = _projector_bytes(cfg, method)
+    peak = projector_peak_bytes(plan, projectors, **stored_format)
     projector_bytes, transient = peak["stored"], peak["in_use"]
-    whole = projector_peak_bytes(plan, "replicate", stored_bytes=stored_bytes)["stored"]
+    whole = projector_peak_bytes(plan, "replicate", **stored_format)["stored"]
     gathers = _ring(w) * whole if shard_projectors else 0.0  # every projector all-gathered once per step
 
     numel_full = sum(p.numel() for p in model.parameters())
@@ -208,12 +210,11 @@ def _per_layer_grads(model: nn.Module, plan: Plan, accum: int) -> int:
     return kept + max(projected.values(), default=0)
 
 
-def _per_layer_numbers(lotus: dict, model: nn.Module, plan: Plan, accum: int, stored_bytes: int) -> dict:
+def _per_layer_numbers(lotus: dict, model: nn.Module, plan: Plan, accum: int, stored_format: dict) -> dict:
     """``lotus``: the whole-model numbers with the per-layer projector choice. Per-layer steps hold one unit's
     gathered projectors at a time (the largest block's)."""
     grads = _per_layer_grads(model, plan, accum)
-    transient = projector_peak_bytes(plan, lotus["projector_choice"], per_layer=True,
-                                     stored_bytes=stored_bytes)["in_use"]
+    transient = projector_peak_bytes(plan, lotus["projector_choice"], per_layer=True, **stored_format)["in_use"]
     return {**lotus, "grads": grads, "projector_transient": transient,
             "total": lotus["params"] + grads + lotus["optimizer"] + transient}
 

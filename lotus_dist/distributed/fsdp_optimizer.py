@@ -67,7 +67,8 @@ class _Layout:
             shape[self.state_dim] = self.long_size
             placements = self.moment_placements
         elif key in PROJECTOR_LIKE:
-            shape, placements = list(self.projector_shape), self.projector_placements
+            # rows are what is sharded; columns are the local tensor's (int8 codes carry their row scales there)
+            shape, placements = [self.projector_shape[0], t.shape[1]], self.projector_placements
         else:
             return t
         size = torch.Size(shape)

@@ -179,18 +179,21 @@ class Plan:
 
 
 PROJECTOR_BYTES = 4  # projectors are used in fp32 whatever the parameter dtype (docs/algorithms.md section 4)
-PROJECTOR_DTYPE_BYTES = {"fp32": 4, "bf16": 2}  # as stored, optim.projector_dtype
+PROJECTOR_DTYPE_BYTES = {"fp32": 4, "bf16": 2, "int8": 1}  # as stored, optim.projector_dtype
+# int8: one fp32 scale per stored row besides the codes (optim/projector_codes.py)
+PROJECTOR_ROW_BYTES = {"int8": 4}
 
 
 def projector_peak_bytes(plan: Plan, projectors: str, per_layer: bool = False,
-                         stored_bytes: int = PROJECTOR_BYTES) -> dict[str, int]:
+                         stored_bytes: int = PROJECTOR_BYTES, row_bytes: int = 0) -> dict[str, int]:
     """Per-rank projector bytes at the peak of a step, for ``optim.projectors`` = ``replicate`` or ``shard``.
 
     replicate: every projector whole on every rank. shard: rank 0's row slice of each (the largest,
     ``collectives.chunk_sizes``) plus what a step holds gathered at once: one projector (``LowRankAdamW._prepare``
     gathers them one at a time), or under ``optim.per_layer`` one unit's (its hooks step a block together).
-    ``stored_bytes`` per stored element (``PROJECTOR_DTYPE_BYTES``): a bf16 projector is used as an fp32 copy,
-    one (one unit's) at a time, replicated too; sharded, its bf16 gather is counted beside that copy.
+    ``stored_bytes`` per stored element (``PROJECTOR_DTYPE_BYTES``) and ``row_bytes`` per stored row (int8's
+    scales): a bf16 or int8 projector is used as an fp32 copy, one (one unit's) at a time, replicated too; sharded,
+    its gather in the stored format is counted beside that copy.
     Returns ``stored``, ``in_use`` (the gathered or upcast transient) and their ``total``.
     """
     if projectors not in PROJECTOR_LAYOUTS:
@@ -201,8 +204,8 @@ def projector_peak_bytes(plan: Plan, projectors: str, per_layer: bool = False,
     stored, in_use, per_unit = 0, 0, {}
     for name, mp in plan.matrices.items():
         rows, cols = mp.projector_shape
-        stored += (rows if projectors == "replicate" else -(-rows // w)) * cols * stored_bytes
-        whole = rows * cols * use
+        stored += (rows if projectors == "replicate" else -(-rows // w)) * (cols * stored_bytes + row_bytes)
+        whole = rows * cols * use + (rows * row_bytes if projectors == "shard" else 0)
         unit = ".".join(name.split(".")[:2])
         per_unit[unit] = per_unit.get(unit, 0) + whole
         in_use = max(in_use, whole)

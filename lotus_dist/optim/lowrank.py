@@ -29,7 +29,7 @@ from torch.optim import Optimizer
 
 from lotus_dist.counters import to_host
 
-from . import state_codes
+from . import projector_codes, state_codes
 from .adamw_step import AdamWStep
 from .apollo import APOLLO_RESIDUALS, apollo_scaling
 from .fira_online_pca import FiraAndOnlinePCA, limit_growth
@@ -166,7 +166,8 @@ class LowRankAdamW(UnitStepping, BasisRefresh, FiraAndOnlinePCA, FusedSteps, Ada
         # the projector follows the global matrix (p.shape is global for a DTensor); the Comm decides what part
         # of it this rank stores (all of it, or a 1/W slice)
         stored = self.comm_for(p).projector_storage(projector_shape(tuple(p.shape), side, r))
-        st["projector"] = torch.zeros(stored, dtype=projector_dtype(group["projector_dtype"], p.dtype), device=device)
+        st["projector"] = torch.zeros(projector_codes.stored_shape(stored, group["projector_dtype"]),
+                                      dtype=projector_dtype(group["projector_dtype"], p.dtype), device=device)
         short = self.comm_for(p).short_size(projected_dim(shape, side))
         POLICIES[group["switch"]].allocate(st, piece, side, r, dtype, device, short=short,
                                            reference=group["reference_dtype"])
@@ -218,14 +219,18 @@ class LowRankAdamW(UnitStepping, BasisRefresh, FiraAndOnlinePCA, FusedSteps, Ada
                 self.state[p][k] = v.to(device=p.device, dtype=dtype)
 
     def _use_projector(self, p: torch.Tensor, st: dict) -> torch.Tensor:
-        """The full projector in the state dtype: gathered where stored sharded, upcast where stored in bf16
-        (optim.projector_dtype), a copy of one matrix at a time; the stored tensor itself otherwise."""
-        return self.comm_for(p).use_projector(st["projector"]).to(state_dtype(p.dtype))
+        """The full projector in the state dtype: gathered where stored sharded, upcast where stored in bf16 or
+        decoded from int8 codes (optim.projector_dtype), a copy of one matrix at a time; the stored tensor itself
+        otherwise."""
+        return projector_codes.working(self.comm_for(p).use_projector(st["projector"]), state_dtype(p.dtype))
 
     def _store_projector(self, p: torch.Tensor, st: dict, new: torch.Tensor) -> torch.Tensor:
-        """Keep a new basis (rounded once where stored in bf16); returns the full projector to use from now on,
-        the stored one in the state dtype, so this step computes with what the next steps read back."""
-        return self.comm_for(p).store_projector(st["projector"], new).to(state_dtype(p.dtype))
+        """Keep a new basis (rounded once where stored in bf16 or int8); returns the full projector to use from now
+        on, the stored one in the state dtype, so this step computes with what the next steps read back."""
+        if projector_codes.is_packed(st["projector"]):
+            new = projector_codes.encode(new)
+        return projector_codes.working(self.comm_for(p).store_projector(st["projector"], new), state_dtype(p.dtype))
+
 
     def _projected_ids(self) -> set[int]:
         return {id(p) for group in self.param_groups if group.get("rank") is not None for p in group["params"]}

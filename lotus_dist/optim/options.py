@@ -21,7 +21,8 @@ MOMENT_POLICIES = ("keep", "reset", "rotate", "rotate_subtrack")
 # residual value, not a part of its own, because like Fira's it is a function of (G, R, N) after the same low-rank
 # Adam step and keeps the same limiter state; any solver and switch policy combine with it (optim/apollo.py).
 RESIDUALS = ("none", "fira", *APOLLO_RESIDUALS)
-PROJECTOR_DTYPES = ("bf16", "fp32")  # (typing caches Optional[] of equal Literals as one: mind the order)
+PROJECTOR_DTYPES = ("fp32", "bf16", "int8")  # (typing caches Optional[] of equal Literals as one: the order of
+# STATE_DTYPES, so either annotation reads the same)
 
 # Literal types built from the tuples at run time (a static checker cannot evaluate that: hence the ignores); the
 # config and the checks below read their values with typing.get_args.
@@ -76,8 +77,9 @@ OPTIONS: dict[str, Option] = {
                                                       "long-side index, 1/16 of the moments' bytes)"),
     "state_dtype": Option(StateDtype, "fp32", "how the Adam moments of every group (plain ones too) are stored: "
                                              "fp32, bf16, or int8 block-wise codes (optim/state_codes.py)"),
-    "projector_dtype": Option(ProjectorDtype, "fp32", "the stored projector (bf16: half the bytes, rounded once "
-                                                      "when a basis is stored; solvers and products run in fp32)"),
+    "projector_dtype": Option(ProjectorDtype, "fp32", "the stored projector (bf16: half the bytes; int8: a quarter, "
+                                                      "codes with a scale per row; rounded once when a basis is "
+                                                      "stored; solvers and products run in fp32)"),
     "fused": Option(bool, False, "step the projected matrices of one shape, side, dtype and state format together "
                                  "(stacked: kernels per step grow with those groups, not with matrices; "
                                  "optim/fused_step.py)"),
@@ -107,7 +109,9 @@ def check_options(opts: dict, prefix: str = "") -> None:
                 raise ValueError(f"{prefix}{key}: expected a {option.bound} integer, got {v!r}")
         elif isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v <= 0:
             raise ValueError(f"{prefix}{key}: expected a positive number, got {v!r}")
-    if opts.get("projector_dtype") == "bf16" and opts.get("solver") == "online_pca":
-        # its projector takes an Adam step every step, far below bf16's 2^-8 resolution: the steps would round away
-        raise ValueError(f"{prefix}projector_dtype=bf16 does not fit {prefix}solver=online_pca (its per-step Adam "
-                         f"update of the projector is below bf16's resolution); use {prefix}projector_dtype=fp32")
+    rounded = opts.get("projector_dtype")
+    if rounded in ("bf16", "int8") and opts.get("solver") == "online_pca":
+        # its projector takes an Adam step every step, far below a rounded format's resolution: the steps would round away
+        raise ValueError(f"{prefix}projector_dtype={rounded} does not fit {prefix}solver=online_pca (its per-step "
+                         f"Adam update of the projector is below {rounded}'s resolution); use "
+                         f"{prefix}projector_dtype=fp32")

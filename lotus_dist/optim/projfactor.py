@@ -28,9 +28,10 @@ class ProjFactor(LowRankAdamW):
 
     def add_param_group(self, param_group: dict) -> None:
         super().add_param_group(param_group)
-        if param_group.get("rank") is not None and param_group.get("projector_dtype") == "bf16":
-            raise ValueError("projector_dtype=bf16 does not apply to projfactor: it stores no projector (its Gaussian "
-                             "one is regenerated every step); use projector_dtype=fp32")
+        rounded = param_group.get("projector_dtype")
+        if param_group.get("rank") is not None and rounded in ("bf16", "int8"):
+            raise ValueError(f"projector_dtype={rounded} does not apply to projfactor: it stores no projector (its "
+                             f"Gaussian one is regenerated every step); use projector_dtype=fp32")
         c = param_group.get("granularity")
         if param_group.get("rank") is not None and (not isinstance(c, int) or isinstance(c, bool) or c < 1):
             raise ValueError(f"granularity: expected a positive integer, got {c!r}")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from . import reference_codes
+from .projector_codes import PACKED_DTYPE
 
 # statistics kept in fp32 whatever the param dtype
 FP32_KEYS = frozenset({"pe_acc", "pe_sketch", "fira_norm"}) | reference_codes.FP32_KEYS
@@ -19,9 +20,10 @@ def state_dtype(param_dtype: torch.dtype) -> torch.dtype:
 
 
 def projector_dtype(name: str, param_dtype: torch.dtype) -> torch.dtype:
-    """The stored projector's dtype: bf16, or ``fp32`` = the state dtype. Either way it is used in the state dtype
-    (``LowRankAdamW._use_projector`` upcasts a bf16 one, one matrix at a time)."""
-    return torch.bfloat16 if name == "bf16" else state_dtype(param_dtype)
+    """The stored projector's dtype: bf16, int8's packed codes (uint8, optim/projector_codes.py), or ``fp32`` = the
+    state dtype. Either way it is used in the state dtype (``LowRankAdamW._use_projector`` upcasts a bf16 one and
+    decodes int8 codes, one matrix at a time)."""
+    return {"bf16": torch.bfloat16, "int8": PACKED_DTYPE}.get(name) or state_dtype(param_dtype)
 
 
 def _local(t: torch.Tensor) -> torch.Tensor:

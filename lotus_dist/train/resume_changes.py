@@ -46,7 +46,8 @@ ON_RESUME: dict[str, tuple[str, str]] = {
     "reference_dtype": (REFUSED, "the form of the stored switch reference (d_init, or int4's codes)"),
     "state_dtype": (REFUSED, "the stored moments are another format (fp32, bf16 or int8 codes and scales)"),
     "projector_dtype": (APPLIED, "the stored projectors are cast on load (to bf16: rounded once, as a refresh "
-                                 "stores them; to fp32: exact)"),
+                                 "stores them; to fp32: exact); refused to or from int8, whose codes and row "
+                                 "scales are another format"),
     "fused": (APPLIED, "how the step is batched (optim/fused_step.py); the state stays per matrix"),
 }
 NOT_SETTINGS = ("params", "lr")  # the parameters; lr is the schedule's, re-set before every step
@@ -69,6 +70,8 @@ def _config_key(key: str) -> str:
 def _refused(key: str, old, new) -> bool:
     if key == "solver":
         return "online_pca" in (old, new)
+    if key == "projector_dtype":
+        return "int8" in (old, new)
     return ON_RESUME.get(key, (REFUSED, ""))[0] == REFUSED
 
 

@@ -232,6 +232,26 @@ def test_bf16_projectors_halve_the_planned_projectors_and_their_gathers():
     assert sum(ddp_fp32["state_per_rank"]) - sum(ddp_bf16["state_per_rank"]) == 2 * elements
 
 
+def test_int8_projectors_plan_a_code_an_element_and_a_scale_a_stored_row():
+    """optim.projector_dtype=int8 (tiny at r = 16, per layer: six B projectors of 16 rows x 128 and w2's A, 128 rows
+    x 16): 1 byte an element plus 4 per stored row, replicated or as rank 0's row slice; in use, one decoded fp32
+    copy (sharded: beside its gathered codes and scales); the owner backend's column, measured from the optimizer's
+    own tensors, equals the formula's saving."""
+    elements, rows = 4 * 7 * 128 * 16, 4 * (6 * 16 + 128)
+    res = {}
+    for layout in ("replicate", "shard"):
+        res[layout], _ = run("model.name=tiny", "dist.world_size=4", "optim.rank=16", f"optim.projectors={layout}",
+                             "optim.projector_dtype=int8")
+    fp32, _ = run("model.name=tiny", "dist.world_size=4", "optim.rank=16")
+    for m in ("galore", "lotus"):
+        assert res["replicate"][m]["projectors"] == elements + 4 * rows
+        assert res["shard"][m]["projectors"] == (elements + 4 * rows) // 4  # every row count divides by 4
+        assert res["replicate"][m]["projector_transient"] == 16 * 128 * 4  # the decoded fp32 copy in use
+        assert res["shard"][m]["projector_transient"] == 128 * 16 * (1 + 4) + 128 * 4  # w2's A, the most rows
+    saved = sum(fp32["lotus (ddp)"]["state_per_rank"]) - sum(res["replicate"]["lotus (ddp)"]["state_per_rank"])
+    assert saved == 4 * elements - (elements + 4 * rows)
+
+
 def test_planned_switch_statistics_are_the_policys_rows():
     """Per check step each projected matrix adds one row of the switch policy's fp32 partial sums (STATS_WIDTH of
     them) to the one batched all-reduce: the planned bytes are that row's ring all-reduce per matrix."""
