@@ -21,9 +21,19 @@ from torch.utils._python_dispatch import TorchDispatchMode, is_traceable_wrapper
 from torch.utils._pytree import tree_leaves
 
 
+try:
+    from torch._subclasses.fake_tensor import is_fake as _is_fake
+except ImportError:  # a torch without it has no fake tensors to see here either
+    def _is_fake(t: torch.Tensor) -> bool:
+        return False
+
+
 def _storage(t: torch.Tensor, device_type: str) -> torch.UntypedStorage | None:
-    """The tensor's storage when it is real memory on ``device_type``; None for other devices and for wrapper
-    subclasses, whose storage is a placeholder without data."""
+    """The tensor's storage when it is real memory on ``device_type``; None for other devices, for wrapper
+    subclasses, whose storage is a placeholder without data, and for the fake tensors ``torch.compile`` traces
+    with (their storage has no data either; asking for its pointer is deprecated)."""
+    if t.device.type != device_type or _is_fake(t):
+        return None
     try:
         s = t.untyped_storage()
         s.data_ptr()
