@@ -356,7 +356,7 @@ def main(options: dict, workdir: Path, rt) -> None:
             result[f"{key}.fallback_scale"] = shapes
             gate = opt.state[dict(model.named_parameters())["layers.0.mlp.gate_proj.weight"]]
             result[f"{key}.state_dtypes"] = {"layers.0.mlp.gate_proj.weight": {
-                k: str(v.dtype) for k, v in gate.items() if k.startswith("exp_avg")}}
+                k: str(v.dtype) for k, v in gate.items() if k.startswith("exp_avg") or k == "projector"}}
         result[f"{key}.decisions_agree"] = all(l == logs[0] for l in logs)
         result[f"{key}.decisions"] = log
         result[f"{key}.budget"] = record if rank == 0 else None

@@ -27,8 +27,9 @@ METHODS = ("lotus", "galore", "adamw")
 RHO = dict(window=4, t_min=4, gamma=0.6)  # lotus_rho (path_efficiency): some windows switch, some do not
 INT4 = dict(reference_dtype="int4")  # the compact switch reference: codes per long-side index, sharded like a moment
 # optim.state_dtype=int8 at rank 32: the gate/up/down moments (172 x 32) are int8 codes, q/k/v/o's (64 x 32, under
-# 4096 elements) stay fp32, the embedding's and lm_head's are coded row by row
-INT8 = dict(state_dtype="int8", rank=32)
+# 4096 elements) stay fp32, the embedding's and lm_head's are coded row by row; the projectors int8 too, sharded by
+# rows (codes with their row scales, one uint8 tensor: 32 rows of B split 16/16 and 11/11/10)
+INT8 = dict(state_dtype="int8", rank=32, projector_dtype="int8", projectors="shard")
 
 
 @pytest.fixture(scope="module")
@@ -305,9 +306,10 @@ def _check_int8(res, params, references, key, resumed: bool = False):
 
 
 def test_int8_states_shard_resume_and_reshard_like_one_process(world2, world3, references):
-    """optim.state_dtype=int8 under fsdp: 2 ranks and 3 (uneven, the down_proj fallbacks' r x 172 codes and
-    scales sharded by columns 58/58/56) follow the one-process int8 run; its codes and scales are DTensors sharded
-    along the long side; saved at 2 ranks it resumes bit for bit at 2 and continues the trajectory at 3."""
+    """optim.state_dtype=int8 with int8 projectors under fsdp: 2 ranks and 3 (uneven, the down_proj fallbacks' r x
+    172 codes and scales sharded by columns 58/58/56) follow the one-process int8 run; its codes and scales are
+    DTensors sharded along the long side, the projectors' packed codes by rows; saved at 2 ranks it resumes bit for
+    bit at 2 and continues the trajectory at 3 (DCP reshards the projectors' rows 16/16 -> 11/11/10)."""
     res2, params2 = world2[2], world2[3]
     res3, params3 = world3
     assert min(references["int8"][1][-1]) >= 2, "the int8 run must switch bases"
@@ -318,9 +320,10 @@ def test_int8_states_shard_resume_and_reshard_like_one_process(world2, world3, r
     gate, emb = kinds["layers.0.mlp.gate_proj.weight"], kinds["embed_tokens.weight"]
     assert gate["exp_avg"] == gate["exp_avg_scale"] == gate["exp_avg_sq_scale"] == "(Shard(dim=0),)"
     assert emb["exp_avg_scale"] == emb["exp_avg_sq"] == "(Shard(dim=0),)"
+    assert gate["projector"] == "(Shard(dim=0),)"
     assert res2["int8.state_dtypes"]["layers.0.mlp.gate_proj.weight"] == {
         "exp_avg": "torch.int8", "exp_avg_sq": "torch.uint8", "exp_avg_scale": "torch.float32",
-        "exp_avg_sq_scale": "torch.float32"}
+        "exp_avg_sq_scale": "torch.float32", "projector": "torch.uint8"}
     assert res3["int8.fallback_scale"] == [[1, c] for c in (58, 58, 56)]
     straight, resumed = params2["int8"], params2["int8.resumed"]
     assert all(torch.equal(straight[k], resumed[k]) for k in straight)
